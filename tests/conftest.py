@@ -1,0 +1,30 @@
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_models_dir(tmp_path_factory) -> Path:
+    """Tiny models are built once per test session into a private folder.
+
+    Subprocesses started by tests inherit the variable and reuse the same builds.
+    """
+    folder = Path(os.environ.get("DATAFLOWMM_TEST_MODELS_DIR") or tmp_path_factory.mktemp("models"))
+    previous = os.environ.get("DATAFLOWMM_MODELS_DIR")
+    os.environ["DATAFLOWMM_MODELS_DIR"] = str(folder)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    yield folder
+    if previous is None:
+        os.environ.pop("DATAFLOWMM_MODELS_DIR", None)
+    else:
+        os.environ["DATAFLOWMM_MODELS_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models_dir):
+    """tiny_model("tiny-sd") -> folder of that tiny model."""
+    from dataflowmm.models.tiny import tiny_model_path
+
+    return lambda name: tiny_model_path(name, tiny_models_dir)
