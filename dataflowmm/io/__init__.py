@@ -1,0 +1,21 @@
+"""Image I/O: reading, writing, naming, base64."""
+
+from dataflowmm.io.images import (
+    ImageReadError,
+    base64_to_files,
+    decode_base64,
+    encode_base64,
+    image_file_name,
+    load_image,
+    save_png,
+)
+
+__all__ = [
+    "ImageReadError",
+    "base64_to_files",
+    "decode_base64",
+    "encode_base64",
+    "image_file_name",
+    "load_image",
+    "save_png",
+]

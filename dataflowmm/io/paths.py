@@ -1,0 +1,30 @@
+"""Image paths inside rows: absolute while an operator works, relative in the dataset file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+_NOT_PATHS = ("http://", "https://", "s3://", "gs://", "data:")
+
+
+def is_local_path(value: Any) -> bool:
+    """A string that names a local file (not a URL, data URI or empty)."""
+    return isinstance(value, str) and bool(value) and "\n" not in value and not value.startswith(_NOT_PATHS)
+
+
+def _map_paths(value: Any, convert) -> Any:
+    if isinstance(value, list):
+        return [_map_paths(item, convert) for item in value]
+    return convert(value) if is_local_path(value) else value
+
+
+def resolve_paths(value: Any, base_dir: Path) -> Any:
+    """Make a path (or list of paths) absolute, resolving relative ones against `base_dir`."""
+    return _map_paths(value, lambda path: str((base_dir / os.path.expanduser(path)).resolve()))
+
+
+def relative_paths(value: Any, base_dir: Path) -> Any:
+    """Express absolute paths relative to `base_dir` (the folder of the file they are written to)."""
+    return _map_paths(value, lambda path: os.path.relpath(path, base_dir) if os.path.isabs(path) else path)

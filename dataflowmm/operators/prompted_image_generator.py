@@ -1,0 +1,168 @@
+"""PromptedImageGenerator: prompts (conversations or a text column) in, generated images out."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dataflowmm.execution.local_runner import StepSummary, run_step
+from dataflowmm.io.images import image_file_name, save_png
+from dataflowmm.operators.base import BatchResult, Operator, OperatorSettings, RowError, StepContext
+from dataflowmm.seeds import derive_seed
+
+if TYPE_CHECKING:
+    from dataflowmm.serving.image_gen import LocalImageGenServing
+    from dataflowmm.storage import FileStorage
+
+_USER_ROLES = ("user", "human")
+
+
+@dataclass(frozen=True)
+class _Keys:
+    conversation: str
+    prompt: str | None
+    output: str
+
+
+def conversation_prompts(conversation: Any, key: str) -> list[str]:
+    """The non-empty text of every user turn, in order.
+
+    Turns are `{"role": "user", "content": ...}` (DataFlow-MM) or ShareGPT's
+    `{"from": "human", "value": ...}`. Raises ValueError describing what is wrong.
+    """
+    if not isinstance(conversation, list):
+        raise ValueError(f"key {key!r}: expected a list of turns, got {type(conversation).__name__}")
+    prompts = []
+    for index, turn in enumerate(conversation):
+        if not isinstance(turn, dict):
+            raise ValueError(f"key {key!r}: turn {index} is {type(turn).__name__}, expected an object")
+        role = turn.get("role", turn.get("from"))
+        if role not in _USER_ROLES:
+            continue
+        content = turn.get("content", turn.get("value"))
+        if not isinstance(content, str):
+            raise ValueError(f"key {key!r}: turn {index} content is {type(content).__name__}, expected a string")
+        if content.strip():
+            prompts.append(content.strip())
+    if not prompts:
+        raise ValueError(f"key {key!r}: no user turn with text")
+    return prompts
+
+
+def column_prompt(value: Any, key: str) -> list[str]:
+    """A plain prompt column: one non-empty string."""
+    if not isinstance(value, str):
+        raise ValueError(f"key {key!r}: prompt is {type(value).__name__}, expected a string")
+    if not value.strip():
+        raise ValueError(f"key {key!r}: empty prompt")
+    return [value.strip()]
+
+
+class PromptedImageGenerator(Operator):
+    """Generate images for every prompt of every row.
+
+    Args:
+        t2i_serving: a `LocalImageGenServing` in text2image mode.
+        save_interval: rows between checkpoints; a killed run resumes from the last one.
+        seed: global seed; image j of prompt p of a row uses a seed derived from
+            (seed, row identity, p), so results do not depend on batching or resuming.
+        save_dir: folder for the PNG files; default `{cache_path}/{prefix}_step{N}_images`.
+        absolute_paths: write absolute paths instead of paths relative to the dataset file.
+        strict: raise on the first unusable row instead of keeping it with an error.
+    """
+
+    def __init__(
+        self,
+        t2i_serving: LocalImageGenServing,
+        save_interval: int = 50,
+        *,
+        seed: int = 0,
+        save_dir: str | os.PathLike | None = None,
+        absolute_paths: bool = False,
+        strict: bool = False,
+    ):
+        self.serving = t2i_serving
+        self.settings = OperatorSettings(save_interval, seed, save_dir, absolute_paths, strict)
+        self.keys = _Keys("conversations", None, "images")
+
+    def run(
+        self,
+        storage: FileStorage,
+        input_conversation_key: str = "conversations",
+        output_image_key: str = "images",
+        input_prompt_key: str | None = None,
+    ) -> StepSummary:
+        """Generate images for `storage`'s step.
+
+        Args:
+            storage: the step (`storage.step()`).
+            input_conversation_key: column of conversations; every user turn with text is a prompt.
+            output_image_key: column receiving the list of image paths (num_images_per_prompt
+                per prompt, in prompt order).
+            input_prompt_key: read one plain-string prompt per row from this column instead.
+        """
+        self.keys = _Keys(input_conversation_key, input_prompt_key, output_image_key)
+        return run_step(storage, self)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "keys": vars(self.keys),
+            "serving": self.serving.config(),
+            **self.settings.output_params(),
+        }
+
+    def batch_rows(self) -> int:
+        return self.serving.batch_size
+
+    def required_keys(self) -> list[str]:
+        return [self.keys.prompt or self.keys.conversation]
+
+    def path_keys(self) -> list[str]:
+        return [self.keys.output]
+
+    def _row_prompts(self, row: dict) -> list[str]:
+        key = self.keys.prompt or self.keys.conversation
+        if key not in row or row[key] is None:
+            raise ValueError(f"key {key!r}: missing")
+        if self.keys.prompt:
+            return column_prompt(row[key], key)
+        return conversation_prompts(row[key], key)
+
+    def process_batch(self, rows: list[dict], row_ids: list[str], context: StepContext) -> BatchResult:
+        failed: dict[int, str] = {}
+        prompts_by_row: dict[int, list[str]] = {}
+        for offset, row in enumerate(rows):
+            try:
+                prompts_by_row[offset] = self._row_prompts(row)
+            except ValueError as error:
+                failed[offset] = str(error)
+
+        jobs = [(offset, index, prompt) for offset, prompts in prompts_by_row.items()
+                for index, prompt in enumerate(prompts)]
+        images = self.serving.generate(
+            [prompt for _, _, prompt in jobs],
+            [derive_seed(self.settings.seed, row_ids[offset], index) for offset, index, _ in jobs],
+        ) if jobs else []
+
+        paths_by_row: dict[int, list[str]] = {offset: [] for offset in prompts_by_row}
+        for (offset, prompt_index, _), candidates in zip(jobs, images, strict=True):
+            if any(image is None for image in candidates):
+                failed[offset] = "an image was flagged by the safety checker after every retry"
+                continue
+            for candidate_index, image in enumerate(candidates):
+                path = context.save_dir / image_file_name(row_ids[offset], prompt_index, candidate_index)
+                save_png(image, path)
+                paths_by_row[offset].append(str(path))
+
+        out_rows = []
+        for offset, row in enumerate(rows):
+            if offset in failed:
+                out_rows.append(self.row_failed(row, failed[offset], offset, {self.keys.output: []}))
+            else:
+                out_rows.append({**row, self.keys.output: paths_by_row[offset]})
+        written = sum(len(paths) for offset, paths in paths_by_row.items() if offset not in failed)
+        return BatchResult(out_rows, errors=len(failed), images_written=written)
+
+
+__all__ = ["PromptedImageGenerator", "RowError"]
