@@ -23,7 +23,7 @@ def row_identity(row: dict, index: int) -> str:
     Duplicate rows at different positions get different identities, so their
     generated files never collide.
     """
-    digest = hashlib.sha256(f"{index}\n{canonical_json(row)}".encode("utf-8"))
+    digest = hashlib.sha256(f"{index}\n{canonical_json(row)}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -39,8 +39,11 @@ def image_file_name(row_id: str, *indices: int) -> str:
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Write `image` as PNG atomically (temp file in the same folder, then rename)."""
-    with atomic_file(path) as file:
+    """Write `image` as PNG atomically (temp file in the same folder, then rename).
+
+    No fsync: images are cheap to regenerate, and per-file fsyncs cost throughput.
+    """
+    with atomic_file(path, fsync=False) as file:
         image.save(file, format="PNG")
     return Path(path)
 

@@ -1,0 +1,29 @@
+"""Serving classes: one model family each, batched calls, no rows.
+
+Imported lazily so that `import dataflowmm.serving` does not pay for torch,
+diffusers and transformers until a serving class is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_CLASSES = {
+    "LocalImageGenServing": "dataflowmm.serving.image_gen",
+    "LocalCaptionServing": "dataflowmm.serving.caption",
+    "ClipServing": "dataflowmm.serving.clip",
+}
+
+__all__ = list(_CLASSES)
+
+if TYPE_CHECKING:
+    from dataflowmm.serving.caption import LocalCaptionServing
+    from dataflowmm.serving.clip import ClipServing
+    from dataflowmm.serving.image_gen import LocalImageGenServing
+
+
+def __getattr__(name: str):
+    if name in _CLASSES:
+        return getattr(importlib.import_module(_CLASSES[name]), name)
+    raise AttributeError(f"module 'dataflowmm.serving' has no attribute {name!r}")

@@ -1,0 +1,28 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# Both create .venv on first use: torch first (the pinned CPU wheel; an unpinned torch
+# would pull gigabytes of CUDA packages), then this package with its dev extras.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/dataflowmm demo --out demo_output
+
+test: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/text_to_image.py
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

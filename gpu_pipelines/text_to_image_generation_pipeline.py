@@ -1,0 +1,98 @@
+"""Text-to-image generation: a jsonl of prompts in, a dataset of generated images out.
+
+    python text_to_image_generation_pipeline.py --tiny                  # offline, tiny random model
+    python text_to_image_generation_pipeline.py --model black-forest-labs/FLUX.1-dev
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dataflowmm import FileStorage
+from dataflowmm.models.tiny import tiny_model_path
+from dataflowmm.operators import PromptedImageGenerator
+from dataflowmm.serving import LocalImageGenServing
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_INPUT = HERE.parent / "example_data" / "text_to_image" / "prompts.jsonl"
+
+
+class TextToImagePipeline:
+    def __init__(
+        self,
+        model: str = "black-forest-labs/FLUX.1-dev",
+        input_file: str | Path = DEFAULT_INPUT,
+        cache_path: str | Path = "./cache_local/text_to_image",
+        save_interval: int = 10,
+        batch_size: int = 4,
+        seed: int = 0,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        torch_dtype: str = "auto",
+    ):
+        self.storage = FileStorage(
+            first_entry_file_name=input_file,
+            cache_path=cache_path,
+            file_name_prefix="dataflow_cache_step",
+            cache_type="jsonl",
+        )
+        self.serving = LocalImageGenServing(
+            model,
+            task="text2image",
+            batch_size=batch_size,
+            num_images_per_prompt=num_images_per_prompt,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            torch_dtype=torch_dtype,
+        )
+        self.generator = PromptedImageGenerator(t2i_serving=self.serving, save_interval=save_interval, seed=seed)
+
+    def forward(self):
+        return self.generator.run(
+            storage=self.storage.step(),
+            input_conversation_key="conversations",
+            output_image_key="images",
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="use the tiny random-weight SD model (offline, CPU)")
+    parser.add_argument("--model", default="black-forest-labs/FLUX.1-dev", help="hub id or local folder")
+    parser.add_argument("--input", default=str(DEFAULT_INPUT), help="jsonl of conversations")
+    parser.add_argument("--cache-path", default="./cache_local/text_to_image")
+    parser.add_argument("--save-interval", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-images-per-prompt", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (model default if unset)")
+    parser.add_argument("--size", type=int, default=None, help="height and width in pixels (model default if unset)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    model, steps, size = args.model, args.steps, args.size
+    if args.tiny:
+        model, steps, size = str(tiny_model_path("tiny-sd")), steps or 4, size or 32
+    pipeline = TextToImagePipeline(
+        model=model,
+        input_file=args.input,
+        cache_path=args.cache_path,
+        save_interval=args.save_interval,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        num_images_per_prompt=args.num_images_per_prompt,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+    )
+    return pipeline.forward()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The dataflowmm command: init, models, and a scaffolded pipeline run where it was scaffolded."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from dataflowmm.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_init_scaffolds_and_refuses_to_overwrite(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["init", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "gpu_pipelines" / "text_to_image_generation_pipeline.py").is_file()
+    assert (tmp_path / "example_data" / "text_to_image" / "prompts.jsonl").is_file()
+
+    (tmp_path / "gpu_pipelines" / "text_to_image_generation_pipeline.py").write_text("# mine")
+    refused = runner.invoke(main, ["init", str(tmp_path)])
+    assert refused.exit_code != 0 and "--force" in refused.output
+    assert (tmp_path / "gpu_pipelines" / "text_to_image_generation_pipeline.py").read_text() == "# mine"
+
+    forced = runner.invoke(main, ["init", str(tmp_path), "--force"])
+    assert forced.exit_code == 0
+    assert "TextToImagePipeline" in (tmp_path / "gpu_pipelines" / "text_to_image_generation_pipeline.py").read_text()
+
+
+def test_models_tiny_builds_loadable_folders(tmp_path):
+    result = CliRunner().invoke(main, ["models", "tiny", str(tmp_path), "--name", "tiny-sd"])
+    assert result.exit_code == 0, result.output
+    assert "tiny-sd" in result.output and (tmp_path / "tiny-sd" / "model_index.json").is_file()
+
+
+def test_scaffolded_pipeline_runs_with_tiny(tmp_path):
+    CliRunner().invoke(main, ["init", str(tmp_path)], catch_exceptions=False)
+    pipelines = tmp_path / "gpu_pipelines"
+    completed = subprocess.run([sys.executable, "text_to_image_generation_pipeline.py", "--tiny"],
+                               cwd=pipelines, capture_output=True, text=True, env=os.environ.copy())
+    assert completed.returncode == 0, completed.stderr
+    output = pipelines / "cache_local" / "text_to_image" / "dataflow_cache_step_step1.jsonl"
+    rows = [json.loads(line) for line in open(output, encoding="utf-8")]
+    assert len(rows) == 8 and all(row["images"] and row["error"] is None for row in rows)
+    assert all((output.parent / path).is_file() for row in rows for path in row["images"])
+    assert "8 rows in, 8 rows out, 9 images written, 0 errors" in completed.stderr
+
+
+def test_wheel_carries_the_scaffolds(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(REPO)], check=True)
+    wheel = next(tmp_path.glob("dataflowmm-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "dataflowmm/_scaffolds/gpu_pipelines/text_to_image_generation_pipeline.py" in names
+    assert "dataflowmm/_scaffolds/example_data/text_to_image/prompts.jsonl" in names
+    # installed from the wheel (not the checkout), init still finds them
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                    str(wheel)], check=True)
+    project = tmp_path / "project"
+    code = "import sys; from dataflowmm.cli import main; main()"
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    where = subprocess.run([sys.executable, "-c", "import dataflowmm.scaffold as s; print(s.scaffold_root())"],
+                           check=True, env=env, capture_output=True, text=True, cwd=tmp_path).stdout
+    assert where.strip().startswith(str(target))
+    subprocess.run([sys.executable, "-c", code, "init", str(project)], check=True, env=env, cwd=tmp_path)
+    assert (project / "gpu_pipelines" / "text_to_image_generation_pipeline.py").is_file()
