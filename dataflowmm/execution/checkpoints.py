@@ -36,11 +36,16 @@ class ChunkCheckpoints:
         return self.folder / f"chunk_{index:06d}.json"
 
     def save(self, index: int, chunk: dict) -> None:
-        atomic_write_text(self._path(index), json.dumps(chunk, ensure_ascii=False))
+        # Atomic rename survives a killed process; without fsync a power cut may leave an
+        # empty file, which `load` treats as not done.
+        atomic_write_text(self._path(index), json.dumps(chunk, ensure_ascii=False), fsync=False)
 
     def load(self, index: int) -> dict | None:
-        path = self._path(index)
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        """A finished chunk, or None when it is absent or unreadable (then it is recomputed)."""
+        try:
+            return json.loads(self._path(index).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -33,6 +33,6 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_file(path, "w") as file:
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> None:
+    with atomic_file(path, "w", fsync=fsync) as file:
         file.write(text)

@@ -28,6 +28,7 @@ TINY_MODELS: dict[str, str] = {
     "tiny-blip": "dataflowmm.models.tiny_captioners:build_tiny_blip",
     "tiny-blip2": "dataflowmm.models.tiny_captioners:build_tiny_blip2",
     "tiny-vision-encoder-decoder": "dataflowmm.models.tiny_captioners:build_tiny_vision_encoder_decoder",
+    "tiny-chat-vlm": "dataflowmm.models.tiny_captioners:build_tiny_chat_vlm",
 }
 
 

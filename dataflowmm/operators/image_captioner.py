@@ -1,0 +1,290 @@
+"""ImageCaptioner: new samples whose text is generated captions of the sample's images.
+
+Data-Juicer's `image_captioning_mapper` semantics (parameter names, defaults and output
+counts), batched across rows and images, seeded per image, and resumable.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from dataflowmm.execution.local_runner import StepSummary, run_step
+from dataflowmm.io.images import ImageReadError, load_image
+from dataflowmm.operators.base import BatchResult, Operator, OperatorSettings, StepContext
+from dataflowmm.operators.sample_format import (
+    EOC_TOKEN,
+    IMAGE_TOKEN,
+    SpecialTokens,
+    captioned_chunk,
+    most_similar_by_simhash,
+)
+from dataflowmm.seeds import derive_seed
+
+if TYPE_CHECKING:
+    from dataflowmm.serving.caption import LocalCaptionServing
+    from dataflowmm.storage import FileStorage
+
+KEEP_CANDIDATE_MODES = ("random_any", "similar_one_simhash", "all")
+
+
+@dataclass(frozen=True)
+class _Keys:
+    image: str
+    text: str
+    output: str
+
+
+@dataclass
+class _RowPlan:
+    """What to caption in one row and how the captions go back into its text."""
+
+    images: list[Image.Image]
+    references: list[str]  # original text each image's candidates are compared with
+    chunks: list[str] | None  # Data-Juicer chunks, None for a plain row
+    prompt: str | None
+    captions: list[list[str]] = field(default_factory=list)  # per image, its candidates
+
+
+def image_list(value: Any) -> list[str]:
+    """A row's images as a list of paths: a single path counts as a one-image list."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list):
+        return value
+    raise ValueError(f"expected a list of image paths, got {type(value).__name__}")
+
+
+def load_row_images(paths: list[str], key: str) -> dict[str, Image.Image]:
+    """Each distinct path of a row loaded once."""
+    loaded: dict[str, Image.Image] = {}
+    for path in paths:
+        if not isinstance(path, str):
+            raise ValueError(f"key {key!r}: image path is {type(path).__name__}, expected a string")
+        if path not in loaded:
+            try:
+                loaded[path] = load_image(path)
+            except ImageReadError as error:
+                raise ValueError(f"key {key!r}: {error}") from None
+    return loaded
+
+
+class ImageCaptioner(Operator):
+    """Generate caption samples for the images of every row.
+
+    Output rows per input row with images: the original first when `keep_original_sample`,
+    then 1 generated row (`random_any`, `similar_one_simhash`) or `caption_num` rows (`all`).
+    Rows without images pass through when originals are kept and produce nothing otherwise.
+    A row that cannot be captioned is kept once, unchanged, with its `error` set.
+
+    Args:
+        caption_serving: a `LocalCaptionServing`, or a model id/folder to build one from.
+        hf_img2seq: model id/folder used when `caption_serving` is not given.
+        caption_num: candidate captions generated per image (> 0).
+        keep_candidate_mode: `random_any` (one seeded random candidate), `similar_one_simhash`
+            (the candidate whose 64-bit SimHash over word bigrams is closest to the original
+            text; ties to the first) or `all` (one generated row per candidate).
+        keep_original_sample: keep each original row before its generated rows.
+        prompt: text prompt conditioning every caption.
+        prompt_key: row field holding a per-row prompt; wins over `prompt` when both are set.
+        gpu_batch_size: images per forward pass when the serving is built here; rows per batch.
+        save_interval: rows between checkpoints; a killed run resumes from the last one.
+        seed: global seed; an image's sampling and `random_any` pick derive from it and the row.
+        image_token, eoc_token: Data-Juicer's special tokens in the text field.
+        torch_dtype, trust_remote_code: used when the serving is built here.
+        strict: raise on the first row that cannot be captioned.
+    """
+
+    def __init__(
+        self,
+        caption_serving: LocalCaptionServing | str | os.PathLike | None = None,
+        *,
+        hf_img2seq: str | os.PathLike = "Salesforce/blip2-opt-2.7b",
+        caption_num: int = 1,
+        keep_candidate_mode: str = "random_any",
+        keep_original_sample: bool = True,
+        prompt: str | None = None,
+        prompt_key: str | None = None,
+        gpu_batch_size: int = 8,
+        save_interval: int = 50,
+        seed: int = 0,
+        image_token: str = IMAGE_TOKEN,
+        eoc_token: str = EOC_TOKEN,
+        torch_dtype: str = "auto",
+        trust_remote_code: bool = False,
+        strict: bool = False,
+    ):
+        if not isinstance(caption_num, int) or caption_num <= 0:
+            raise ValueError(f"caption_num must be a positive integer, got {caption_num!r}")
+        if keep_candidate_mode not in KEEP_CANDIDATE_MODES:
+            raise ValueError(f"keep_candidate_mode must be one of {', '.join(KEEP_CANDIDATE_MODES)}, "
+                             f"got {keep_candidate_mode!r}")
+        if not isinstance(gpu_batch_size, int) or gpu_batch_size <= 0:
+            raise ValueError(f"gpu_batch_size must be a positive integer, got {gpu_batch_size!r}")
+        if prompt and prompt_key:
+            warnings.warn("both `prompt` and `prompt_key` are set: `prompt_key` is used where the row "
+                          "has a string there", stacklevel=2)
+        self.serving = self._caption_serving(caption_serving or hf_img2seq, caption_num, gpu_batch_size,
+                                             torch_dtype, trust_remote_code)
+        self.caption_num = caption_num
+        self.keep_candidate_mode = keep_candidate_mode
+        self.keep_original_sample = keep_original_sample
+        self.prompt = prompt
+        self.prompt_key = prompt_key
+        self.gpu_batch_size = gpu_batch_size
+        self.tokens = SpecialTokens(image_token, eoc_token)
+        self.settings = OperatorSettings(save_interval=save_interval, seed=seed, strict=strict)
+        self.keys = _Keys("images", "text", "text")
+
+    @staticmethod
+    def _caption_serving(serving, caption_num, gpu_batch_size, torch_dtype, trust_remote_code):
+        if not isinstance(serving, (str, os.PathLike)):
+            return serving
+        from dataflowmm.serving.caption import LocalCaptionServing
+
+        return LocalCaptionServing(serving, caption_num=caption_num, gpu_batch_size=gpu_batch_size,
+                                   torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+
+    @property
+    def generated_per_row(self) -> int:
+        return self.caption_num if self.keep_candidate_mode == "all" else 1
+
+    def run(
+        self,
+        storage: FileStorage,
+        input_image_key: str = "images",
+        input_text_key: str = "text",
+        output_text_key: str = "text",
+    ) -> StepSummary:
+        """Caption the images of `storage`'s step.
+
+        Args:
+            storage: the step (`storage.step()`).
+            input_image_key: column with each row's list of image paths.
+            input_text_key: column with the original text (Data-Juicer tokens optional).
+            output_text_key: column of the generated rows receiving the captions.
+        """
+        self.keys = _Keys(input_image_key, input_text_key, output_text_key)
+        return run_step(storage, self)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "keys": vars(self.keys),
+            "serving": self.serving.config(),
+            "caption_num": self.caption_num,
+            "keep_candidate_mode": self.keep_candidate_mode,
+            "keep_original_sample": self.keep_original_sample,
+            "prompt": self.prompt,
+            "prompt_key": self.prompt_key,
+            "tokens": vars(self.tokens),
+            **self.settings.output_params(),
+        }
+
+    def batch_rows(self) -> int:
+        return self.gpu_batch_size
+
+    def required_keys(self) -> list[str]:
+        return [self.keys.image]
+
+    def path_keys(self) -> list[str]:
+        return [self.keys.image]
+
+    # -- one row -------------------------------------------------------------------------
+
+    def _row_prompt(self, row: dict) -> str | None:
+        if self.prompt_key and isinstance(row.get(self.prompt_key), str):
+            return row[self.prompt_key]
+        return self.prompt
+
+    def _plan_row(self, row: dict, paths: list[str]) -> _RowPlan:
+        text = row.get(self.keys.text)
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise ValueError(f"key {self.keys.text!r}: text is {type(text).__name__}, expected a string")
+        if not self.tokens.has_tokens(text):
+            loaded = load_row_images(paths, self.keys.image)
+            return _RowPlan([loaded[p] for p in paths], [text] * len(paths), None, self._row_prompt(row))
+        chunks = self.tokens.chunks(text)
+        wanted = sum(chunk.count(self.tokens.image) for chunk in chunks)
+        if wanted > len(paths):
+            raise ValueError(f"key {self.keys.text!r}: {wanted} image tokens but key "
+                             f"{self.keys.image!r} has {len(paths)} images")
+        loaded = load_row_images(paths[:wanted], self.keys.image)
+        references = [self.tokens.remove(chunk) for chunk in chunks for _ in range(chunk.count(self.tokens.image))]
+        return _RowPlan([loaded[p] for p in paths[:wanted]], references, chunks, self._row_prompt(row))
+
+    def _kept_candidates(self, plan: _RowPlan, image_index: int, row_id: str) -> list[str]:
+        """The candidates of one image that survive the keep mode, one per generated row."""
+        candidates = plan.captions[image_index]
+        if self.keep_candidate_mode == "all":
+            return candidates
+        if self.keep_candidate_mode == "random_any":
+            picker = random.Random(derive_seed(self.settings.seed, row_id, image_index, "random_any"))
+            return [picker.choice(candidates)]
+        return [candidates[most_similar_by_simhash(plan.references[image_index], candidates)]]
+
+    def _generated_texts(self, plan: _RowPlan, row_id: str) -> list[str]:
+        kept = [self._kept_candidates(plan, index, row_id) for index in range(len(plan.images))]
+        texts = []
+        for k in range(self.generated_per_row):
+            captions = [per_image[k] for per_image in kept]
+            if plan.chunks is None:
+                texts.append(" ".join(captions))
+                continue
+            parts, offset = [], 0
+            for chunk in plan.chunks:
+                count = chunk.count(self.tokens.image)
+                parts.append(captioned_chunk(chunk, captions[offset:offset + count], self.tokens))
+                offset += count
+            texts.append(" ".join(parts))
+        return texts
+
+    # -- a batch -------------------------------------------------------------------------
+
+    def process_batch(self, rows: list[dict], row_ids: list[str], context: StepContext) -> BatchResult:
+        plans: dict[int, _RowPlan] = {}
+        failed: dict[int, str] = {}
+        for offset, row in enumerate(rows):
+            try:
+                paths = image_list(row.get(self.keys.image))
+                if paths:
+                    plans[offset] = self._plan_row(row, paths)
+            except ValueError as error:
+                message = str(error)
+                failed[offset] = message if message.startswith("key ") else f"key {self.keys.image!r}: {message}"
+
+        self._caption(plans, row_ids)
+
+        out_rows = []
+        for offset, row in enumerate(rows):
+            if offset in failed:
+                out_rows.append(self.row_failed(row, failed[offset], offset, {}))
+                continue
+            if self.keep_original_sample:
+                out_rows.append(row)
+            if offset in plans:
+                out_rows.extend({**row, self.keys.output: text}
+                                for text in self._generated_texts(plans[offset], row_ids[offset]))
+        return BatchResult(out_rows, errors=len(failed))
+
+    def _caption(self, plans: dict[int, _RowPlan], row_ids: list[str]) -> None:
+        """One serving call for every image of every row in the batch."""
+        jobs = [(offset, index) for offset, plan in plans.items() for index in range(len(plan.images))]
+        if not jobs:
+            return
+        captions = self.serving.caption(
+            [plans[offset].images[index] for offset, index in jobs],
+            prompts=[plans[offset].prompt for offset, _ in jobs],
+            seeds=[derive_seed(self.settings.seed, row_ids[offset], index) for offset, index in jobs],
+            caption_num=self.caption_num,
+        )
+        for (offset, _), candidates in zip(jobs, captions, strict=True):
+            plans[offset].captions.append(candidates)

@@ -1,0 +1,451 @@
+"""Image captioning with local Hugging Face models (BLIP, BLIP-2, ViT+GPT-2, chat VLMs).
+
+Sampled captions are deterministic per image: each candidate draws its tokens from its
+own generator, seeded from the image's seed and the candidate index, so a caption does
+not depend on which other images share its batch.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import LogitsProcessor
+
+from dataflowmm.seeds import derive_seed
+from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
+
+DEFAULT_CHAT_PROMPT = "Describe this image in one sentence."
+# Model types whose generate() takes pixel values directly (no chat template).
+CAPTIONER_TYPES = ("blip", "blip-2", "vision-encoder-decoder")
+# generate() arguments the serving sets itself.
+RESERVED_GENERATE_KWARGS = (
+    "do_sample", "num_return_sequences", "max_new_tokens", "temperature", "top_p", "top_k",
+    "logits_processor", "generation_config",
+)
+
+
+class SeededSamplingLogitsProcessor(LogitsProcessor):
+    """Samples each row's next token from that row's own `torch.Generator`.
+
+    Applies temperature and nucleus (top-p) filtering, draws one token per row, and
+    returns scores where only that token is finite, so greedy or multinomial selection
+    after it picks exactly that token. Rows are independent of each other.
+
+    Args:
+        seeds (`list[int]`):
+            One seed per row of the generation batch (images x candidates, image-major).
+        temperature (`float`):
+            Divides the logits before the softmax.
+        top_p (`float`):
+            Keeps the smallest set of tokens whose probability reaches `top_p`.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[0] != len(self.generators):
+            raise RuntimeError(
+                f"seeded sampling expected {len(self.generators)} rows, got {scores.shape[0]}"
+            )
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        probs = nucleus_filter(probs, self.top_p)
+        # u in (0, 1]: the first index whose cumulative mass reaches u has mass > 0.
+        draws = torch.stack([1.0 - torch.rand((), generator=g) for g in self.generators])
+        cumulative = probs.cumsum(dim=-1)
+        targets = draws.to(probs.device).unsqueeze(-1) * cumulative[:, -1:]
+        tokens = torch.searchsorted(cumulative, targets).clamp(max=probs.shape[-1] - 1)
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter(1, tokens, 0.0)
+
+
+def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the top-p nucleus of each row (the top token always stays)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter(1, order, sorted_probs)
+
+
+@dataclass
+class _Components:
+    """What a loaded model needs besides its weights."""
+
+    processor: Any
+    tokenizer: Any
+    image_processor: Any
+    family: str  # one of CAPTIONER_TYPES, "chat" or "generic"
+    replicas: dict[str, Any] = field(default_factory=dict)  # device -> model
+
+
+@dataclass
+class _Encoded:
+    """Model inputs for one batch and how many leading output tokens are not new."""
+
+    inputs: dict[str, torch.Tensor]
+    prefix_length: int
+
+
+class LocalCaptionServing:
+    """Captions images with a local (or cached) Hugging Face vision-language model.
+
+    Loads BLIP, BLIP-2, vision-encoder-decoder (e.g. ViT+GPT-2) and chat-template models
+    (LLaVA-, Qwen2-VL-like) through `AutoProcessor` and `AutoModelForImageTextToText`,
+    lazily on the first `caption` call, one replica per device.
+
+    Args:
+        model (`str` or `os.PathLike`, defaults to `"Salesforce/blip2-opt-2.7b"`):
+            Hub id or local folder of the model and its processor. With no network, use a
+            local folder, e.g. one built by `dataflowmm models tiny DIR`.
+        caption_num (`int`, defaults to 1):
+            Candidate captions per image, produced by one `generate` call per batch.
+        max_new_tokens (`int`, defaults to 32):
+            Most tokens generated per caption.
+        gpu_batch_size (`int`, defaults to 8):
+            Images per forward pass (each carries its `caption_num` candidates).
+        do_sample (`bool`, *optional*):
+            Sample captions (seeded per image and candidate) instead of decoding greedily.
+            Defaults to sampling when `caption_num > 1`. Without sampling, several
+            candidates are the best beams of a beam search.
+        temperature (`float`, defaults to 1.0):
+            Sampling temperature.
+        top_p (`float`, defaults to 0.9):
+            Nucleus sampling mass.
+        torch_dtype (`str`, defaults to `"auto"`):
+            "fp32", "fp16", "bf16" or "auto" (bf16 on CUDA, fp32 on CPU).
+        device (`str`, *optional*):
+            Pin one device ("cpu", "cuda:1"); by default every GPU, else the CPU.
+        revision (`str`, *optional*):
+            Hub revision of `model`.
+        trust_remote_code (`bool`, defaults to `False`):
+            Allow model code from the hub repository.
+        generate_kwargs (`dict`, *optional*):
+            Extra `generate` arguments (e.g. `repetition_penalty`, `num_beams` when greedy).
+            The arguments this class sets itself are refused.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike = "Salesforce/blip2-opt-2.7b",
+        *,
+        caption_num: int = 1,
+        max_new_tokens: int = 32,
+        gpu_batch_size: int = 8,
+        do_sample: bool | None = None,
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+        torch_dtype: str = "auto",
+        device: str | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        generate_kwargs: dict | None = None,
+    ):
+        _check_positive(caption_num=caption_num, max_new_tokens=max_new_tokens,
+                        gpu_batch_size=gpu_batch_size, temperature=temperature)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.generate_kwargs = _check_generate_kwargs(generate_kwargs)
+        self.model = _check_model_source(model)
+        self.devices = resolve_devices(device)
+        self.dtype = resolve_dtype(torch_dtype, self.devices[0])
+        self.caption_num = caption_num
+        self.max_new_tokens = max_new_tokens
+        self.gpu_batch_size = gpu_batch_size
+        self.do_sample = do_sample
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.torch_dtype = torch_dtype
+        self.revision = revision
+        self.trust_remote_code = trust_remote_code
+        self._components: _Components | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    def load(self) -> None:
+        """Load the processor and one model replica per device (no-op when loaded)."""
+        if self._components is not None:
+            return
+        try:
+            components = _load_processor(self.model, self.revision, self.trust_remote_code)
+            for device in self.devices:
+                components.replicas[device] = self._load_model(device)
+        except Exception as exc:
+            raise RuntimeError(
+                f"could not load caption model {self.model!r}: {exc}. Without network access, "
+                "pass a local model folder (tiny test models: `dataflowmm models tiny DIR`)."
+            ) from exc
+        components.family = _family(next(iter(components.replicas.values())), components.processor)
+        if components.family not in ("blip", "vision-encoder-decoder"):
+            components.tokenizer.padding_side = "left"  # decoder-only prompts end where text starts
+        self._components = components
+
+    def caption(
+        self,
+        images: list[Image.Image],
+        prompts: list[str | None] | str | None = None,
+        seeds: list[int] | None = None,
+        caption_num: int | None = None,
+    ) -> list[list[str]]:
+        """Caption each image, returning `caption_num` stripped strings per image, in order.
+
+        Args:
+            images (`list[PIL.Image.Image]`):
+                Images to caption (converted to RGB).
+            prompts (`list[str | None]` or `str`, *optional*):
+                Text to condition each caption on; one string applies to every image and
+                None (or "") means unconditional captioning (chat models then get
+                `DEFAULT_CHAT_PROMPT`). The prompt is never part of the returned text.
+            seeds (`list[int]`, *optional*):
+                One seed per image for sampling; None uses seed 0 for every image.
+            caption_num (`int`, *optional*):
+                Overrides the constructor's `caption_num` for this call.
+        """
+        count = self.caption_num if caption_num is None else caption_num
+        _check_positive(caption_num=count)
+        images = [_to_rgb(image) for image in images]
+        prompts = _per_image(prompts, len(images), "prompts")
+        seeds = _per_image(seeds, len(images), "seeds") if seeds is not None else [0] * len(images)
+        if not images:
+            return []
+        self.load()
+        batches = _plan_batches(prompts, self.gpu_batch_size)
+        results: list[list[str]] = [[] for _ in images]
+
+        def run(job: tuple[int, tuple[str | None, list[int]]]) -> None:
+            number, (prompt, indices) = job
+            device = self.devices[number % len(self.devices)]
+            texts = self._generate(device, [images[i] for i in indices], prompt,
+                                   [seeds[i] for i in indices], count)
+            for position, index in enumerate(indices):
+                results[index] = texts[position * count : (position + 1) * count]
+
+        if len(self.devices) == 1:
+            for job in enumerate(batches):
+                run(job)
+        else:
+            with ThreadPoolExecutor(max_workers=len(self.devices)) as pool:
+                list(pool.map(run, enumerate(batches)))
+        return results
+
+    def config(self) -> dict:
+        """Everything that affects the captions, as JSON-able values (for fingerprints)."""
+        return {
+            "serving": type(self).__name__,
+            "model": self.model,
+            "revision": self.revision,
+            "caption_num": self.caption_num,
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "generate_kwargs": {key: self.generate_kwargs[key] for key in sorted(self.generate_kwargs)},
+            "chat_default_prompt": DEFAULT_CHAT_PROMPT,
+        }
+
+    def cleanup(self) -> None:
+        """Drop the models and processor and free their memory; a later call reloads."""
+        self._components = None
+        free_memory()
+
+    # ------------------------------------------------------------------ internals
+
+    def _load_model(self, device: str):
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(
+            self.model, dtype=self.dtype, revision=self.revision,
+            trust_remote_code=self.trust_remote_code,
+        )
+        return model.to(device).eval()
+
+    def _generate(self, device: str, images: list[Image.Image], prompt: str | None,
+                  seeds: list[int], count: int) -> list[str]:
+        """`count` captions per image (image-major) for images sharing one prompt."""
+        components = self._components
+        model = components.replicas[device]
+        encoded = _encode(components, model, images, prompt)
+        inputs = _to_device(encoded.inputs, device, self.dtype)
+        kwargs = self._generation_arguments(seeds, count)
+        with torch.inference_mode():
+            output = model.generate(**inputs, **kwargs)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        new_tokens = sequences[:, encoded.prefix_length :]
+        texts = components.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+    def _generation_arguments(self, seeds: list[int], count: int) -> dict:
+        """`generate` arguments: seeded sampling, or greedy / beam search."""
+        kwargs = {"max_new_tokens": self.max_new_tokens, "num_return_sequences": count,
+                  **self.generate_kwargs}
+        sampling = self.do_sample if self.do_sample is not None else count > 1
+        if not sampling:
+            kwargs["do_sample"] = False
+            kwargs["num_beams"] = max(count, kwargs.get("num_beams", 1))
+            return kwargs
+        from transformers import LogitsProcessorList
+
+        row_seeds = [derive_seed(seed, candidate) for seed in seeds for candidate in range(count)]
+        processor = SeededSamplingLogitsProcessor(row_seeds, self.temperature, self.top_p)
+        # The processor leaves one finite score per row; HF's own warpers are neutralised
+        # and its multinomial draw over a one-hot distribution always picks that token.
+        kwargs.update(do_sample=True, num_beams=1, temperature=1.0, top_p=1.0, top_k=0,
+                      logits_processor=LogitsProcessorList([processor]))
+        return kwargs
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _check_generate_kwargs(generate_kwargs: dict | None) -> dict:
+    generate_kwargs = dict(generate_kwargs or {})
+    reserved = sorted(set(generate_kwargs) & set(RESERVED_GENERATE_KWARGS))
+    if reserved:
+        raise ValueError(
+            f"generate_kwargs may not set {', '.join(reserved)}: use the constructor's arguments"
+        )
+    return generate_kwargs
+
+
+def _looks_like_path(text: str) -> bool:
+    return os.path.exists(text) or text.startswith(("/", ".", "~"))
+
+
+def _check_model_source(model: str | os.PathLike) -> str:
+    """The model as a string; a local-looking path must be an existing folder."""
+    text = os.fspath(model)
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"model must be a hub id or a folder, got {model!r}")
+    if isinstance(model, os.PathLike) or _looks_like_path(text):
+        folder = Path(text).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder not found: {text}")
+        return str(folder)
+    return text
+
+
+def _load_processor(source: str, revision: str | None, trust_remote_code: bool) -> _Components:
+    """The processor plus its tokenizer and image processor, whichever `AutoProcessor` gives.
+
+    Some captioners (e.g. ViT+GPT-2) ship no combined processor: `AutoProcessor` then
+    returns only a tokenizer or an image processor and the other part is loaded alone.
+    """
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    options = {"revision": revision, "trust_remote_code": trust_remote_code}
+    processor = AutoProcessor.from_pretrained(source, **options)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        tokenizer = processor if hasattr(processor, "batch_decode") else \
+            AutoTokenizer.from_pretrained(source, **options)
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        image_processor = processor if hasattr(processor, "preprocess") else \
+            AutoImageProcessor.from_pretrained(source, **options)
+    return _Components(processor, tokenizer, image_processor, family="")
+
+
+def _family(model, processor) -> str:
+    model_type = model.config.model_type
+    if model_type in CAPTIONER_TYPES:
+        return model_type
+    if getattr(processor, "chat_template", None):
+        return "chat"
+    return "generic"
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"images must be PIL images, got {type(image).__name__}")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _per_image(values, count: int, name: str) -> list:
+    """A list of one value per image (a single value or None applies to every image)."""
+    if values is None or isinstance(values, str):
+        return [values] * count
+    values = list(values)
+    if len(values) != count:
+        raise ValueError(f"{name} must have one entry per image: {len(values)} for {count} images")
+    return values
+
+
+def _plan_batches(prompts: list[str | None], batch_size: int) -> list[tuple[str | None, list[int]]]:
+    """Group image indices by prompt, then cut each group into batches.
+
+    Images in one batch share their prompt, so no row is padded and each image's
+    caption does not depend on its batch neighbours.
+    """
+    groups: dict[str | None, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        key = prompt.strip() if isinstance(prompt, str) and prompt.strip() else None
+        groups.setdefault(key, []).append(index)
+    return [
+        (prompt, indices[start : start + batch_size])
+        for prompt, indices in groups.items()
+        for start in range(0, len(indices), batch_size)
+    ]
+
+
+def _encode(components: _Components, model, images: list[Image.Image], prompt: str | None) -> _Encoded:
+    """Model inputs for one family, and the length of the prompt echoed in its output."""
+    family, count = components.family, len(images)
+    if family == "blip":
+        if prompt is None:
+            # generate() starts from [bos]; the output echoes that one token.
+            return _Encoded(dict(components.processor(images=images, return_tensors="pt")), 1)
+        inputs = components.processor(images=images, text=[prompt] * count, return_tensors="pt")
+        # generate() swaps [CLS] for [DEC] and drops the final [SEP] before echoing the rest.
+        return _Encoded(dict(inputs), inputs["input_ids"].shape[1] - 1)
+    if family == "vision-encoder-decoder":
+        return _encode_encoder_decoder(components, model, images, prompt)
+    if family == "chat":
+        prompt = prompt or DEFAULT_CHAT_PROMPT
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = components.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                        tokenize=False)
+    else:  # blip-2 and other decoder-only models: the output starts with input_ids
+        text = prompt or ""
+    inputs = components.processor(images=images, text=[text] * count, return_tensors="pt",
+                                  padding=True)
+    return _Encoded(dict(inputs), inputs["input_ids"].shape[1])
+
+
+def _encode_encoder_decoder(components: _Components, model, images: list[Image.Image],
+                            prompt: str | None) -> _Encoded:
+    """Pixel values, plus the prompt as decoder_input_ids after the decoder start token."""
+    pixels = components.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    inputs = {"pixel_values": pixels}
+    start = model.generation_config.decoder_start_token_id
+    if start is None:
+        start = model.config.decoder_start_token_id
+    ids = [start]
+    if prompt is not None:
+        ids += components.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        inputs["decoder_input_ids"] = torch.tensor([ids] * len(images), dtype=torch.long)
+    return _Encoded(inputs, len(ids))
+
+
+def _to_device(inputs: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> dict:
+    """Move tensors to the device; floating ones (pixels) to the model's dtype."""
+    return {
+        key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        for key, value in inputs.items()
+        if isinstance(value, torch.Tensor)
+    }
