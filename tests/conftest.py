@@ -3,6 +3,12 @@ from pathlib import Path
 
 import pytest
 
+# Before anything imports huggingface_hub: with no network here, a hub lookup must fail
+# at once instead of waiting on connection timeouts.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_models_dir(tmp_path_factory) -> Path:
@@ -13,8 +19,6 @@ def tiny_models_dir(tmp_path_factory) -> Path:
     folder = Path(os.environ.get("DATAFLOWMM_TEST_MODELS_DIR") or tmp_path_factory.mktemp("models"))
     previous = os.environ.get("DATAFLOWMM_MODELS_DIR")
     os.environ["DATAFLOWMM_MODELS_DIR"] = str(folder)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     yield folder
     if previous is None:
         os.environ.pop("DATAFLOWMM_MODELS_DIR", None)

@@ -1,0 +1,432 @@
+"""Text-to-image and image-to-image generation with local diffusers pipelines."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from dataflowmm.seeds import derive_seed
+from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
+
+TASKS = ("text2image", "image2image")
+
+
+def check_model_reference(model: str | os.PathLike) -> str:
+    """`model` as a string; a local path (one that exists, or starts with "/", "." or "~")
+    must be an existing folder, else FileNotFoundError naming it. Hub ids pass unchecked."""
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"model must be a hub id or a local folder, got {model!r}")
+    looks_local = os.path.exists(model) or model.startswith(("/", ".", "~"))
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"model folder {model!r} does not exist (or is not a folder); "
+            "give an existing local folder, e.g. one built with `dataflowmm models tiny DIR`"
+        )
+    return str(Path(model).expanduser()) if looks_local else model
+
+
+def model_load_error(model: str, exc: BaseException) -> RuntimeError:
+    """The error raised when `model` cannot be loaded, with what to do about it."""
+    detail = " ".join(str(exc).split()).rstrip(".")
+    return RuntimeError(
+        f"could not load model {model!r} ({type(exc).__name__}: {detail}). "
+        "Without network access give a local model folder (for offline tests and demos, "
+        "build tiny ones with `dataflowmm models tiny DIR`)."
+    )
+
+
+def jsonable(value: Any) -> Any:
+    """`value` turned into plain JSON types (anything else becomes its str)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+class LocalImageGenServing:
+    r"""
+    Generate images from prompts (and, for image-to-image, input images) with a local diffusers pipeline.
+
+    The model is loaded lazily on the first `generate` (or by `load`), one replica per device; the
+    constructor only checks its arguments, so a mistake fails before any model loads. Every
+    image draws its noise from its own seed, so outputs do not depend on batching.
+
+    Args:
+        model (`str` or `os.PathLike`, *optional*, defaults to `"black-forest-labs/FLUX.1-dev"`):
+            Hub id or local folder of a diffusers pipeline (Stable Diffusion, SDXL, FLUX, ...).
+        task (`str`, *optional*, defaults to `"text2image"`):
+            `"text2image"` (loaded with `AutoPipelineForText2Image`) or `"image2image"` (loaded with
+            `AutoPipelineForImage2Image`); `DiffusionPipeline` is the fallback for other pipelines.
+        batch_size (`int`, *optional*, defaults to 4):
+            Prompts per pipeline call.
+        num_images_per_prompt (`int`, *optional*, defaults to 1):
+            Images generated for each prompt.
+        height (`int`, *optional*):
+            Output height in pixels; the pipeline's default (or, for image-to-image, the input
+            image's size) when `None`.
+        width (`int`, *optional*):
+            Output width in pixels, as `height`.
+        num_inference_steps (`int`, *optional*):
+            Denoising steps; the pipeline's default when `None`.
+        guidance_scale (`float`, *optional*):
+            Classifier-free (or, for FLUX.1-dev, distilled) guidance scale; the pipeline's default when `None`.
+        strength (`float`, *optional*, defaults to 0.8):
+            Image-to-image only: how much of the input image is noised, in [0, 1].
+        torch_dtype (`str`, *optional*, defaults to `"auto"`):
+            `"fp32"`, `"fp16"`, `"bf16"` or `"auto"` (bfloat16 on CUDA, float32 on CPU).
+        revision (`str`, *optional*):
+            Hub revision (branch, tag or commit) of `model`.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow custom pipeline code shipped with the model.
+        device (`str`, *optional*):
+            Pin one device (`"cpu"`, `"cuda:1"`); by default every visible GPU, else the CPU.
+        max_safety_retries (`int`, *optional*, defaults to 3):
+            When the pipeline's safety checker flags an image, regenerate it with a new derived seed
+            up to this many times; an image still flagged is returned as `None`.
+        call_kwargs (`dict`, *optional*):
+            Extra keyword arguments for every pipeline call (e.g. `{"max_sequence_length": 256}`),
+            merged last.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike = "black-forest-labs/FLUX.1-dev",
+        task: str = "text2image",
+        *,
+        batch_size: int = 4,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        strength: float = 0.8,
+        torch_dtype: str = "auto",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        device: str | None = None,
+        max_safety_retries: int = 3,
+        call_kwargs: dict | None = None,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        _check_positive_int("batch_size", batch_size)
+        _check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        if not isinstance(max_safety_retries, int) or max_safety_retries < 0:
+            raise ValueError(f"max_safety_retries must be an int >= 0, got {max_safety_retries!r}")
+        if not 0.0 <= float(strength) <= 1.0:
+            raise ValueError(f"strength must be between 0 and 1, got {strength!r}")
+        if call_kwargs is not None and not isinstance(call_kwargs, dict):
+            raise ValueError(f"call_kwargs must be a dict, got {type(call_kwargs).__name__}")
+        self.model = check_model_reference(model)
+        self.task = task
+        self.batch_size = batch_size
+        self.num_images_per_prompt = num_images_per_prompt
+        self.height = height
+        self.width = width
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.strength = float(strength)
+        self.torch_dtype = torch_dtype
+        self.revision = revision
+        self.trust_remote_code = trust_remote_code
+        self.devices = resolve_devices(device)
+        self.dtypes = [resolve_dtype(torch_dtype, dev) for dev in self.devices]
+        self.max_safety_retries = max_safety_retries
+        self.call_kwargs = dict(call_kwargs or {})
+        self._pipelines: list[Any] = []
+
+    # ----------------------------------------------------------------- loading
+    def load(self) -> None:
+        """Load one pipeline replica per device (does nothing when already loaded)."""
+        if self._pipelines:
+            return
+        pipelines = []
+        try:
+            for dev, dtype in zip(self.devices, self.dtypes, strict=True):
+                pipelines.append(self._load_replica(dev, dtype))
+        except BaseException:
+            pipelines.clear()
+            free_memory()
+            raise
+        self._pipelines = pipelines
+
+    def _load_replica(self, device: str, dtype: torch.dtype) -> Any:
+        """One pipeline on `device`, progress bars off."""
+        pipeline = self._from_pretrained(dtype)
+        if self.task == "image2image" and "image" not in _call_parameters(pipeline):
+            raise ValueError(
+                f"model {self.model!r} loaded as {type(pipeline).__name__}, which takes no input "
+                "image; it cannot serve task 'image2image'"
+            )
+        pipeline.to(device)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def _from_pretrained(self, dtype: torch.dtype) -> Any:
+        from diffusers import (
+            AutoPipelineForImage2Image,
+            AutoPipelineForText2Image,
+            DiffusionPipeline,
+        )
+
+        auto = (
+            AutoPipelineForText2Image if self.task == "text2image" else AutoPipelineForImage2Image
+        )
+        options = {
+            "torch_dtype": dtype,
+            "revision": self.revision,
+            "trust_remote_code": self.trust_remote_code,
+        }
+        try:
+            with warnings.catch_warnings():
+                # diffusers >= 0.42 prefers `dtype`; older releases know only `torch_dtype`.
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                try:
+                    return auto.from_pretrained(self.model, **options)
+                except ValueError:  # the auto class does not know this pipeline
+                    return DiffusionPipeline.from_pretrained(self.model, **options)
+        except Exception as exc:
+            raise model_load_error(self.model, exc) from exc
+
+    def cleanup(self) -> None:
+        """Drop the loaded pipelines and free their memory; a later `generate` reloads."""
+        self._pipelines = []
+        free_memory()
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self._pipelines)
+
+    # -------------------------------------------------------------- generating
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        images: list[Image.Image] | None = None,
+    ) -> list[list[Image.Image | None]]:
+        """Per prompt, `num_images_per_prompt` RGB images (`None` where the safety checker
+        flagged every attempt), in input order.
+
+        `seeds[i]` seeds prompt i: its image j uses `derive_seed(seeds[i], j)`. `images[i]` is the
+        input image of prompt i (image-to-image only).
+        """
+        self._check_generate_inputs(prompts, seeds, images)
+        if not prompts:
+            return []
+        if images is not None:
+            images = [_to_rgb(image) for image in images]
+        self.load()
+        batches = [
+            list(range(start, min(start + self.batch_size, len(prompts))))
+            for start in range(0, len(prompts), self.batch_size)
+        ]
+        replicas = self._pipelines
+        # Replica r runs batches r, r + R, r + 2R, ... one after another.
+        plans = [(pipe, batches[r :: len(replicas)]) for r, pipe in enumerate(replicas)]
+        plans = [(pipe, own) for pipe, own in plans if own]
+
+        def run(plan: tuple[Any, list[list[int]]]) -> dict[int, list[Image.Image | None]]:
+            return self._run_batches(plan[0], plan[1], prompts, seeds, images)
+
+        if len(plans) == 1:
+            results = [run(plans[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=len(plans)) as pool:
+                results = list(pool.map(run, plans))
+        outputs: list[list[Image.Image | None]] = [[] for _ in prompts]
+        for result in results:
+            for index, generated in result.items():
+                outputs[index] = generated
+        return outputs
+
+    def _check_generate_inputs(
+        self, prompts: list[str], seeds: list[int], images: list[Image.Image] | None
+    ) -> None:
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of strings, not one string")
+        if len(seeds) != len(prompts):
+            raise ValueError(
+                f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt"
+            )
+        if self.task == "image2image":
+            count = 0 if images is None else len(images)
+            if count != len(prompts):
+                raise ValueError(
+                    f"image2image needs one input image per prompt: got {len(prompts)} prompts "
+                    f"and {count} images"
+                )
+            for i, image in enumerate(images or []):
+                if not isinstance(image, Image.Image):
+                    raise ValueError(f"images[{i}] is a {type(image).__name__}, not a PIL image")
+        elif images is not None:
+            raise ValueError("images are only used by task 'image2image'")
+
+    def _run_batches(
+        self,
+        pipeline: Any,
+        batches: list[list[int]],
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        images: Sequence[Image.Image] | None,
+    ) -> dict[int, list[Image.Image | None]]:
+        results: dict[int, list[Image.Image | None]] = {}
+        with torch.inference_mode():
+            for batch in batches:
+                # Input images of different sizes go to separate calls: a pipeline call
+                # resizes a batch's images to the first one's size.
+                for group in _group_by_size(batch, images):
+                    results.update(self._generate_group(pipeline, group, prompts, seeds, images))
+        return results
+
+    def _generate_group(
+        self,
+        pipeline: Any,
+        indices: list[int],
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        images: Sequence[Image.Image] | None,
+    ) -> dict[int, list[Image.Image | None]]:
+        count = self.num_images_per_prompt
+        seed_lists = [[derive_seed(seeds[i], j) for j in range(count)] for i in indices]
+        flat_images, flagged = self._call(
+            pipeline,
+            [prompts[i] for i in indices],
+            [seed for per_prompt in seed_lists for seed in per_prompt],
+            None if images is None else [images[i] for i in indices],
+            count,
+        )
+        results: dict[int, list[Image.Image | None]] = {}
+        for k, i in enumerate(indices):
+            slots: list[Image.Image | None] = []
+            for j in range(count):
+                position = k * count + j
+                image = flat_images[position]
+                if flagged[position]:
+                    source = None if images is None else images[i]
+                    image = self._safety_retry(pipeline, prompts[i], seeds[i], j, source)
+                slots.append(image)
+            results[i] = slots
+        return results
+
+    def _safety_retry(
+        self, pipeline: Any, prompt: str, seed: int, j: int, image: Image.Image | None
+    ) -> Image.Image | None:
+        """Regenerate one flagged image with fresh derived seeds; `None` if every retry is flagged."""
+        for attempt in range(1, self.max_safety_retries + 1):
+            retry_seed = derive_seed(seed, j, "safety-retry", attempt)
+            new_images, flagged = self._call(
+                pipeline, [prompt], [retry_seed], None if image is None else [image], 1
+            )
+            if not flagged[0]:
+                return new_images[0]
+        return None
+
+    def _call(
+        self,
+        pipeline: Any,
+        prompts: list[str],
+        seeds: list[int],
+        images: list[Image.Image] | None,
+        count: int,
+    ) -> tuple[list[Image.Image], list[bool]]:
+        """One pipeline call; its images (prompt-major) as RGB and their safety flags."""
+        arguments = self._call_arguments(pipeline, prompts, seeds, images, count)
+        output = pipeline(**arguments)
+        produced = output.images if hasattr(output, "images") else output[0]
+        if len(produced) != len(seeds):
+            raise RuntimeError(
+                f"{type(pipeline).__name__} returned {len(produced)} images for {len(seeds)} requested"
+            )
+        flags = getattr(output, "nsfw_content_detected", None) or [False] * len(produced)
+        return [_to_rgb(image) for image in produced], [bool(flag) for flag in flags]
+
+    def _call_arguments(
+        self,
+        pipeline: Any,
+        prompts: list[str],
+        seeds: list[int],
+        images: list[Image.Image] | None,
+        count: int,
+    ) -> dict[str, Any]:
+        """Keyword arguments for one call, limited to those the pipeline's __call__ accepts."""
+        wanted: dict[str, Any] = {
+            "prompt": prompts,
+            "num_images_per_prompt": count,
+            "height": self.height,
+            "width": self.width,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            "output_type": "pil",
+        }
+        if self.task == "image2image":
+            wanted["image"] = images
+            wanted["strength"] = self.strength
+        accepted = _call_parameters(pipeline)
+        arguments = {
+            name: value for name, value in wanted.items() if value is not None and name in accepted
+        }
+        arguments.update(self.call_kwargs)
+        return arguments
+
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict:
+        """Everything that affects the generated images, as plain JSON (for step fingerprints).
+
+        `batch_size` and the devices are left out: they change pixels only by floating-point noise.
+        """
+        values = {
+            "serving": type(self).__name__,
+            "model": self.model,
+            "revision": self.revision,
+            "task": self.task,
+            "num_images_per_prompt": self.num_images_per_prompt,
+            "height": self.height,
+            "width": self.width,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "torch_dtype": str(self.torch_dtype),
+            "max_safety_retries": self.max_safety_retries,
+            "call_kwargs": self.call_kwargs,
+        }
+        if self.task == "image2image":
+            values["strength"] = self.strength
+        return jsonable(values)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model!r}, task={self.task!r}, devices={self.devices})"
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _call_parameters(pipeline: Any) -> set[str]:
+    """Names `pipeline.__call__` declares. A catch-all **kwargs does not count: diffusers
+    pipelines use it for deprecated arguments and ignore anything else passed there."""
+    parameters = inspect.signature(pipeline.__call__).parameters.values()
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in parameters if p.kind in keyword_kinds}
+
+
+def _group_by_size(indices: list[int], images: Sequence[Image.Image] | None) -> list[list[int]]:
+    """`indices` split into runs sharing an input-image size (one run for text-to-image)."""
+    if images is None:
+        return [indices]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in indices:
+        groups.setdefault(tuple(images[i].size), []).append(i)
+    return list(groups.values())
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")

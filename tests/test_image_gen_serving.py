@@ -1,0 +1,331 @@
+"""LocalImageGenServing on the tiny SD and FLUX models (CPU), plus fake pipelines for the
+safety-checker retries and the multi-replica path."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dataflowmm.seeds import derive_seed
+from dataflowmm.serving.image_gen import LocalImageGenServing
+
+PROMPTS = ["a cat", "a dog in the park", "a red car", "a bowl of fruit"]
+SEEDS = [11, 22, 33, 44]
+
+
+def _array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def _bytes(outputs: list[list[Image.Image]]) -> list[list[bytes]]:
+    return [[image.tobytes() for image in images] for images in outputs]
+
+
+@pytest.fixture(scope="module")
+def sd_serving(tiny_model):
+    serving = LocalImageGenServing(
+        tiny_model("tiny-sd"), batch_size=3, num_images_per_prompt=2, num_inference_steps=2
+    )
+    yield serving
+    serving.cleanup()
+
+
+# ------------------------------------------------------------- constructor
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"task": "inpaint"}, "task"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+        ({"strength": 1.5}, "strength"),
+        ({"torch_dtype": "fp8"}, "torch_dtype"),
+        ({"max_safety_retries": -1}, "max_safety_retries"),
+    ],
+)
+def test_bad_arguments_fail_in_the_constructor(tiny_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LocalImageGenServing(tiny_model("tiny-sd"), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "model", ["/no/such/model", "./missing-model", "~/missing-dataflowmm-model"]
+)
+def test_missing_local_folder_is_named(model):
+    with pytest.raises(FileNotFoundError, match="missing|no/such"):
+        LocalImageGenServing(model)
+
+
+def test_a_file_is_not_a_model_folder(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        LocalImageGenServing(path)
+
+
+def test_constructor_does_not_load(monkeypatch, tiny_model):
+    def fail(*args, **kwargs):
+        raise AssertionError("loaded in the constructor")
+
+    monkeypatch.setattr(LocalImageGenServing, "_load_replica", fail)
+    serving = LocalImageGenServing(tiny_model("tiny-sd"), task="image2image")
+    assert not serving.loaded
+    with pytest.raises(ValueError, match="seeds"):
+        serving.generate(["a", "b"], [1])
+    with pytest.raises(ValueError, match="input image"):
+        serving.generate(["a"], [1])
+    assert serving.generate([], []) == []
+    assert not serving.loaded
+
+
+def test_unloadable_model_gives_an_actionable_error(tmp_path):
+    # A folder that is no pipeline (a hub id would need the network, or HF_HUB_OFFLINE set
+    # before huggingface_hub is imported, to fail fast).
+    (tmp_path / "not-a-pipeline").mkdir()
+    serving = LocalImageGenServing(tmp_path / "not-a-pipeline")
+    with pytest.raises(RuntimeError, match=r"(?s)not-a-pipeline.*dataflowmm models tiny"):
+        serving.load()
+    assert not serving.loaded
+
+
+def test_config_is_json_and_tracks_outputs(tiny_model):
+    import json
+
+    base = LocalImageGenServing(tiny_model("tiny-sd"), num_inference_steps=2)
+    config = base.config()
+    assert json.loads(json.dumps(config)) == config
+    assert config["model"] == str(tiny_model("tiny-sd")) and config["task"] == "text2image"
+    assert "strength" not in config  # only image2image uses it
+    other_batch = LocalImageGenServing(tiny_model("tiny-sd"), num_inference_steps=2, batch_size=9)
+    assert other_batch.config() == config
+    other_steps = LocalImageGenServing(tiny_model("tiny-sd"), num_inference_steps=3)
+    assert other_steps.config() != config
+    image2image = LocalImageGenServing(tiny_model("tiny-sd"), task="image2image", strength=0.5)
+    assert image2image.config()["strength"] == 0.5
+
+
+# --------------------------------------------------------------- tiny SD
+def test_text2image_counts_order_size_and_determinism(sd_serving):
+    first = sd_serving.generate(PROMPTS, SEEDS)
+    assert len(first) == len(PROMPTS)
+    for images in first:
+        assert len(images) == 2
+        for image in images:
+            assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (32, 32)
+    again = sd_serving.generate(PROMPTS, SEEDS)
+    assert _bytes(again) == _bytes(first)
+    # Order and batch independence: prompt 2 alone gives (nearly) its images of the batch.
+    alone = sd_serving.generate([PROMPTS[2]], [SEEDS[2]])
+    for a, b in zip(alone[0], first[2], strict=True):
+        assert np.abs(_array(a) - _array(b)).max() <= 3
+
+
+def test_batch_size_changes_pixels_only_by_noise(sd_serving, tiny_model):
+    batched = sd_serving.generate(PROMPTS, SEEDS)
+    one_by_one = LocalImageGenServing(
+        tiny_model("tiny-sd"), batch_size=1, num_images_per_prompt=2, num_inference_steps=2
+    ).generate(PROMPTS, SEEDS)
+    for images_a, images_b in zip(batched, one_by_one, strict=True):
+        for a, b in zip(images_a, images_b, strict=True):
+            assert np.abs(_array(a) - _array(b)).max() <= 3
+
+
+def test_different_seeds_give_different_images(sd_serving):
+    outputs = sd_serving.generate(["a cat"] * 2, [1, 2])
+    images = [image for per_prompt in outputs for image in per_prompt]
+    arrays = [_array(image) for image in images]
+    for i in range(len(arrays)):
+        for j in range(i + 1, len(arrays)):
+            assert np.abs(arrays[i] - arrays[j]).max() > 10
+
+
+def test_cleanup_frees_the_pipelines_and_generate_reloads(tiny_model):
+    serving = LocalImageGenServing(tiny_model("tiny-sd"), num_inference_steps=2)
+    before = serving.generate(["a cat"], [5])
+    pipeline = weakref.ref(serving._pipelines[0])
+    unet = weakref.ref(serving._pipelines[0].unet)
+    serving.cleanup()
+    gc.collect()
+    assert not serving.loaded and pipeline() is None and unet() is None
+    after = serving.generate(["a cat"], [5])
+    assert serving.loaded
+    assert _bytes(after) == _bytes(before)
+    serving.cleanup()
+
+
+def test_image2image_follows_input_sizes_and_strength(tiny_model):
+    folder = tiny_model("tiny-sd")
+    rng = np.random.default_rng(0)
+    inputs = [
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).convert("L"),
+    ]
+    prompts, seeds = ["a cat", "a dog", "a tree"], [1, 2, 3]
+    light = LocalImageGenServing(folder, task="image2image", num_inference_steps=4, strength=0.5)
+    outputs = light.generate(prompts, seeds, inputs)
+    assert [[image.size for image in images] for images in outputs] == [
+        [(48, 40)],
+        [(32, 32)],
+        [(48, 40)],
+    ]
+    assert all(images[0].mode == "RGB" for images in outputs)
+    assert _bytes(light.generate(prompts, seeds, inputs)) == _bytes(outputs)
+    strong = LocalImageGenServing(folder, task="image2image", num_inference_steps=4, strength=1.0)
+    stronger = strong.generate(prompts, seeds, inputs)
+    assert np.abs(_array(stronger[0][0]) - _array(outputs[0][0])).max() > 10
+    with pytest.raises(ValueError, match="images"):
+        light.generate(prompts, seeds, inputs[:2])
+    light.cleanup()
+    strong.cleanup()
+
+
+# -------------------------------------------------------------- tiny FLUX
+def test_tiny_flux_text2image(tiny_model):
+    serving = LocalImageGenServing(
+        tiny_model("tiny-flux"),
+        batch_size=2,
+        num_images_per_prompt=2,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        guidance_scale=3.5,
+        call_kwargs={"max_sequence_length": 32},
+    )
+    outputs = serving.generate(PROMPTS[:3], SEEDS[:3])
+    assert [[image.size for image in images] for images in outputs] == [[(32, 32)] * 2] * 3
+    assert type(serving._pipelines[0]).__name__ == "FluxPipeline"
+    assert _bytes(serving.generate(PROMPTS[:3], SEEDS[:3])) == _bytes(outputs)
+    alone = serving.generate([PROMPTS[2]], [SEEDS[2]])
+    for a, b in zip(alone[0], outputs[2], strict=True):
+        assert np.abs(_array(a) - _array(b)).max() <= 3
+    serving.cleanup()
+
+
+# ---------------------------------------------------- fake pipelines (no model)
+class FakePipeline:
+    """Records its calls; flags (as NSFW) every image whose generator seed is in `flagged`;
+    each image is a solid colour made from its seed, so tests can tell which seed made it."""
+
+    def __init__(self, flagged: set[int] | None = None, name: str = "fake") -> None:
+        self.flagged = flagged or set()
+        self.name = name
+        self.calls: list[dict] = []
+
+    def __call__(
+        self,
+        prompt,
+        num_images_per_prompt=1,
+        num_inference_steps=50,
+        generator=None,
+        output_type="pil",
+    ):
+        self.calls.append(
+            dict(
+                prompt=list(prompt),
+                num_images_per_prompt=num_images_per_prompt,
+                num_inference_steps=num_inference_steps,
+                seeds=[g.initial_seed() for g in generator],
+                output_type=output_type,
+            )
+        )
+        assert torch.is_inference_mode_enabled()
+        seeds = [g.initial_seed() for g in generator]
+        images = [Image.new("L", (4, 4), color=seed % 251) for seed in seeds]
+        return SimpleNamespace(
+            images=images, nsfw_content_detected=[s in self.flagged for s in seeds]
+        )
+
+
+def _fake_serving(
+    monkeypatch, tiny_model, replicas: list[FakePipeline], **kwargs
+) -> LocalImageGenServing:
+    available = iter(replicas)
+    monkeypatch.setattr(
+        LocalImageGenServing, "_load_replica", lambda self, device, dtype: next(available)
+    )
+    serving = LocalImageGenServing(tiny_model("tiny-sd"), **kwargs)
+    serving.devices = ["cpu"] * len(replicas)
+    serving.dtypes = [torch.float32] * len(replicas)
+    return serving
+
+
+def _colour(seed: int) -> int:
+    return seed % 251
+
+
+def test_only_accepted_arguments_are_passed(monkeypatch, tiny_model):
+    fake = FakePipeline()
+    serving = _fake_serving(
+        monkeypatch,
+        tiny_model,
+        [fake],
+        guidance_scale=7.0,
+        height=64,
+        num_inference_steps=3,
+        call_kwargs={"output_type": "pil"},
+    )
+    serving.generate(["a"], [1])
+    call = fake.calls[0]
+    assert (
+        call["num_inference_steps"] == 3
+    )  # guidance_scale / height are not parameters of the fake
+    assert call["seeds"] == [derive_seed(1, 0)]
+
+
+def test_generators_follow_diffusers_order(monkeypatch, tiny_model):
+    fake = FakePipeline()
+    serving = _fake_serving(monkeypatch, tiny_model, [fake], batch_size=2, num_images_per_prompt=3)
+    outputs = serving.generate(["a", "b", "c"], [7, 8, 9])
+    assert [call["prompt"] for call in fake.calls] == [["a", "b"], ["c"]]
+    assert fake.calls[0]["seeds"] == [derive_seed(s, j) for s in (7, 8) for j in range(3)]
+    for images, seed in zip(outputs, [7, 8, 9], strict=True):
+        assert [image.getpixel((0, 0)) for image in images] == [
+            (_colour(derive_seed(seed, j)),) * 3 for j in range(3)
+        ]
+        assert all(image.mode == "RGB" for image in images)
+
+
+def test_flagged_image_is_regenerated_with_retry_seeds(monkeypatch, tiny_model):
+    bad = {derive_seed(2, 1), derive_seed(2, 1, "safety-retry", 1)}
+    fake = FakePipeline(flagged=bad)
+    serving = _fake_serving(monkeypatch, tiny_model, [fake], num_images_per_prompt=2)
+    outputs = serving.generate(["a", "b"], [1, 2])
+    retry_calls = fake.calls[1:]
+    assert [call["seeds"] for call in retry_calls] == [
+        [derive_seed(2, 1, "safety-retry", 1)],
+        [derive_seed(2, 1, "safety-retry", 2)],
+    ]
+    assert all(
+        call["prompt"] == ["b"] and call["num_images_per_prompt"] == 1 for call in retry_calls
+    )
+    assert outputs[1][1].getpixel((0, 0))[0] == _colour(derive_seed(2, 1, "safety-retry", 2))
+    assert outputs[1][0].getpixel((0, 0))[0] == _colour(derive_seed(2, 0))
+    assert outputs[0][1] is not None
+
+
+def test_image_still_flagged_after_retries_is_none(monkeypatch, tiny_model):
+    always = {derive_seed(3, 0)} | {derive_seed(3, 0, "safety-retry", a) for a in range(1, 10)}
+    fake = FakePipeline(flagged=always)
+    serving = _fake_serving(monkeypatch, tiny_model, [fake], max_safety_retries=2)
+    outputs = serving.generate(["x", "y"], [3, 4])
+    assert outputs[0] == [None]
+    assert isinstance(outputs[1][0], Image.Image)
+    assert len(fake.calls) == 1 + 2
+
+
+def test_batches_go_round_robin_to_replicas_and_keep_order(monkeypatch, tiny_model):
+    replicas = [FakePipeline(name="r0"), FakePipeline(name="r1")]
+    serving = _fake_serving(monkeypatch, tiny_model, replicas, batch_size=2)
+    prompts = [f"p{i}" for i in range(7)]
+    outputs = serving.generate(prompts, list(range(7)))
+    assert [call["prompt"] for call in replicas[0].calls] == [["p0", "p1"], ["p4", "p5"]]
+    assert [call["prompt"] for call in replicas[1].calls] == [["p2", "p3"], ["p6"]]
+    assert [images[0].getpixel((0, 0))[0] for images in outputs] == [
+        _colour(derive_seed(seed, 0)) for seed in range(7)
+    ]
