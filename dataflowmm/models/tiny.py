@@ -12,8 +12,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 # Bump when a builder changes so cached folders are rebuilt.
 BUILDER_VERSION = 1

@@ -15,7 +15,7 @@ _CLASSES = {
     "ClipServing": "dataflowmm.serving.clip",
 }
 
-__all__ = list(_CLASSES)
+__all__ = ["ClipServing", "LocalCaptionServing", "LocalImageGenServing"]
 
 if TYPE_CHECKING:
     from dataflowmm.serving.caption import LocalCaptionServing

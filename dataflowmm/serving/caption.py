@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from PIL import Image
 from transformers import LogitsProcessor
 
 from dataflowmm.seeds import derive_seed
+from dataflowmm.serving.common import check_model_reference
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
 
 DEFAULT_CHAT_PROMPT = "Describe this image in one sentence."
@@ -155,7 +155,7 @@ class LocalCaptionServing:
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         self.generate_kwargs = _check_generate_kwargs(generate_kwargs)
-        self.model = _check_model_source(model)
+        self.model = check_model_reference(model)
         self.devices = resolve_devices(device)
         self.dtype = resolve_dtype(torch_dtype, self.devices[0])
         self.caption_num = caption_num
@@ -321,23 +321,6 @@ def _check_generate_kwargs(generate_kwargs: dict | None) -> dict:
             f"generate_kwargs may not set {', '.join(reserved)}: use the constructor's arguments"
         )
     return generate_kwargs
-
-
-def _looks_like_path(text: str) -> bool:
-    return os.path.exists(text) or text.startswith(("/", ".", "~"))
-
-
-def _check_model_source(model: str | os.PathLike) -> str:
-    """The model as a string; a local-looking path must be an existing folder."""
-    text = os.fspath(model)
-    if not isinstance(text, str) or not text:
-        raise ValueError(f"model must be a hub id or a folder, got {model!r}")
-    if isinstance(model, os.PathLike) or _looks_like_path(text):
-        folder = Path(text).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model folder not found: {text}")
-        return str(folder)
-    return text
 
 
 def _load_processor(source: str, revision: str | None, trust_remote_code: bool) -> _Components:

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dataflowmm.serving.common import check_model_reference, jsonable, model_load_error
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
-from dataflowmm.serving.image_gen import check_model_reference, jsonable, model_load_error
 
 
 class ClipServing:
