@@ -11,7 +11,11 @@ from dataflowmm.models.tiny import TINY_MODELS, build_tiny_models, default_model
 from dataflowmm.scaffold import init_project, load_pipeline_module
 
 # The demo runs each scaffolded pipeline with --tiny, in this order.
-DEMO_PIPELINES = [("text_to_image_generation_pipeline.py", "text_to_image")]
+DEMO_PIPELINES = [
+    ("text_to_image_generation_pipeline.py", "text_to_image"),
+    ("image_captioning_pipeline.py", "image_captioning"),
+    ("image_augmentation_pipeline.py", "image_augmentation"),
+]
 
 
 @click.group()
@@ -40,6 +44,7 @@ def init(directory: Path, force: bool) -> None:
               type=click.Path(file_okay=False, path_type=Path), help="folder for scaffolds and outputs")
 def demo(out: Path) -> None:
     """Run every scaffolded pipeline end to end on tiny offline models."""
+    _quiet_model_libraries()
     out.mkdir(parents=True, exist_ok=True)
     init_project(out, force=True)
     for script, name in DEMO_PIPELINES:
@@ -49,6 +54,17 @@ def demo(out: Path) -> None:
         for summary in summaries if isinstance(summaries, list) else [summaries]:
             _show_output(summary.output_path)
     click.echo(f"demo finished: outputs under {out.resolve() / 'cache_local'}")
+
+
+def _quiet_model_libraries() -> None:
+    """The demo's output is our step lines: silence the libraries' load bars and notices."""
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+    diffusers.logging.disable_progress_bar()
 
 
 def _show_output(output_path: str, rows_shown: int = 2) -> None:

@@ -69,3 +69,21 @@ def test_wheel_carries_the_scaffolds(tmp_path):
     assert where.strip().startswith(str(target))
     subprocess.run([sys.executable, "-c", code, "init", str(project)], check=True, env=env, cwd=tmp_path)
     assert (project / "gpu_pipelines" / "text_to_image_generation_pipeline.py").is_file()
+
+
+def test_demo_runs_every_pipeline_on_tiny_models(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    cache = tmp_path / "demo" / "cache_local"
+    generated = [json.loads(line) for line in open(cache / "text_to_image" / "dataflow_cache_step_step1.jsonl")]
+    assert len(generated) == 8 and all(row["images"] for row in generated)
+    captions = [json.loads(line) for line in open(cache / "image_captioning" / "dataflow_cache_step_step1.jsonl")]
+    assert len(captions) == 7  # 3 rows with images: original + caption each; 1 row passes through
+    augmented = [json.loads(line)
+                 for line in open(cache / "image_augmentation" / "dataflow_cache_step_step2.jsonl")]
+    assert len(augmented) == 9  # step 1 kept 3 caption rows; step 2 adds 2 variations of each
+    for row in augmented:
+        assert row["error"] is None and row["caption"]
+        for path in row["images"]:
+            assert (cache / "image_augmentation" / path).is_file()
+    assert "demo finished" in result.output

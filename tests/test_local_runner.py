@@ -42,7 +42,7 @@ class NoiseImageOperator(Operator):
             raise Crash("killed")
         self.batches_seen.append([row["text"] for row in rows])
         out, errors, written = [], 0, 0
-        for offset, (row, row_id) in enumerate(zip(rows, row_ids)):
+        for offset, (row, row_id) in enumerate(zip(rows, row_ids, strict=True)):
             if not row["text"]:
                 out.append(self.row_failed(row, "key 'text': empty prompt", offset, {"images": []}))
                 errors += 1

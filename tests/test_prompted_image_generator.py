@@ -130,7 +130,7 @@ def test_save_interval_does_not_change_bytes_and_batch_size_only_noise(tmp_path,
     assert reference == same_batches  # names depend on rows only
     for path in reference:
         assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
-    other_batches = images(tmp_path / "c", 3, 2)
+    images(tmp_path / "c", 3, 2)
     for path in reference:
         difference = np.abs(load_pixels(tmp_path / "a", path) - load_pixels(tmp_path / "c", path))
         assert difference.max() <= 2 and difference.mean() < 0.05

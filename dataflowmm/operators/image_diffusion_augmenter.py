@@ -1,0 +1,490 @@
+"""ImageDiffusionAugmenter: new versions of a row's images by image-to-image diffusion.
+
+Data-Juicer's `image_diffusion_mapper`, batched: every image of every row in a batch goes
+to the diffusion serving in one `generate` call, each candidate with its own seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from dataflowmm.execution.local_runner import StepSummary, run_step
+from dataflowmm.io.images import ImageReadError, image_file_name, load_image, save_png
+from dataflowmm.operators.base import BatchResult, Operator, OperatorSettings, RowError, StepContext
+from dataflowmm.seeds import derive_seed
+
+if TYPE_CHECKING:
+    from dataflowmm.serving.caption import LocalCaptionServing
+    from dataflowmm.serving.clip import ClipServing
+    from dataflowmm.serving.image_gen import LocalImageGenServing
+    from dataflowmm.storage import FileStorage
+
+KEEP_CANDIDATE_MODES = ("random_any", "similar_one", "all")
+# Data-Juicer's special tokens (SpecialTokens.image and SpecialTokens.eoc).
+DJ_SPECIAL_TOKENS = ("<__dj__image>", "<|__dj__eoc|>")
+# Captions made by the caption model are conditioned on, and prefixed with, this text.
+CAPTION_PROMPT = "A photo of a "
+SAVE_DIR_ENV_VARS = ("DATAFLOWMM_PRODUCED_DATA_DIR", "DJ_PRODUCED_DATA_DIR")
+
+
+def remove_special_tokens(text: str) -> str:
+    """`text` without Data-Juicer's special tokens, stripped."""
+    for token in DJ_SPECIAL_TOKENS:
+        text = text.replace(token, "")
+    return text.strip()
+
+
+def row_image_paths(value: Any, key: str) -> list[str]:
+    """The image paths of a row: a list of strings, one string, or nothing (None / [])."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(path, str) for path in value):
+        raise ValueError(f"key {key!r}: expected a list of image paths, got {value!r}")
+    return value
+
+
+def row_captions(row: dict, key: str, count: int) -> list[str]:
+    """One caption per image from `row[key]`: a string for every image, or a list of `count`."""
+    if key not in row or row[key] is None:
+        raise ValueError(f"caption key {key!r}: missing")
+    value = row[key]
+    if isinstance(value, str):
+        captions = [value] * count
+    elif isinstance(value, list):
+        if len(value) != count:
+            raise ValueError(f"caption key {key!r}: {len(value)} captions for {count} images")
+        if not all(isinstance(caption, str) for caption in value):
+            raise ValueError(f"caption key {key!r}: every caption must be a string")
+        captions = value
+    else:
+        raise ValueError(f"caption key {key!r}: expected a string or a list of strings, "
+                         f"got {type(value).__name__}")
+    return [remove_special_tokens(caption) for caption in captions]
+
+
+def resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`image` resized (bilinear) to `size`, or itself when it already has that size."""
+    return image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
+
+
+@dataclass(frozen=True)
+class _Keys:
+    image: str
+    text: str
+    output: str
+    caption: str | None
+
+
+@dataclass
+class _Job:
+    """A row with images being augmented."""
+
+    offset: int
+    paths: list[str]
+    sources: list[Image.Image]
+    captions: list[str] | None = None
+    # candidates[i][c]: candidate c of image i (None where the safety checker flagged it)
+    candidates: list[list[Image.Image | None]] = field(default_factory=list)
+    scores: list[list[float]] | None = None
+    kept: list[list[int]] = field(default_factory=list)
+
+
+class ImageDiffusionAugmenter(Operator):
+    r"""
+    Augment rows of images with image-to-image diffusion (Data-Juicer's `image_diffusion_mapper`).
+
+    Each source image is resized to an `image_size` square canvas, transformed by the diffusion
+    model under its caption, and resized back to its own size. Every input row with images yields
+    exactly `aug_num` generated rows (a copy of the row whose image list holds the new images),
+    after the original row when `keep_original_sample`. Rows without images pass through (or are
+    dropped when originals are not kept); a row that cannot be processed is kept once, with its
+    error, and yields no generated rows.
+
+    Args:
+        hf_diffusion (`str`, `os.PathLike` or `LocalImageGenServing`, *optional*, defaults to `"CompVis/stable-diffusion-v1-4"`):
+            Hub id or local folder of a diffusers image-to-image pipeline, or an already built
+            `LocalImageGenServing` with `task="image2image"` and `num_images_per_prompt=1`, used
+            as is (its own strength, guidance, steps and dtype then apply).
+        torch_dtype (`str`, *optional*, defaults to `"fp32"`):
+            `"fp32"`, `"fp16"`, `"bf16"` or `"auto"` for the models this operator builds.
+        revision (`str`, *optional*):
+            Hub revision (branch, tag or commit) of `hf_diffusion`.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow custom code shipped with the models this operator builds.
+        strength (`float`, *optional*, defaults to 0.8):
+            How much of the source image is noised, in [0, 1]; 1 ignores the source image.
+        guidance_scale (`float`, *optional*, defaults to 7.5):
+            Classifier-free guidance scale; higher follows the caption more closely.
+        aug_num (`int`, *optional*, defaults to 1):
+            Generated rows per input row with images.
+        keep_original_sample (`bool`, *optional*, defaults to `True`):
+            Emit each original row before its generated rows.
+        caption_key (`str`, *optional*):
+            Field holding the captions that guide generation: a string (for every image of the
+            row) or a list with one caption per image. Data-Juicer's special tokens are removed.
+            When `None`, each image is captioned by `hf_img2seq`, prompted with and prefixed by
+            `"A photo of a "`.
+        hf_img2seq (`str`, `os.PathLike` or `LocalCaptionServing`, *optional*, defaults to `"Salesforce/blip2-opt-2.7b"`):
+            Caption model (id, folder or built serving); used only when `caption_key` is `None`.
+        save_dir (`str` or `os.PathLike`, *optional*):
+            Folder for the generated PNG files. Defaults to `$DATAFLOWMM_PRODUCED_DATA_DIR`, then
+            `$DJ_PRODUCED_DATA_DIR`, then `{cache_path}/{prefix}_step{N}_images`.
+        keep_candidate_mode (`str`, *optional*, defaults to `"all"`):
+            `"all"`: generate `aug_num` candidates per image and keep them all. `"random_any"`:
+            generate `candidate_num` and keep `aug_num` seeded random picks. `"similar_one"`:
+            generate `candidate_num` and keep the `aug_num` most similar to the source image by
+            `hf_clip` image embeddings (ties to the lower index). Kept candidates stay in
+            candidate order; generated row k takes the k-th kept candidate of every image.
+        candidate_num (`int`, *optional*):
+            Candidates per image for `"random_any"` and `"similar_one"` (>= `aug_num`); defaults to
+            `2 * aug_num`. Not used by `"all"`.
+        hf_clip (`str`, `os.PathLike` or `ClipServing`, *optional*, defaults to `"openai/clip-vit-base-patch32"`):
+            CLIP model (id, folder or built serving); used only by `"similar_one"`.
+        num_inference_steps (`int`, *optional*):
+            Denoising steps (the pipeline's default when `None`); `strength * steps` run.
+        batch_size (`int`, *optional*, defaults to 8):
+            Images per diffusion call when this operator builds the serving, and rows per batch.
+        image_size (`int`, *optional*, defaults to 512):
+            Side of the square canvas the source images are resized to; `None` keeps their size.
+        save_interval (`int`, *optional*, defaults to 50):
+            Rows between checkpoints; a killed run resumes from the last one.
+        seed (`int`, *optional*, defaults to 0):
+            Global seed. Candidate c of image i of a row uses `derive_seed(seed, row, i, c)`;
+            captions and random picks derive their own seeds, so outputs do not depend on
+            batching or resuming.
+        absolute_paths (`bool`, *optional*, defaults to `False`):
+            Write absolute image paths instead of paths relative to the dataset file.
+        strict (`bool`, *optional*, defaults to `False`):
+            Raise on the first row that cannot be processed instead of keeping it with an error.
+    """
+
+    def __init__(
+        self,
+        hf_diffusion: str | os.PathLike | LocalImageGenServing = "CompVis/stable-diffusion-v1-4",
+        *,
+        torch_dtype: str = "fp32",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        strength: float = 0.8,
+        guidance_scale: float = 7.5,
+        aug_num: int = 1,
+        keep_original_sample: bool = True,
+        caption_key: str | None = None,
+        hf_img2seq: str | os.PathLike | LocalCaptionServing = "Salesforce/blip2-opt-2.7b",
+        save_dir: str | os.PathLike | None = None,
+        keep_candidate_mode: str = "all",
+        candidate_num: int | None = None,
+        hf_clip: str | os.PathLike | ClipServing = "openai/clip-vit-base-patch32",
+        num_inference_steps: int | None = None,
+        batch_size: int = 8,
+        image_size: int | None = 512,
+        save_interval: int = 50,
+        seed: int = 0,
+        absolute_paths: bool = False,
+        strict: bool = False,
+    ) -> None:
+        _check_arguments(strength, aug_num, keep_candidate_mode, candidate_num, image_size,
+                         batch_size, caption_key)
+        self.settings = OperatorSettings(save_interval, seed, save_dir, absolute_paths, strict)
+        self.aug_num = aug_num
+        self.keep_original_sample = bool(keep_original_sample)
+        self.keep_candidate_mode = keep_candidate_mode
+        self.candidate_num = _candidate_count(keep_candidate_mode, aug_num, candidate_num)
+        self.image_size = image_size
+        self.caption_key = caption_key
+        self.diffusion = _diffusion_serving(
+            hf_diffusion, batch_size=batch_size, strength=strength, guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps, torch_dtype=torch_dtype, revision=revision,
+            trust_remote_code=trust_remote_code)
+        self.captioner = None if caption_key else _caption_serving(hf_img2seq, torch_dtype,
+                                                                  trust_remote_code)
+        self.clip = _clip_serving(hf_clip, torch_dtype, trust_remote_code) \
+            if keep_candidate_mode == "similar_one" else None
+        self.keys = _Keys("images", "text", "images", caption_key)
+
+    def run(
+        self,
+        storage: FileStorage,
+        input_image_key: str = "images",
+        input_text_key: str = "text",
+        output_image_key: str | None = None,
+    ) -> StepSummary:
+        """Augment the rows of `storage`'s step.
+
+        Args:
+            storage: the step (`storage.step()`).
+            input_image_key: column with each row's image paths (a list, or one path).
+            input_text_key: Data-Juicer's text column; accepted for recipe compatibility, not read.
+            output_image_key: column receiving the generated rows' image paths; defaults to
+                `input_image_key` (the generated rows' images replace the originals).
+        """
+        self.keys = _Keys(input_image_key, input_text_key, output_image_key or input_image_key,
+                          self.caption_key)
+        return run_step(storage, self)
+
+    # ------------------------------------------------------------- operator contract
+    def params(self) -> dict[str, Any]:
+        configured = self._configured_save_dir()
+        return {
+            "keys": vars(self.keys),
+            "diffusion": self.diffusion.config(),
+            "captioner": self.captioner.config() if self.captioner is not None else None,
+            "caption_prompt": CAPTION_PROMPT if self.captioner is not None else None,
+            "clip": self.clip.config() if self.clip is not None else None,
+            "aug_num": self.aug_num,
+            "keep_original_sample": self.keep_original_sample,
+            "keep_candidate_mode": self.keep_candidate_mode,
+            "candidate_num": self.candidate_num,
+            "image_size": self.image_size,
+            "resolved_save_dir": str(configured.resolve()) if configured else None,
+            **self.settings.output_params(),
+        }
+
+    def batch_rows(self) -> int:
+        return self.diffusion.batch_size
+
+    def required_keys(self) -> list[str]:
+        return [self.keys.image] + ([self.caption_key] if self.caption_key else [])
+
+    def path_keys(self) -> list[str]:
+        return list(dict.fromkeys([self.keys.image, self.keys.output]))
+
+    def resolve_save_dir(self, default: Path) -> Path:
+        """`save_dir`, else `$DATAFLOWMM_PRODUCED_DATA_DIR`, else `$DJ_PRODUCED_DATA_DIR`, else `default`."""
+        return self._configured_save_dir() or default
+
+    def _configured_save_dir(self) -> Path | None:
+        if self.settings.save_dir:
+            return Path(self.settings.save_dir)
+        for variable in SAVE_DIR_ENV_VARS:
+            if os.environ.get(variable):
+                return Path(os.environ[variable])
+        return None
+
+    # ------------------------------------------------------------------ batch
+    def process_batch(self, rows: list[dict], row_ids: list[str], context: StepContext) -> BatchResult:
+        failed: dict[int, dict] = {}
+        jobs = self._prepare(rows, failed)
+        self._caption(jobs, row_ids)
+        self._generate(jobs, row_ids)
+        self._score(jobs)
+        jobs = [job for job in jobs if self._select(job, row_ids[job.offset], rows, failed)]
+        paths = {job.offset: self._save(job, row_ids[job.offset], context.save_dir) for job in jobs}
+        out_rows = []
+        for offset, row in enumerate(rows):
+            if offset in failed:
+                out_rows.append(failed[offset])
+                continue
+            if self.keep_original_sample:
+                out_rows.append(row)
+            out_rows.extend(self._generated_rows(row, paths.get(offset)))
+        written = sum(len(per_image) for row_paths in paths.values() for per_image in row_paths)
+        return BatchResult(out_rows, errors=len(failed), images_written=written)
+
+    def _fail(self, rows: list[dict], offset: int, message: str, failed: dict[int, dict]) -> None:
+        """Record row `offset` as failed (kept once, with its error); raises when strict."""
+        empty = {} if self.keys.output == self.keys.image else {self.keys.output: []}
+        failed[offset] = self.row_failed(rows[offset], message, offset, empty)
+
+    def _prepare(self, rows: list[dict], failed: dict[int, dict]) -> list[_Job]:
+        """Jobs for the rows with images: their source images and given captions."""
+        jobs = []
+        for offset, row in enumerate(rows):
+            try:
+                paths = row_image_paths(row.get(self.keys.image), self.keys.image)
+                if not paths:
+                    continue
+                captions = row_captions(row, self.caption_key, len(paths)) if self.caption_key else None
+                sources = [load_image(path) for path in paths]
+            except (ImageReadError, ValueError) as error:
+                self._fail(rows, offset, str(error), failed)
+                continue
+            jobs.append(_Job(offset, paths, sources, captions))
+        return jobs
+
+    def _caption(self, jobs: list[_Job], row_ids: list[str]) -> None:
+        """Caption every image of the jobs without captions, in one serving call."""
+        pending = [(job, index) for job in jobs if job.captions is None
+                   for index in range(len(job.sources))]
+        if not pending:
+            return
+        results = self.captioner.caption(
+            [job.sources[index] for job, index in pending],
+            prompts=CAPTION_PROMPT,
+            seeds=[derive_seed(self.settings.seed, row_ids[job.offset], index, "caption")
+                   for job, index in pending],
+            caption_num=1,
+        )
+        for job in jobs:
+            if job.captions is None:
+                job.captions = []
+        for (job, _), texts in zip(pending, results, strict=True):
+            job.captions.append(CAPTION_PROMPT + remove_special_tokens(texts[0]))
+
+    def _generate(self, jobs: list[_Job], row_ids: list[str]) -> None:
+        """Every candidate of every image of every job, in one serving call."""
+        tasks = [(job, index, candidate) for job in jobs for index in range(len(job.sources))
+                 for candidate in range(self.candidate_num)]
+        if not tasks:
+            return
+        canvases = {(id(job), index): self._canvas(job.sources[index])
+                    for job, index, _ in tasks}
+        outputs = self.diffusion.generate(
+            [job.captions[index] for job, index, _ in tasks],
+            [derive_seed(self.settings.seed, row_ids[job.offset], index, candidate)
+             for job, index, candidate in tasks],
+            [canvases[(id(job), index)] for job, index, _ in tasks],
+        )
+        for job in jobs:
+            job.candidates = [[] for _ in job.sources]
+        for (job, index, _), images in zip(tasks, outputs, strict=True):
+            image = images[0]
+            job.candidates[index].append(
+                None if image is None else resize_to(image, job.sources[index].size))
+
+    def _canvas(self, image: Image.Image) -> Image.Image:
+        if self.image_size is None:
+            return image
+        return resize_to(image, (self.image_size, self.image_size))
+
+    def _score(self, jobs: list[_Job]) -> None:
+        """CLIP image-image similarity of each candidate to its source (similar_one only)."""
+        if self.clip is None:
+            return
+        pairs = [(job, index, candidate) for job in jobs for index in range(len(job.sources))
+                 for candidate, image in enumerate(job.candidates[index]) if image is not None]
+        if not pairs:
+            return
+        similarities = self.clip.image_image_similarity(
+            [job.candidates[index][candidate] for job, index, candidate in pairs],
+            [job.sources[index] for job, index, _ in pairs],
+        ).tolist()
+        for job in jobs:
+            job.scores = [[float("-inf")] * self.candidate_num for _ in job.sources]
+        for (job, index, candidate), score in zip(pairs, similarities, strict=True):
+            job.scores[index][candidate] = score
+
+    def _select(self, job: _Job, row_id: str, rows: list[dict], failed: dict[int, dict]) -> bool:
+        """Choose the kept candidates of each image; False (row failed) when too few are usable."""
+        for index, candidates in enumerate(job.candidates):
+            usable = [c for c, image in enumerate(candidates) if image is not None]
+            if len(usable) < self.aug_num:
+                flagged = len(candidates) - len(usable)
+                self._fail(rows, job.offset, f"image {index}: {flagged} of {len(candidates)} "
+                           "candidates flagged by the safety checker after every retry", failed)
+                return False
+            job.kept.append(self._pick(job, row_id, index, usable))
+        return True
+
+    def _pick(self, job: _Job, row_id: str, index: int, usable: list[int]) -> list[int]:
+        """`aug_num` of the usable candidate indices of image `index`, in candidate order."""
+        if self.keep_candidate_mode == "all":
+            return usable
+        if self.keep_candidate_mode == "random_any":
+            picker = random.Random(derive_seed(self.settings.seed, row_id, index, "pick"))
+            return sorted(picker.sample(usable, self.aug_num))
+        scores = job.scores[index]
+        return sorted(sorted(usable, key=lambda c: (-scores[c], c))[: self.aug_num])
+
+    def _save(self, job: _Job, row_id: str, save_dir: Path) -> list[list[str]]:
+        """Write the kept candidates as PNG; their paths, per image in kept order."""
+        paths = []
+        for index, kept in enumerate(job.kept):
+            image_paths = []
+            for candidate in kept:
+                path = save_dir / image_file_name(row_id, index, candidate)
+                save_png(job.candidates[index][candidate], path)
+                image_paths.append(str(path))
+            paths.append(image_paths)
+        return paths
+
+    def _generated_rows(self, row: dict, paths: list[list[str]] | None) -> list[dict]:
+        """`aug_num` copies of `row`, copy k holding the k-th kept candidate of every image."""
+        if paths is None:  # a row without images
+            return []
+        return [{**copy.deepcopy(row), self.keys.output: [per_image[k] for per_image in paths]}
+                for k in range(self.aug_num)]
+
+
+# ---------------------------------------------------------------------- construction
+def _check_arguments(strength: float, aug_num: int, keep_candidate_mode: str,
+                     candidate_num: int | None, image_size: int | None, batch_size: int,
+                     caption_key: str | None) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise ValueError(f"strength must be a number between 0 and 1, got {strength!r}")
+    _check_positive_int("aug_num", aug_num)
+    if keep_candidate_mode not in KEEP_CANDIDATE_MODES:
+        raise ValueError(f"keep_candidate_mode must be one of {', '.join(KEEP_CANDIDATE_MODES)}, "
+                         f"got {keep_candidate_mode!r}")
+    if candidate_num is not None:
+        _check_positive_int("candidate_num", candidate_num)
+        if candidate_num < aug_num:
+            raise ValueError(f"candidate_num ({candidate_num}) must be >= aug_num ({aug_num})")
+    if image_size is not None:
+        _check_positive_int("image_size", image_size)
+    _check_positive_int("batch_size", batch_size)
+    if caption_key is not None and (not isinstance(caption_key, str) or not caption_key):
+        raise ValueError(f"caption_key must be a non-empty string or None, got {caption_key!r}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _candidate_count(mode: str, aug_num: int, candidate_num: int | None) -> int:
+    """Candidates generated per image: aug_num for "all", else candidate_num (default 2 * aug_num)."""
+    if mode == "all":
+        return aug_num
+    return candidate_num if candidate_num is not None else 2 * aug_num
+
+
+def _is_reference(model: Any) -> bool:
+    return isinstance(model, (str, os.PathLike))
+
+
+def _diffusion_serving(model: Any, **settings: Any) -> LocalImageGenServing:
+    """An image2image serving: built from an id/folder (lazily loaded), or checked and used as is."""
+    if _is_reference(model):
+        from dataflowmm.serving.image_gen import LocalImageGenServing
+
+        return LocalImageGenServing(model, task="image2image", **settings)
+    if not callable(getattr(model, "generate", None)) or getattr(model, "task", None) != "image2image":
+        raise ValueError("hf_diffusion must be a model id, a local folder or a LocalImageGenServing "
+                         f"with task='image2image', got {model!r}")
+    if getattr(model, "num_images_per_prompt", 1) != 1:
+        raise ValueError("hf_diffusion serving must have num_images_per_prompt=1 (candidates are "
+                         f"generated as separate prompts), got {model.num_images_per_prompt}")
+    return model
+
+
+def _caption_serving(model: Any, torch_dtype: str, trust_remote_code: bool) -> LocalCaptionServing:
+    if _is_reference(model):
+        from dataflowmm.serving.caption import LocalCaptionServing
+
+        return LocalCaptionServing(model, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if not callable(getattr(model, "caption", None)):
+        raise ValueError(f"hf_img2seq must be a model id, a local folder or a LocalCaptionServing, got {model!r}")
+    return model
+
+
+def _clip_serving(model: Any, torch_dtype: str, trust_remote_code: bool) -> ClipServing:
+    if _is_reference(model):
+        from dataflowmm.serving.clip import ClipServing
+
+        return ClipServing(model, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if not callable(getattr(model, "image_image_similarity", None)):
+        raise ValueError(f"hf_clip must be a model id, a local folder or a ClipServing, got {model!r}")
+    return model
+
+
+__all__ = ["ImageDiffusionAugmenter", "RowError", "remove_special_tokens"]
