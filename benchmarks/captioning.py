@@ -4,7 +4,7 @@ All three load the same image files, caption with the same tiny BLIP-2 model (gr
 same max_new_tokens) and write one caption per image. Prints a table and ends with
 `ratio_vs_per_image_loop=<x>` and `ratio_vs_plain_loop=<x>` (ours / baseline, images per second).
 
-    .venv/bin/python benchmarks/captioning.py [--images 64] [--batch-size 16] [--rounds 6]
+    .venv/bin/python benchmarks/captioning.py [--images 256] [--batch-size 16] [--max-new-tokens 32] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def make_images(folder: Path, count: int) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
 

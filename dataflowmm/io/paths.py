@@ -22,7 +22,8 @@ def _map_paths(value: Any, convert) -> Any:
 
 def resolve_paths(value: Any, base_dir: Path) -> Any:
     """Make a path (or list of paths) absolute, resolving relative ones against `base_dir`."""
-    return _map_paths(value, lambda path: str((base_dir / os.path.expanduser(path)).resolve()))
+    # normpath, not Path.resolve: pure string work, no file-system calls per row.
+    return _map_paths(value, lambda path: os.path.normpath(os.path.join(base_dir, os.path.expanduser(path))))
 
 
 def relative_paths(value: Any, base_dir: Path) -> Any:
