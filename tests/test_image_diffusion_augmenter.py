@@ -10,10 +10,8 @@ from PIL import Image
 
 from dataflowmm import FileStorage
 from dataflowmm.operators import RowError
-from dataflowmm.operators.image_diffusion_augmenter import (
-    ImageDiffusionAugmenter,
-    remove_special_tokens,
-)
+from dataflowmm.operators.image_diffusion_augmenter import ImageDiffusionAugmenter
+from dataflowmm.operators.sample_format import SpecialTokens
 from dataflowmm.seeds import derive_seed, row_identity
 from dataflowmm.serving import ClipServing, LocalCaptionServing, LocalImageGenServing
 
@@ -163,7 +161,7 @@ def test_captions_come_from_the_caption_serving_when_no_caption_key(tmp_path, sd
 
 
 def test_remove_special_tokens():
-    assert remove_special_tokens("<__dj__image>\n a cat <|__dj__eoc|>") == "a cat"
+    assert SpecialTokens().remove("<__dj__image>\n a cat <|__dj__eoc|>") == "a cat"
 
 
 # ----------------------------------------------------------------------------- bad rows

@@ -23,6 +23,7 @@ from dataflowmm.operators.sample_format import (
     SpecialTokens,
     captioned_chunk,
     most_similar_by_simhash,
+    row_image_paths,
 )
 from dataflowmm.seeds import derive_seed
 
@@ -51,23 +52,10 @@ class _RowPlan:
     captions: list[list[str]] = field(default_factory=list)  # per image, its candidates
 
 
-def image_list(value: Any) -> list[str]:
-    """A row's images as a list of paths: a single path counts as a one-image list."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value] if value else []
-    if isinstance(value, list):
-        return value
-    raise ValueError(f"expected a list of image paths, got {type(value).__name__}")
-
-
 def load_row_images(paths: list[str], key: str) -> dict[str, Image.Image]:
     """Each distinct path of a row loaded once."""
     loaded: dict[str, Image.Image] = {}
     for path in paths:
-        if not isinstance(path, str):
-            raise ValueError(f"key {key!r}: image path is {type(path).__name__}, expected a string")
         if path not in loaded:
             try:
                 loaded[path] = load_image(path)
@@ -254,12 +242,11 @@ class ImageCaptioner(Operator):
         failed: dict[int, str] = {}
         for offset, row in enumerate(rows):
             try:
-                paths = image_list(row.get(self.keys.image))
+                paths = row_image_paths(row.get(self.keys.image), self.keys.image)
                 if paths:
                     plans[offset] = self._plan_row(row, paths)
             except ValueError as error:
-                message = str(error)
-                failed[offset] = message if message.startswith("key ") else f"key {self.keys.image!r}: {message}"
+                failed[offset] = str(error)
 
         self._caption(plans, row_ids)
 

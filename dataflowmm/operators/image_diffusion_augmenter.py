@@ -17,7 +17,8 @@ from PIL import Image
 
 from dataflowmm.execution.local_runner import StepSummary, run_step
 from dataflowmm.io.images import ImageReadError, image_file_name, load_image, save_png
-from dataflowmm.operators.base import BatchResult, Operator, OperatorSettings, RowError, StepContext
+from dataflowmm.operators.base import BatchResult, Operator, OperatorSettings, StepContext
+from dataflowmm.operators.sample_format import SpecialTokens, row_image_paths
 from dataflowmm.seeds import derive_seed
 
 if TYPE_CHECKING:
@@ -27,29 +28,11 @@ if TYPE_CHECKING:
     from dataflowmm.storage import FileStorage
 
 KEEP_CANDIDATE_MODES = ("random_any", "similar_one", "all")
-# Data-Juicer's special tokens (SpecialTokens.image and SpecialTokens.eoc).
-DJ_SPECIAL_TOKENS = ("<__dj__image>", "<|__dj__eoc|>")
 # Captions made by the caption model are conditioned on, and prefixed with, this text.
 CAPTION_PROMPT = "A photo of a "
+# Captions given in a row may carry Data-Juicer's special tokens; they are not prompt text.
+DJ_TOKENS = SpecialTokens()
 SAVE_DIR_ENV_VARS = ("DATAFLOWMM_PRODUCED_DATA_DIR", "DJ_PRODUCED_DATA_DIR")
-
-
-def remove_special_tokens(text: str) -> str:
-    """`text` without Data-Juicer's special tokens, stripped."""
-    for token in DJ_SPECIAL_TOKENS:
-        text = text.replace(token, "")
-    return text.strip()
-
-
-def row_image_paths(value: Any, key: str) -> list[str]:
-    """The image paths of a row: a list of strings, one string, or nothing (None / [])."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not all(isinstance(path, str) for path in value):
-        raise ValueError(f"key {key!r}: expected a list of image paths, got {value!r}")
-    return value
 
 
 def row_captions(row: dict, key: str, count: int) -> list[str]:
@@ -68,7 +51,7 @@ def row_captions(row: dict, key: str, count: int) -> list[str]:
     else:
         raise ValueError(f"caption key {key!r}: expected a string or a list of strings, "
                          f"got {type(value).__name__}")
-    return [remove_special_tokens(caption) for caption in captions]
+    return [DJ_TOKENS.remove(caption) for caption in captions]
 
 
 def resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -328,7 +311,7 @@ class ImageDiffusionAugmenter(Operator):
             if job.captions is None:
                 job.captions = []
         for (job, _), texts in zip(pending, results, strict=True):
-            job.captions.append(CAPTION_PROMPT + remove_special_tokens(texts[0]))
+            job.captions.append(CAPTION_PROMPT + DJ_TOKENS.remove(texts[0]))
 
     def _generate(self, jobs: list[_Job], row_ids: list[str]) -> None:
         """Every candidate of every image of every job, in one serving call."""
@@ -487,4 +470,4 @@ def _clip_serving(model: Any, torch_dtype: str, trust_remote_code: bool) -> Clip
     return model
 
 
-__all__ = ["ImageDiffusionAugmenter", "RowError", "remove_special_tokens"]
+__all__ = ["ImageDiffusionAugmenter"]

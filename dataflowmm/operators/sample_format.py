@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from simhash import Simhash
 
@@ -27,6 +28,17 @@ class SpecialTokens:
 
     def has_tokens(self, text: str) -> bool:
         return self.image in text or self.eoc in text
+
+
+def row_image_paths(value: Any, key: str) -> list[str]:
+    """The image paths of a row: a list of strings, one string, or nothing (None / [])."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(path, str) for path in value):
+        raise ValueError(f"key {key!r}: expected a list of image paths, got {value!r}")
+    return value
 
 
 def captioned_chunk(chunk: str, captions: list[str], tokens: SpecialTokens) -> str:
