@@ -45,7 +45,7 @@ _SPACE = "▁"
 _PRINTABLE = [chr(code) for code in range(33, 127)]
 
 
-def _byte_alphabet() -> list[str]:
+def byte_alphabet() -> list[str]:
     """The 256 byte symbols of byte-level BPE, in byte order (GPT-2's bytes_to_unicode)."""
     visible = [
         *range(ord("!"), ord("~") + 1),
@@ -118,7 +118,7 @@ def make_clip_tokenizer(
     Diffusion). No text is ever unknown.
     """
     merges = learn_bpe_merges(_clip_words(corpus), num_merges)
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     tokens = alphabet + [symbol + _WORD_END for symbol in alphabet]
     tokens += [left + right for left, right in merges] + [_BOS, _EOS]
     vocab: dict[str, int] = {}

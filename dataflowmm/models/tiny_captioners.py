@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from dataflowmm.models.offline_tokenizers import byte_alphabet
+
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
 HIDDEN = 32
@@ -132,20 +134,6 @@ def make_gpt2_tokenizer():
     return GPT2Tokenizer(vocab=vocab, merges=merges, pad_token="<pad>")
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (what byte-level BPE tokens are made of)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def unprintable_byte_token_ids(tokenizer) -> list[int]:
     """Ids of single-byte tokens that are not printable ASCII (control bytes, UTF-8 parts).
 
@@ -153,7 +141,7 @@ def unprintable_byte_token_ids(tokenizer) -> list[int]:
     random weights decode to words and word pieces rather than control characters.
     """
     vocab = tokenizer.get_vocab()
-    table = _byte_to_unicode()
+    table = dict(enumerate(byte_alphabet()))
     return sorted(vocab[table[b]] for b in range(256) if not 32 <= b < 127 and table[b] in vocab)
 
 
