@@ -22,7 +22,7 @@ test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/text_to_image.py
+	for b in text_to_image captioning augmentation; do HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
