@@ -61,18 +61,14 @@ def check_required_keys(records: list[dict], keys: list[str], source: Path) -> N
             raise KeyError(f"{source}: no row has key {key!r}; keys found: {sorted(present)}")
 
 
-def step_fingerprint(storage: FileStorage, operator: Operator) -> tuple[str, str]:
-    """(input fingerprint, step fingerprint) of running `operator` on this step's input."""
-    input_fp = storage.input_fingerprint()
-    return input_fp, fingerprint(input_fp, operator.name, operator.params())
-
-
 def run_step(storage: FileStorage, operator: Operator) -> StepSummary:
     """Run `operator` on `storage`'s current step, reusing or resuming what is already done."""
     started = time.perf_counter()
     records = storage.read("dict")
     check_required_keys(records, operator.required_keys(), storage.input_path)
-    input_fp, step_fp = step_fingerprint(storage, operator)
+    params = operator.params()
+    input_fp = storage.input_fingerprint()
+    step_fp = fingerprint(input_fp, operator.name, params)
     if storage.is_finished(step_fp):
         summary = StepSummary(storage.operator_step, operator.name, len(records), storage.manifest()["rows"],
                               0, 0, time.perf_counter() - started, str(storage.output_path), reused=True)
@@ -93,7 +89,7 @@ def run_step(storage: FileStorage, operator: Operator) -> StepSummary:
                                             rows_per_chunk, batch_rows, storage.input_path)
     for row in rows_out:
         row.setdefault(ERROR_KEY, None)
-    output_path = storage.write(rows_out, operator=operator.name, params=operator.params(),
+    output_path = storage.write(rows_out, operator=operator.name, params=params,
                                 input_fingerprint=input_fp, step_fingerprint=step_fp)
     checkpoints.remove()
     summary = StepSummary(storage.operator_step, operator.name, len(records), len(rows_out),
