@@ -29,7 +29,8 @@ def alternate_rounds(contenders: dict[str, Callable[[], object]], rounds: int) -
 
 
 def ratio_table(seconds: dict[str, list[float]], items: int, ours: str, baselines: list[str]) -> dict[str, float]:
-    """Print a per-round table of items/s and ours/baseline ratios; return the median ratios."""
+    """Print a per-round table of items/s and ours/baseline ratios, then one closing line
+    `ratio_vs_<baseline>_loop=<median>` per baseline; return the median ratios."""
     names = [ours, *baselines]
     header = ["round"] + [f"{name} items/s" for name in names] + [f"{ours}/{b}" for b in baselines]
     print(" | ".join(f"{cell:>20}" for cell in header))
@@ -45,4 +46,6 @@ def ratio_table(seconds: dict[str, list[float]], items: int, ours: str, baseline
     cells = ["median"] + [f"{items / statistics.median(seconds[n]):.2f}" for n in names] + [
         f"{medians[b]:.3f}" for b in baselines]
     print(" | ".join(f"{cell:>20}" for cell in cells))
+    for baseline, ratio in medians.items():
+        print(f"ratio_vs_{baseline}_loop={ratio:.3f}")
     return medians
