@@ -17,6 +17,11 @@ class ImageReadError(ValueError):
     """An image that could not be read, with the path and the reason."""
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` in RGB mode (itself when it already is)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as RGB, fully decoded (so a truncated file fails here)."""
     path = Path(path)
@@ -25,7 +30,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ImageReadError(f"cannot read image {path}: {error}") from error
 
@@ -63,7 +68,7 @@ def decode_base64(text: str) -> Image.Image:
         data = base64.b64decode(text, validate=True)
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except (binascii.Error, UnidentifiedImageError, OSError) as error:
         raise ImageReadError(f"cannot decode base64 image: {error}") from error
 

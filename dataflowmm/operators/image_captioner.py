@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from dataflowmm.checks import check_positive_int
 from dataflowmm.execution.local_runner import StepSummary, run_step
 from dataflowmm.io.images import ImageReadError, load_image
 from dataflowmm.operators.base import BatchResult, Operator, OperatorSettings, StepContext
@@ -109,13 +110,11 @@ class ImageCaptioner(Operator):
         trust_remote_code: bool = False,
         strict: bool = False,
     ):
-        if not isinstance(caption_num, int) or caption_num <= 0:
-            raise ValueError(f"caption_num must be a positive integer, got {caption_num!r}")
+        check_positive_int("caption_num", caption_num)
         if keep_candidate_mode not in KEEP_CANDIDATE_MODES:
             raise ValueError(f"keep_candidate_mode must be one of {', '.join(KEEP_CANDIDATE_MODES)}, "
                              f"got {keep_candidate_mode!r}")
-        if not isinstance(gpu_batch_size, int) or gpu_batch_size <= 0:
-            raise ValueError(f"gpu_batch_size must be a positive integer, got {gpu_batch_size!r}")
+        check_positive_int("gpu_batch_size", gpu_batch_size)
         if prompt and prompt_key:
             warnings.warn("both `prompt` and `prompt_key` are set: `prompt_key` is used where the row "
                           "has a string there", stacklevel=2)

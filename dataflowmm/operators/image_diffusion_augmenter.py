@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from dataflowmm.checks import check_positive_int
 from dataflowmm.execution.local_runner import StepSummary, run_step
 from dataflowmm.io.images import ImageReadError, image_file_name, load_image, save_png
 from dataflowmm.operators.base import BatchResult, Operator, OperatorSettings, StepContext
@@ -404,24 +405,19 @@ def _check_arguments(strength: float, aug_num: int, keep_candidate_mode: str,
                      caption_key: str | None) -> None:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
         raise ValueError(f"strength must be a number between 0 and 1, got {strength!r}")
-    _check_positive_int("aug_num", aug_num)
+    check_positive_int("aug_num", aug_num)
     if keep_candidate_mode not in KEEP_CANDIDATE_MODES:
         raise ValueError(f"keep_candidate_mode must be one of {', '.join(KEEP_CANDIDATE_MODES)}, "
                          f"got {keep_candidate_mode!r}")
     if candidate_num is not None:
-        _check_positive_int("candidate_num", candidate_num)
+        check_positive_int("candidate_num", candidate_num)
         if candidate_num < aug_num:
             raise ValueError(f"candidate_num ({candidate_num}) must be >= aug_num ({aug_num})")
     if image_size is not None:
-        _check_positive_int("image_size", image_size)
-    _check_positive_int("batch_size", batch_size)
+        check_positive_int("image_size", image_size)
+    check_positive_int("batch_size", batch_size)
     if caption_key is not None and (not isinstance(caption_key, str) or not caption_key):
         raise ValueError(f"caption_key must be a non-empty string or None, got {caption_key!r}")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _candidate_count(mode: str, aug_num: int, candidate_num: int | None) -> int:

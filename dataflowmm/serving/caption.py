@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor
 
+from dataflowmm.io.images import to_rgb
 from dataflowmm.seeds import derive_seed
 from dataflowmm.serving.common import check_model_reference
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
@@ -212,7 +213,7 @@ class LocalCaptionServing:
         """
         count = self.caption_num if caption_num is None else caption_num
         _check_positive(caption_num=count)
-        images = [_to_rgb(image) for image in images]
+        images = [_checked_rgb(image) for image in images]
         prompts = _per_image(prompts, len(images), "prompts")
         seeds = _per_image(seeds, len(images), "seeds") if seeds is not None else [0] * len(images)
         if not images:
@@ -353,10 +354,10 @@ def _family(model, processor) -> str:
     return "generic"
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _checked_rgb(image: Image.Image) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise TypeError(f"images must be PIL images, got {type(image).__name__}")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(image)
 
 
 def _per_image(values, count: int, name: str) -> list:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dataflowmm.io.images import to_rgb
 from dataflowmm.serving.common import check_model_reference, jsonable, model_load_error
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
 
@@ -100,8 +101,8 @@ class ClipServing:
         image_processor = getattr(self._processor, "image_processor", self._processor)
 
         def encode(batch: list[Image.Image]) -> Any:
-            rgb = [image.convert("RGB") if image.mode != "RGB" else image for image in batch]
-            pixels = image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+            pixels = image_processor(images=[to_rgb(image) for image in batch],
+                                     return_tensors="pt")["pixel_values"]
             return self._model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
 
         return self._embed(images, encode)

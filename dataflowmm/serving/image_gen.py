@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dataflowmm.checks import check_positive_int
+from dataflowmm.io.images import to_rgb
 from dataflowmm.seeds import derive_seed
 from dataflowmm.serving.common import check_model_reference, jsonable, model_load_error
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
@@ -85,8 +87,8 @@ class LocalImageGenServing:
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-        _check_positive_int("batch_size", batch_size)
-        _check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("num_images_per_prompt", num_images_per_prompt)
         if not isinstance(max_safety_retries, int) or max_safety_retries < 0:
             raise ValueError(f"max_safety_retries must be an int >= 0, got {max_safety_retries!r}")
         if not 0.0 <= float(strength) <= 1.0:
@@ -190,7 +192,7 @@ class LocalImageGenServing:
         if not prompts:
             return []
         if images is not None:
-            images = [_to_rgb(image) for image in images]
+            images = [to_rgb(image) for image in images]
         self.load()
         batches = [
             list(range(start, min(start + self.batch_size, len(prompts))))
@@ -314,7 +316,7 @@ class LocalImageGenServing:
                 f"{type(pipeline).__name__} returned {len(produced)} images for {len(seeds)} requested"
             )
         flags = getattr(output, "nsfw_content_detected", None) or [False] * len(produced)
-        return [_to_rgb(image) for image in produced], [bool(flag) for flag in flags]
+        return [to_rgb(image) for image in produced], [bool(flag) for flag in flags]
 
     def _call_arguments(
         self,
@@ -394,11 +396,6 @@ def _batched_init_latents(pipeline: Any, images: list[Image.Image], generators: 
     return sample * vae.config.scaling_factor
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
 def _call_parameters(pipeline: Any) -> set[str]:
     """Names `pipeline.__call__` declares. A catch-all **kwargs does not count: diffusers
     pipelines use it for deprecated arguments and ignore anything else passed there."""
@@ -415,7 +412,3 @@ def _group_by_size(indices: list[int], images: Sequence[Image.Image] | None) -> 
     for i in indices:
         groups.setdefault(tuple(images[i].size), []).append(i)
     return list(groups.values())
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
