@@ -55,7 +55,7 @@ def main() -> None:
     entry = work / "rows.jsonl"
     entry.write_text("".join(json.dumps({"images": [str(p)], "text": ""}) + "\n" for p in paths))
 
-    serving = LocalCaptionServing(model_dir, max_new_tokens=args.max_new_tokens, gpu_batch_size=args.batch_size)
+    serving = LocalCaptionServing(model_dir, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     serving.load()
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
@@ -65,7 +65,7 @@ def main() -> None:
     def ours() -> None:
         runs["count"] += 1
         cache = work / f"ours{runs['count']}"
-        op = ImageCaptioner(serving, keep_original_sample=False, gpu_batch_size=args.batch_size)
+        op = ImageCaptioner(serving, keep_original_sample=False, batch_size=args.batch_size)
         op.run(FileStorage(entry, cache_path=cache).step())
         shutil.rmtree(cache)
 

@@ -9,12 +9,36 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
+
+import orjson
 
 
 def canonical_json(value: Any) -> str:
     """A stable JSON text of `value`: sorted keys, no whitespace, non-JSON types as str."""
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+_ORJSON_CANONICAL = (orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+                     | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS)
+# Where orjson's text can differ from `canonical_json`'s: float exponents ("1e-05" against
+# "0.00001"). A string that merely looks like one takes the exact path, nothing worse.
+_MAY_DIFFER = re.compile(rb"[0-9][eE]|0\.0000")
+
+
+def canonical_json_bytes(value: Any) -> bytes:
+    """`canonical_json(value)` as UTF-8 bytes, computed by orjson when that gives the same text.
+
+    For values as storage reads them (JSON-native, no NaN: orjson writes NaN as null).
+    """
+    try:
+        text = orjson.dumps(value, default=str, option=_ORJSON_CANONICAL)
+    except (TypeError, orjson.JSONEncodeError):  # non-string keys, integers beyond 64 bits
+        return canonical_json(value).encode("utf-8")
+    if _MAY_DIFFER.search(text):
+        return canonical_json(value).encode("utf-8")
+    return text
 
 
 def row_identity(row: dict, index: int) -> str:
@@ -23,7 +47,7 @@ def row_identity(row: dict, index: int) -> str:
     Duplicate rows at different positions get different identities, so their
     generated files never collide.
     """
-    digest = hashlib.sha256(f"{index}\n{canonical_json(row)}".encode())
+    digest = hashlib.sha256(b"%d\n" % index + canonical_json_bytes(row))
     return digest.hexdigest()[:16]
 
 

@@ -11,146 +11,35 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
-import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import pandas as pd
 
 from dataflowmm.io.atomic import atomic_file, atomic_write_text
+from dataflowmm.io.records import (
+    CACHE_TYPES,
+    Records,
+    StorageError,
+    count_records,
+    iter_chunks,
+    plain_value,
+    publish_jsonl,
+    read_records,
+    serialize_records,
+    to_records,
+)
 from dataflowmm.seeds import canonical_json
 
-CACHE_TYPES = ("jsonl", "json", "csv", "parquet")
-Records = list[dict[str, Any]]
+if TYPE_CHECKING:
+    from dataflowmm.contract import Runner
 
-
-class StorageError(ValueError):
-    """A dataset file that cannot be read or written, naming the file (and line)."""
-
-
-def plain_value(value: Any) -> Any:
-    """A JSON-native copy of a cell: numpy arrays and scalars to Python, NaN to None."""
-    if isinstance(value, dict):
-        return {str(key): plain_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [plain_value(item) for item in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if value is pd.NA or value is pd.NaT:
-        return None
-    return value
-
-
-def to_records(data: pd.DataFrame | Records) -> Records:
-    """Rows as a list of plain dicts, from a DataFrame or a list of dicts."""
-    if isinstance(data, pd.DataFrame):
-        data = data.to_dict(orient="records")
-    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-        raise TypeError("write() takes a pandas DataFrame or a list of dicts")
-    return [{str(key): plain_value(value) for key, value in row.items()} for row in data]
-
-
-# -- reading ---------------------------------------------------------------------------
-
-def _read_jsonl(path: Path) -> Records:
-    records = []
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise StorageError(f"{path}:{line_number}: malformed JSON line: {error.msg}") from None
-            if not isinstance(row, dict):
-                raise StorageError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            records.append(row)
-    return records
-
-
-def _read_json(path: Path) -> Records:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise StorageError(f"{path}:{error.lineno}: malformed JSON: {error.msg}") from None
-    if not isinstance(data, list):
-        raise StorageError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-    for index, row in enumerate(data):
-        if not isinstance(row, dict):
-            raise StorageError(f"{path}: item {index} is not a JSON object")
-    return data
-
-
-def _decode_csv_cell(value: Any) -> Any:
-    # Lists and dicts are written to CSV as JSON text; read them back as such.
-    if isinstance(value, str) and value[:1] in "[{":
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
-
-
-def _read_csv(path: Path) -> Records:
-    try:
-        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    except pd.errors.EmptyDataError:
-        return []
-    except pd.errors.ParserError as error:
-        raise StorageError(f"{path}: malformed CSV: {error}") from None
-    return [{key: _decode_csv_cell(plain_value(value)) for key, value in row.items()}
-            for row in frame.to_dict(orient="records")]
-
-
-def _read_parquet(path: Path) -> Records:
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as error:  # pyarrow raises several unrelated types for bad files
-        raise StorageError(f"{path}: cannot read parquet: {error}") from None
-    return to_records(frame)
-
-
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-
-
-def read_records(path: str | os.PathLike) -> Records:
-    """Rows of a jsonl/json/csv/parquet file, by its extension."""
-    path = Path(path)
-    reader = _READERS.get(path.suffix.lower())
-    if reader is None:
-        raise StorageError(f"{path}: unsupported file type; use one of {', '.join(_READERS)}")
-    if not path.is_file():
-        raise StorageError(f"{path}: file not found")
-    return [{str(key): plain_value(value) for key, value in row.items()} for row in reader(path)]
-
-
-# -- writing ---------------------------------------------------------------------------
-
-def _encode_csv_cell(value: Any) -> Any:
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
-
-
-def serialize_records(records: Records, cache_type: str) -> bytes:
-    """The bytes of a cache file of `cache_type` holding `records`."""
-    if cache_type == "jsonl":
-        return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in records).encode("utf-8")
-    if cache_type == "json":
-        return json.dumps(records, ensure_ascii=False, indent=1).encode("utf-8")
-    if cache_type == "csv":
-        rows = [{key: _encode_csv_cell(value) for key, value in row.items()} for row in records]
-        return pd.DataFrame(rows).to_csv(index=False).encode("utf-8")
-    if cache_type == "parquet":
-        buffer = io.BytesIO()
-        pd.DataFrame(records).to_parquet(buffer, index=False)
-        return buffer.getvalue()
-    raise ValueError(f"cache_type must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
+__all__ = ["CACHE_TYPES", "FileStorage", "Records", "StorageError", "fingerprint", "plain_value",
+           "read_records", "to_records"]
 
 
 def file_digest(path: Path) -> str:
@@ -174,6 +63,9 @@ class FileStorage:
         cache_path: folder for the step cache files, manifests, checkpoints and images.
         file_name_prefix: cache files are `{prefix}_step{N}.{cache_type}`.
         cache_type: jsonl, json, csv or parquet.
+        runner: where operators run their batches: `None` or `"local"` for this process
+            (`LocalRunner`), or any runner object (e.g. `RayRunner` from `dataflowmm[ray]`).
+            Every `step()` of this storage uses it; outputs do not depend on the runner.
     """
 
     def __init__(
@@ -182,6 +74,7 @@ class FileStorage:
         cache_path: str | os.PathLike = "./cache",
         file_name_prefix: str = "dataflow_cache_step",
         cache_type: Literal["jsonl", "json", "csv", "parquet"] = "jsonl",
+        runner: Runner | Literal["local"] | None = None,
     ):
         if cache_type not in CACHE_TYPES:
             raise ValueError(f"cache_type must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
@@ -197,6 +90,7 @@ class FileStorage:
             raise PermissionError(f"cache_path is not writable: {self.cache_path}")
         self.file_name_prefix = file_name_prefix
         self.cache_type = cache_type
+        self.runner = _resolve_runner(runner)
         self.operator_step = 0
 
     def step(self) -> FileStorage:
@@ -269,18 +163,39 @@ class FileStorage:
         payload = serialize_records(records, self.cache_type)
         with atomic_file(self.output_path) as file:
             file.write(payload)
+        self.write_manifest(operator=operator, params=params, input_fingerprint=input_fingerprint,
+                            step_fingerprint=step_fingerprint or hashlib.sha256(payload).hexdigest(),
+                            rows=len(records))
+        return str(self.output_path)
+
+    def iter_input_chunks(self, rows_per_chunk: int, skip: int = 0) -> Iterator[Records]:
+        """This step's input rows in lists of `rows_per_chunk`, streamed, after `skip` rows."""
+        return iter_chunks(self.input_path, rows_per_chunk, skip)
+
+    def count_input_rows(self) -> int:
+        """Rows in this step's input (jsonl lines are counted, not parsed)."""
+        return count_records(self.input_path)
+
+    def publish(self, jsonl_part: Path) -> str:
+        """Make a finished JSON Lines file this step's cache file (converted to `cache_type`)."""
+        publish_jsonl(jsonl_part, self.output_path, self.cache_type)
+        return str(self.output_path)
+
+    def write_manifest(self, *, operator: str | None, params: dict | None, input_fingerprint: str | None,
+                       step_fingerprint: str, rows: int, extra: dict | None = None) -> None:
+        """The manifest beside this step's cache file: what made it and from what."""
         manifest = {
             "step": self.operator_step,
             "file": self.output_path.name,
             "operator": operator,
             "params": params or {},
             "input_fingerprint": input_fingerprint,
-            "fingerprint": step_fingerprint or hashlib.sha256(payload).hexdigest(),
-            "rows": len(records),
+            "fingerprint": step_fingerprint,
+            "rows": rows,
+            **(extra or {}),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         atomic_write_text(self.manifest_path, json.dumps(manifest, ensure_ascii=False, indent=1))
-        return str(self.output_path)
 
     # -- fingerprints and reuse ---------------------------------------------------------
 
@@ -317,3 +232,15 @@ class FileStorage:
             and manifest.get("fingerprint") == step_fingerprint
             and self.output_path.is_file()
         )
+
+
+def _resolve_runner(runner: Any) -> Runner:
+    if runner is None or runner == "local":
+        from dataflowmm.execution.local_runner import LocalRunner
+
+        return LocalRunner()
+    if isinstance(runner, str):
+        raise ValueError(f"runner must be 'local' or a runner object (e.g. RayRunner()), got {runner!r}")
+    if not callable(getattr(runner, "run", None)):
+        raise TypeError(f"runner must have a run(storage, operator) method, got {runner!r}")
+    return runner

@@ -46,11 +46,11 @@ class ImageAugmentationPipeline:
             cache_type="jsonl",
         )
         self.caption_serving = LocalCaptionServing(caption_model, max_new_tokens=max_new_tokens,
-                                                   gpu_batch_size=batch_size)
+                                                   batch_size=batch_size)
         self.diffusion_serving = LocalImageGenServing(diffusion_model, task="image2image", batch_size=batch_size,
                                                       strength=strength, num_inference_steps=num_inference_steps)
         self.captioner = ImageCaptioner(self.caption_serving, keep_original_sample=False,
-                                        gpu_batch_size=batch_size, save_interval=save_interval, seed=seed)
+                                        batch_size=batch_size, save_interval=save_interval, seed=seed)
         self.augmenter = ImageDiffusionAugmenter(self.diffusion_serving, aug_num=aug_num, caption_key="caption",
                                                  keep_original_sample=True, image_size=image_size,
                                                  batch_size=batch_size, save_interval=save_interval, seed=seed)

@@ -28,7 +28,7 @@ class ImageCaptioningPipeline:
         keep_candidate_mode: str = "random_any",
         keep_original_sample: bool = True,
         prompt: str | None = None,
-        gpu_batch_size: int = 8,
+        batch_size: int = 8,
         max_new_tokens: int = 32,
         save_interval: int = 10,
         seed: int = 0,
@@ -40,14 +40,14 @@ class ImageCaptioningPipeline:
             cache_type="jsonl",
         )
         self.serving = LocalCaptionServing(model, caption_num=caption_num, max_new_tokens=max_new_tokens,
-                                           gpu_batch_size=gpu_batch_size)
+                                           batch_size=batch_size)
         self.captioner = ImageCaptioner(
             self.serving,
             caption_num=caption_num,
             keep_candidate_mode=keep_candidate_mode,
             keep_original_sample=keep_original_sample,
             prompt=prompt,
-            gpu_batch_size=gpu_batch_size,
+            batch_size=batch_size,
             save_interval=save_interval,
             seed=seed,
         )
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None):
         keep_candidate_mode=args.keep_candidate_mode,
         keep_original_sample=not args.drop_original,
         prompt=args.prompt,
-        gpu_batch_size=args.batch_size,
+        batch_size=args.batch_size,
         max_new_tokens=max_new_tokens,
         save_interval=args.save_interval,
         seed=args.seed,

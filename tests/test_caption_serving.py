@@ -27,7 +27,7 @@ def _images(count: int, seed: int = 0) -> list[Image.Image]:
 def servings(tiny_model):
     """One loaded sampling serving per family (caption_num 3), shared by the module."""
     made = {
-        name: LocalCaptionServing(tiny_model(name), caption_num=3, max_new_tokens=8, gpu_batch_size=4)
+        name: LocalCaptionServing(tiny_model(name), caption_num=3, max_new_tokens=8, batch_size=4)
         for name in FAMILIES
     }
     yield made
@@ -49,7 +49,7 @@ def chat_model(tmp_path_factory):
     "kwargs, match",
     [
         ({"caption_num": 0}, "caption_num"),
-        ({"gpu_batch_size": 0}, "gpu_batch_size"),
+        ({"batch_size": 0}, "batch_size"),
         ({"torch_dtype": "int3"}, "torch_dtype"),
         ({"top_p": 0.0}, "top_p"),
         ({"generate_kwargs": {"do_sample": True}}, "do_sample"),
@@ -97,9 +97,9 @@ def test_candidate_does_not_depend_on_batch(servings, name):
     serving, images, seeds = servings[name], _images(5, seed=1), [11, 12, 13, 14, 15]
     results = []
     for batch_size in (1, 4):
-        serving.gpu_batch_size = batch_size
+        serving.batch_size = batch_size
         results.append(serving.caption(images, seeds=seeds))
-    serving.gpu_batch_size = 4
+    serving.batch_size = 4
     assert results[0] == results[1]
     assert serving.caption(images[2:4], seeds=seeds[2:4]) == results[0][2:4]
 
@@ -193,7 +193,7 @@ def test_vision_encoder_decoder_prompt_is_a_decoder_prefix(tiny_model):
 
 
 def test_chat_vlm_returns_only_the_answer(chat_model):
-    serving = LocalCaptionServing(chat_model, caption_num=2, max_new_tokens=6, gpu_batch_size=2)
+    serving = LocalCaptionServing(chat_model, caption_num=2, max_new_tokens=6, batch_size=2)
     images = _images(3)
     captions = serving.caption(images, prompts="What is in the picture?", seeds=[1, 2, 3])
     assert [len(c) for c in captions] == [2, 2, 2]
@@ -231,7 +231,7 @@ def test_config_is_json_and_tracks_output_settings(tiny_model):
     assert json.loads(json.dumps(config)) == config
     assert config["model"] == str(folder) and config["caption_num"] == 2
     assert config["dtype"] == "float32"
-    assert LocalCaptionServing(folder, caption_num=2, gpu_batch_size=1).config() == config
+    assert LocalCaptionServing(folder, caption_num=2, batch_size=1).config() == config
     assert LocalCaptionServing(folder, caption_num=2, top_p=0.5).config() != config
 
 

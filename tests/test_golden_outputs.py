@@ -99,9 +99,9 @@ def test_image_captioner_golden(tmp_path, tiny_model):
         {"images": ["pics/c.png"], "text": "the third"},
     ])
     serving = LocalCaptionServing(str(tiny_model("tiny-blip")), caption_num=2, max_new_tokens=6,
-                                  gpu_batch_size=2, torch_dtype="fp32")
+                                  batch_size=2, torch_dtype="fp32")
     captioner = ImageCaptioner(serving, caption_num=2, keep_candidate_mode="all",
-                               keep_original_sample=True, gpu_batch_size=2, save_interval=3, seed=3)
+                               keep_original_sample=True, batch_size=2, save_interval=3, seed=3)
     summary = captioner.run(FileStorage(entry, cache_path=tmp_path / "cache").step())
     assert summary.errors == 1
     check_golden("image_captioner", summary.output_path, tmp_path)

@@ -17,9 +17,9 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 class ScriptedCaptions:
     """A caption serving whose candidates are scripted from the image's colour."""
 
-    def __init__(self, candidates=None, fail_after_calls=None):
+    def __init__(self, candidates=None, fail_after_calls=None, batch_size=8):
         self.candidates = candidates or (lambda color, n: [f"{color} thing {i}" for i in range(n)])
-        self.calls, self.fail_after = [], fail_after_calls
+        self.calls, self.fail_after, self.batch_size = [], fail_after_calls, batch_size
 
     def caption(self, images, prompts=None, seeds=None, caption_num=1):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
@@ -63,7 +63,7 @@ TWO_SAMPLES = [
 
 @pytest.fixture(scope="module")
 def blip(tiny_model):
-    return LocalCaptionServing(str(tiny_model("tiny-blip")), max_new_tokens=6, gpu_batch_size=4)
+    return LocalCaptionServing(str(tiny_model("tiny-blip")), max_new_tokens=6, batch_size=4)
 
 
 @pytest.mark.parametrize("mode, caption_num, kept, not_kept", [
@@ -150,9 +150,9 @@ def test_prompt_key_wins_with_a_warning(tmp_path, pictures):
 
 
 def test_all_images_of_a_batch_go_in_one_call(tmp_path, pictures):
-    scripted = ScriptedCaptions()
+    scripted = ScriptedCaptions(batch_size=4)
     rows_in = [{"images": ["pics/red.png", "pics/green.png"]}, {"images": ["pics/blue.png"]}] * 3
-    caption(tmp_path, rows_in, ImageCaptioner(scripted, gpu_batch_size=4))
+    caption(tmp_path, rows_in, ImageCaptioner(scripted))
     assert [call["n"] for call in scripted.calls] == [6, 3]  # rows 0-3, then rows 4-5
 
 
@@ -183,7 +183,7 @@ def test_sampled_captions_do_not_depend_on_batch_size(tmp_path, pictures, tiny_m
     outputs = []
     for batch in (1, 4):
         op = ImageCaptioner(str(tiny_model("tiny-blip")), caption_num=3, keep_candidate_mode="all",
-                            gpu_batch_size=batch, seed=11)
+                            batch_size=batch, seed=11)
         summary, rows = caption(tmp_path, rows_in, op, cache=f"cache-{batch}")
         outputs.append([row.get("text") for row in rows])
     assert outputs[0] == outputs[1] and len(outputs[0]) == 5 * 4
@@ -195,6 +195,7 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path, pictures, blip):
     class Flaky:
         def __init__(self, inner, fail_after):
             self.inner, self.calls, self.fail_after = inner, 0, fail_after
+            self.batch_size = 2
 
         def caption(self, *args, **kwargs):
             if self.fail_after is not None and self.calls >= self.fail_after:
@@ -207,7 +208,7 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path, pictures, blip):
 
     def captioner(fail_after=None):
         return ImageCaptioner(Flaky(blip, fail_after), caption_num=2, keep_candidate_mode="random_any",
-                              gpu_batch_size=2, save_interval=2)
+                              save_interval=2)
 
     clean, clean_rows = caption(tmp_path, rows_in, captioner(), cache="clean")
     with pytest.raises(RuntimeError, match="killed"):

@@ -7,9 +7,11 @@ import pytest
 from PIL import Image
 
 from dataflowmm import FileStorage
-from dataflowmm.execution.local_runner import chunk_size, run_step
+from dataflowmm.execution.checkpoints import finished_chunks
+from dataflowmm.execution.local_runner import run_step
+from dataflowmm.execution.step import chunk_size
 from dataflowmm.io.images import image_file_name, save_png
-from dataflowmm.operators.base import BatchResult, Operator, OperatorSettings, RowError
+from dataflowmm.operators.base import Operator, OperatorSettings, RowError
 from dataflowmm.seeds import derive_seed
 
 
@@ -28,7 +30,8 @@ class NoiseImageOperator(Operator):
     def params(self):
         return {"tag": self.tag, "batch": self.batch, **self.settings.output_params()}
 
-    def batch_rows(self):
+    @property
+    def batch_size(self):
         return self.batch
 
     def required_keys(self):
@@ -37,21 +40,22 @@ class NoiseImageOperator(Operator):
     def path_keys(self):
         return ["images", "source"]
 
+    def image_output_keys(self):
+        return ["images"]
+
     def process_batch(self, rows, row_ids, context):
         if self.crash_after is not None and len(self.batches_seen) == self.crash_after:
             raise Crash("killed")
         self.batches_seen.append([row["text"] for row in rows])
-        out, errors, written = [], 0, 0
+        out = []
         for offset, (row, row_id) in enumerate(zip(rows, row_ids, strict=True)):
             if not row["text"]:
                 out.append(self.row_failed(row, "key 'text': empty prompt", offset, {"images": []}))
-                errors += 1
                 continue
             pixels = np.random.default_rng(derive_seed(self.settings.seed, row_id)).integers(0, 255, (8, 8, 3))
             path = save_png(Image.fromarray(pixels.astype("uint8")), context.save_dir / image_file_name(row_id, 0))
             out.append({**row, "images": [str(path)], "tag": self.tag})
-            written += 1
-        return BatchResult(out, errors, written)
+        return out
 
 
 def make_entry(tmp_path, n=7, empty_at=()):
@@ -107,7 +111,7 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path):
     clean, _ = run_once(entry, tmp_path / "clean", NoiseImageOperator())
     with pytest.raises(Crash):  # chunks of 4 rows: batch 3 is in the second chunk
         run_once(entry, tmp_path / "resumed", NoiseImageOperator(crash_after_batches=3))
-    assert (tmp_path / "resumed/dataflow_cache_step_step1.partial/chunk_000000.json").is_file()
+    assert finished_chunks(tmp_path / "resumed/dataflow_cache_step_step1.partial") == 1
     op = NoiseImageOperator()
     resumed, _ = run_once(entry, tmp_path / "resumed", op)
     assert resumed.chunks_resumed == 1

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from dataflowmm import FileStorage
+from dataflowmm.execution.checkpoints import finished_chunks as recorded_chunks
 from dataflowmm.operators import PromptedImageGenerator
 from dataflowmm.serving import LocalImageGenServing
 
@@ -18,6 +19,7 @@ SAVE_INTERVAL = 2
 CHILD = """
 import sys
 from dataflowmm import FileStorage
+from dataflowmm.execution.checkpoints import finished_chunks as recorded_chunks
 from dataflowmm.operators import PromptedImageGenerator
 from dataflowmm.serving import LocalImageGenServing
 model, entry, cache = sys.argv[1:4]
@@ -34,7 +36,7 @@ def run_in_process(model, entry, cache):
 
 
 def finished_chunks(cache: Path) -> int:
-    return len(list((cache / "dataflow_cache_step_step1.partial").glob("chunk_*.json")))
+    return recorded_chunks(cache / "dataflow_cache_step_step1.partial")
 
 
 def test_sigkill_mid_step_then_resume_equals_uninterrupted(tmp_path, tiny_model):

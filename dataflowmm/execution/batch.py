@@ -1,40 +1,90 @@
-"""The contract between operators and the runners that execute them."""
+"""One batch through one operator: the per-batch work every runner shares.
+
+Image paths are made absolute for the operator and relative to the dataset file again
+afterwards, every output row gets the `error` key, and a strict failure names the input
+file and the row. Runners only decide where this function is called.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ERROR_KEY = "error"
+from dataflowmm.contract import ERROR_KEY, Operator, RowError, StepContext
+from dataflowmm.io.paths import relative_paths, resolve_paths
 
 
-@dataclass(frozen=True)
-class StepContext:
-    """Where a step reads and writes; handed to every batch call.
+def apply_batch(
+    operator: Operator,
+    rows: list[dict],
+    row_ids: list[str],
+    context: StepContext,
+    *,
+    first_row: int,
+    source: str | os.PathLike,
+) -> list[dict]:
+    """Output rows of `operator` for one batch, in the form they are written to the cache file.
 
-    Image paths in the rows an operator receives are absolute; paths it returns may be
-    absolute too: execution writes them relative to `output_dir`.
+    Args:
+        operator: a bound operator (keys set).
+        rows: the batch's input rows as read from the step's input.
+        row_ids: their identities (position and content in the step's input).
+        context: the step's folders.
+        first_row: position of `rows[0]` in the step's input, for error messages.
+        source: the step's input file, for error messages.
+    """
+    path_keys = operator.path_keys()
+    if path_keys:
+        rows = [_with_paths(row, path_keys, lambda value: resolve_paths(value, context.input_dir))
+                for row in rows]
+    try:
+        out = operator.process_batch(rows, row_ids, context)
+    except RowError as error:
+        row = first_row + error.row_offset
+        raise RowError(f"{source}: row {row}: {error}", row) from error
+    if not isinstance(out, list):
+        raise TypeError(f"{operator.name}.process_batch must return a list of rows, got {type(out).__name__}")
+    relative_to = None if operator.settings.absolute_paths else context.output_dir
+    if path_keys and relative_to is not None:
+        out = [_with_paths(row, path_keys, lambda value: relative_paths(value, relative_to)) for row in out]
+    for row in out:
+        if ERROR_KEY not in row:
+            row[ERROR_KEY] = None
+    return out
+
+
+def _with_paths(row: dict, keys: list[str], convert: Callable[[Any], Any]) -> dict:
+    return {key: convert(value) if key in keys else value for key, value in row.items()}
+
+
+class OutputCounts:
+    """Failed rows and generated images of a step, counted from its output rows.
+
+    Derived from the rows themselves (the `error` key, and paths under the step's images
+    folder in the operator's image output keys), so the counts are the same whichever
+    runner produced the rows and however they travelled.
     """
 
-    step: int
-    input_dir: Path
-    output_dir: Path
-    save_dir: Path
+    def __init__(self, image_keys: list[str], output_dir: Path, save_dir: Path):
+        self.image_keys = image_keys
+        self.output_dir = str(output_dir)
+        self.save_prefix = str(save_dir).rstrip(os.sep) + os.sep
+        self.errors = 0
+        self.images = 0
 
+    def add(self, rows: list[dict]) -> None:
+        for row in rows:
+            if row.get(ERROR_KEY) is not None:
+                self.errors += 1
+            elif self.image_keys:
+                self.images += sum(self._generated(row.get(key)) for key in self.image_keys)
 
-@dataclass
-class BatchResult:
-    """Rows produced from one batch, with the counts the step summary reports."""
-
-    rows: list[dict[str, Any]]
-    errors: int = 0
-    images_written: int = 0
-
-
-class RowError(ValueError):
-    """A row that cannot be processed; `row_offset` is its position in the batch."""
-
-    def __init__(self, message: str, row_offset: int):
-        super().__init__(message)
-        self.row_offset = row_offset
+    def _generated(self, value: Any) -> int:
+        if isinstance(value, list):
+            return sum(self._generated(item) for item in value)
+        if not isinstance(value, str):
+            return 0
+        path = os.path.normpath(os.path.join(self.output_dir, value))
+        return int(path.startswith(self.save_prefix))

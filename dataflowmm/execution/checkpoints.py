@@ -1,51 +1,130 @@
-"""Finished chunks of an unfinished step, kept on disk so a killed run resumes."""
+"""Finished chunks of an unfinished step, kept on disk so a killed run resumes.
+
+The checkpoint folder holds the step's output as it grows: `rows.jsonl` gets each finished
+chunk's rows appended in their final form, then `chunks.jsonl` gets one line recording
+that chunk (rows read, rows written, where its rows end). A run killed at any moment
+leaves at most an unrecorded tail, which the next run cuts off before continuing. When the
+step completes, `rows.jsonl` becomes the cache file: every row is serialised once.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+
+import orjson
 
 from dataflowmm.io.atomic import atomic_write_text
 
 
-class ChunkCheckpoints:
-    """Chunk files `chunk_{index}.json` under `folder`, valid for one fingerprint and chunk size.
+class StepCheckpoint:
+    """The finished chunks of one step, valid for one fingerprint and chunk size.
 
     Chunks left by a run with another fingerprint or chunk size are discarded, never mixed in.
     """
 
     def __init__(self, folder: Path, fingerprint: str, chunk_rows: int):
         self.folder = folder
+        self.rows_path = folder / "rows.jsonl"
+        self.log_path = folder / "chunks.jsonl"
         identity = {"fingerprint": fingerprint, "chunk_rows": chunk_rows}
         meta_path = folder / "meta.json"
-        if folder.exists() and not self._meta_matches(meta_path, identity):
+        if folder.exists() and not _meta_matches(meta_path, identity):
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if not meta_path.exists():
             atomic_write_text(meta_path, json.dumps(identity))
+        self.chunks = self._recorded_chunks()
+        self._cut_unrecorded_tail()
+        self._rows_file = None
+        self._log_file = None
 
-    @staticmethod
-    def _meta_matches(meta_path: Path, identity: dict) -> bool:
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> int:
+        """Chunks finished so far."""
+        return len(self.chunks)
+
+    @property
+    def rows_read(self) -> int:
+        """Input rows covered by the finished chunks."""
+        return sum(chunk["rows_in"] for chunk in self.chunks)
+
+    def _recorded_chunks(self) -> list[dict]:
+        chunks: list[dict] = []
         try:
-            return json.loads(meta_path.read_text()) == identity
-        except (FileNotFoundError, json.JSONDecodeError):
-            return False
+            lines = self.log_path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return chunks
+        for line in lines:
+            try:
+                chunk = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                break  # a line cut short by a kill: that chunk was not recorded
+            if chunk.get("chunk") != len(chunks):
+                break
+            chunks.append(chunk)
+        return chunks
 
-    def _path(self, index: int) -> Path:
-        return self.folder / f"chunk_{index:06d}.json"
+    def _cut_unrecorded_tail(self) -> None:
+        end = self.chunks[-1]["end"] if self.chunks else 0
+        size = self.rows_path.stat().st_size if self.rows_path.exists() else 0
+        if size < end:  # rows of recorded chunks are missing: nothing can be trusted
+            self.chunks = []
+            end = 0
+        with open(self.rows_path, "ab") as rows:
+            rows.truncate(end)
+        with open(self.log_path, "wb") as log:
+            log.writelines(orjson.dumps(chunk) + b"\n" for chunk in self.chunks)
 
-    def save(self, index: int, chunk: dict) -> None:
-        # Atomic rename survives a killed process; without fsync a power cut may leave an
-        # empty file, which `load` treats as not done.
-        atomic_write_text(self._path(index), json.dumps(chunk, ensure_ascii=False), fsync=False)
+    # -- growing --------------------------------------------------------------------------
 
-    def load(self, index: int) -> dict | None:
-        """A finished chunk, or None when it is absent or unreadable (then it is recomputed)."""
-        try:
-            return json.loads(self._path(index).read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+    def append(self, rows_in: int, payload: bytes, rows_out: int) -> None:
+        """Record one more finished chunk: its rows' bytes, then its log line."""
+        if self._rows_file is None:
+            self._rows_file = open(self.rows_path, "ab")  # noqa: SIM115 (kept open across chunks)
+            self._log_file = open(self.log_path, "ab")  # noqa: SIM115
+        self._rows_file.write(payload)
+        self._rows_file.flush()  # the rows reach the OS before the log says they exist
+        record = {"chunk": len(self.chunks), "rows_in": rows_in, "rows_out": rows_out,
+                  "end": self._rows_file.tell()}
+        self._log_file.write(orjson.dumps(record) + b"\n")
+        self._log_file.flush()
+        self.chunks.append(record)
+
+    def finished_rows(self) -> Iterator[dict]:
+        """The output rows of the finished chunks, in order."""
+        self.close()
+        with open(self.rows_path, "rb") as rows:
+            for line in rows:
+                yield orjson.loads(line)
+
+    def close(self) -> None:
+        for file in (self._rows_file, self._log_file):
+            if file is not None:
+                file.close()
+        self._rows_file = self._log_file = None
 
     def remove(self) -> None:
+        self.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def finished_chunks(folder: str | os.PathLike) -> int:
+    """Chunks recorded in a step's checkpoint folder (0 when there is none)."""
+    try:
+        lines = (Path(folder) / "chunks.jsonl").read_bytes().splitlines()
+    except FileNotFoundError:
+        return 0
+    return sum(1 for line in lines if line.endswith(b"}"))
+
+
+def _meta_matches(meta_path: Path, identity: dict) -> bool:
+    try:
+        return json.loads(meta_path.read_text()) == identity
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False

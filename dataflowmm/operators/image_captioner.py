@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.execution.local_runner import StepSummary, run_step
+from dataflowmm.contract import Operator, OperatorSettings, StepContext
 from dataflowmm.io.images import ImageReadError, load_image
-from dataflowmm.operators.base import BatchResult, Operator, OperatorSettings, StepContext
 from dataflowmm.operators.sample_format import (
     EOC_TOKEN,
     IMAGE_TOKEN,
@@ -27,8 +26,10 @@ from dataflowmm.operators.sample_format import (
     row_image_paths,
 )
 from dataflowmm.seeds import derive_seed
+from dataflowmm.serving.common import build_serving
 
 if TYPE_CHECKING:
+    from dataflowmm.execution.step import StepSummary
     from dataflowmm.serving.caption import LocalCaptionServing
     from dataflowmm.storage import FileStorage
 
@@ -83,11 +84,14 @@ class ImageCaptioner(Operator):
         keep_original_sample: keep each original row before its generated rows.
         prompt: text prompt conditioning every caption.
         prompt_key: row field holding a per-row prompt; wins over `prompt` when both are set.
-        gpu_batch_size: images per forward pass when the serving is built here; rows per batch.
+        batch_size: images per forward pass of the serving built here (default 8), and rows
+            per batch. With a serving passed in, its own `batch_size` applies; giving a different
+            one is an error.
         save_interval: rows between checkpoints; a killed run resumes from the last one.
         seed: global seed; an image's sampling and `random_any` pick derive from it and the row.
         image_token, eoc_token: Data-Juicer's special tokens in the text field.
-        torch_dtype, trust_remote_code: used when the serving is built here.
+        torch_dtype, trust_remote_code: for the serving built here ("auto" and False when not
+            given); giving values that differ from a passed serving's is an error.
         strict: raise on the first row that cannot be captioned.
     """
 
@@ -101,43 +105,38 @@ class ImageCaptioner(Operator):
         keep_original_sample: bool = True,
         prompt: str | None = None,
         prompt_key: str | None = None,
-        gpu_batch_size: int = 8,
+        batch_size: int | None = None,
         save_interval: int = 50,
         seed: int = 0,
         image_token: str = IMAGE_TOKEN,
         eoc_token: str = EOC_TOKEN,
-        torch_dtype: str = "auto",
-        trust_remote_code: bool = False,
+        torch_dtype: str | None = None,
+        trust_remote_code: bool | None = None,
         strict: bool = False,
     ):
         check_positive_int("caption_num", caption_num)
         if keep_candidate_mode not in KEEP_CANDIDATE_MODES:
             raise ValueError(f"keep_candidate_mode must be one of {', '.join(KEEP_CANDIDATE_MODES)}, "
                              f"got {keep_candidate_mode!r}")
-        check_positive_int("gpu_batch_size", gpu_batch_size)
+        if batch_size is not None:
+            check_positive_int("batch_size", batch_size)
         if prompt and prompt_key:
             warnings.warn("both `prompt` and `prompt_key` are set: `prompt_key` is used where the row "
                           "has a string there", stacklevel=2)
-        self.serving = self._caption_serving(caption_serving or hf_img2seq, caption_num, gpu_batch_size,
-                                             torch_dtype, trust_remote_code)
+        from dataflowmm.serving.caption import LocalCaptionServing
+
+        self.serving = build_serving(
+            caption_serving or hf_img2seq, LocalCaptionServing, argument="caption_serving",
+            settings={"batch_size": batch_size, "torch_dtype": torch_dtype, "trust_remote_code": trust_remote_code},
+            defaults={"caption_num": caption_num}, methods=("caption", "config"))
         self.caption_num = caption_num
         self.keep_candidate_mode = keep_candidate_mode
         self.keep_original_sample = keep_original_sample
         self.prompt = prompt
         self.prompt_key = prompt_key
-        self.gpu_batch_size = gpu_batch_size
         self.tokens = SpecialTokens(image_token, eoc_token)
         self.settings = OperatorSettings(save_interval=save_interval, seed=seed, strict=strict)
         self.keys = _Keys("images", "text", "text")
-
-    @staticmethod
-    def _caption_serving(serving, caption_num, gpu_batch_size, torch_dtype, trust_remote_code):
-        if not isinstance(serving, (str, os.PathLike)):
-            return serving
-        from dataflowmm.serving.caption import LocalCaptionServing
-
-        return LocalCaptionServing(serving, caption_num=caption_num, gpu_batch_size=gpu_batch_size,
-                                   torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
 
     @property
     def generated_per_row(self) -> int:
@@ -158,8 +157,7 @@ class ImageCaptioner(Operator):
             input_text_key: column with the original text (Data-Juicer tokens optional).
             output_text_key: column of the generated rows receiving the captions.
         """
-        self.keys = _Keys(input_image_key, input_text_key, output_text_key)
-        return run_step(storage, self)
+        return self.run_bound(storage, _Keys(input_image_key, input_text_key, output_text_key))
 
     def params(self) -> dict[str, Any]:
         return {
@@ -174,8 +172,9 @@ class ImageCaptioner(Operator):
             **self.settings.output_params(),
         }
 
-    def batch_rows(self) -> int:
-        return self.gpu_batch_size
+    @property
+    def batch_size(self) -> int:
+        return self.serving.batch_size
 
     def required_keys(self) -> list[str]:
         return [self.keys.image]
@@ -236,7 +235,7 @@ class ImageCaptioner(Operator):
 
     # -- a batch -------------------------------------------------------------------------
 
-    def process_batch(self, rows: list[dict], row_ids: list[str], context: StepContext) -> BatchResult:
+    def process_batch(self, rows: list[dict], row_ids: list[str], context: StepContext) -> list[dict]:
         plans: dict[int, _RowPlan] = {}
         failed: dict[int, str] = {}
         for offset, row in enumerate(rows):
@@ -259,7 +258,7 @@ class ImageCaptioner(Operator):
             if offset in plans:
                 out_rows.extend({**row, self.keys.output: text}
                                 for text in self._generated_texts(plans[offset], row_ids[offset]))
-        return BatchResult(out_rows, errors=len(failed))
+        return out_rows
 
     def _caption(self, plans: dict[int, _RowPlan], row_ids: list[str]) -> None:
         """One serving call for every image of every row in the batch."""

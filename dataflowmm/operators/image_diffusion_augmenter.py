@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.execution.local_runner import StepSummary, run_step
+from dataflowmm.contract import Operator, OperatorSettings, StepContext
 from dataflowmm.io.images import ImageReadError, image_file_name, load_image, save_png
-from dataflowmm.operators.base import BatchResult, Operator, OperatorSettings, StepContext
 from dataflowmm.operators.sample_format import SpecialTokens, row_image_paths
 from dataflowmm.seeds import derive_seed
+from dataflowmm.serving.common import build_serving
 
 if TYPE_CHECKING:
+    from dataflowmm.execution.step import StepSummary
     from dataflowmm.serving.caption import LocalCaptionServing
     from dataflowmm.serving.clip import ClipServing
     from dataflowmm.serving.image_gen import LocalImageGenServing
@@ -97,17 +98,20 @@ class ImageDiffusionAugmenter(Operator):
         hf_diffusion (`str`, `os.PathLike` or `LocalImageGenServing`, *optional*, defaults to `"CompVis/stable-diffusion-v1-4"`):
             Hub id or local folder of a diffusers image-to-image pipeline, or an already built
             `LocalImageGenServing` with `task="image2image"` and `num_images_per_prompt=1`, used
-            as is (its own strength, guidance, steps and dtype then apply).
-        torch_dtype (`str`, *optional*, defaults to `"fp32"`):
-            `"fp32"`, `"fp16"`, `"bf16"` or `"auto"` for the models this operator builds.
+            as is: its own strength, guidance, steps, batch size and dtype apply, and giving one
+            of those here with a different value is an error.
+        torch_dtype (`str`, *optional*):
+            `"fp32"`, `"fp16"`, `"bf16"` or `"auto"` for the models this operator builds
+            (`"fp32"` when not given).
         revision (`str`, *optional*):
             Hub revision (branch, tag or commit) of `hf_diffusion`.
-        trust_remote_code (`bool`, *optional*, defaults to `False`):
+        trust_remote_code (`bool`, *optional*):
             Allow custom code shipped with the models this operator builds.
-        strength (`float`, *optional*, defaults to 0.8):
-            How much of the source image is noised, in [0, 1]; 1 ignores the source image.
-        guidance_scale (`float`, *optional*, defaults to 7.5):
-            Classifier-free guidance scale; higher follows the caption more closely.
+        strength (`float`, *optional*):
+            How much of the source image is noised, in [0, 1]; 1 ignores the source image
+            (0.8 when not given).
+        guidance_scale (`float`, *optional*):
+            Classifier-free guidance scale; higher follows the caption more closely (7.5 when not given).
         aug_num (`int`, *optional*, defaults to 1):
             Generated rows per input row with images.
         keep_original_sample (`bool`, *optional*, defaults to `True`):
@@ -135,8 +139,9 @@ class ImageDiffusionAugmenter(Operator):
             CLIP model (id, folder or built serving); used only by `"similar_one"`.
         num_inference_steps (`int`, *optional*):
             Denoising steps (the pipeline's default when `None`); `strength * steps` run.
-        batch_size (`int`, *optional*, defaults to 8):
-            Images per diffusion call when this operator builds the serving, and rows per batch.
+        batch_size (`int`, *optional*):
+            Images per diffusion call of the serving this operator builds (8 when not given); the
+            diffusion serving's batch size is also the number of rows per batch.
         image_size (`int`, *optional*, defaults to 512):
             Side of the square canvas the source images are resized to; `None` keeps their size.
         save_interval (`int`, *optional*, defaults to 50):
@@ -155,11 +160,11 @@ class ImageDiffusionAugmenter(Operator):
         self,
         hf_diffusion: str | os.PathLike | LocalImageGenServing = "CompVis/stable-diffusion-v1-4",
         *,
-        torch_dtype: str = "fp32",
+        torch_dtype: str | None = None,
         revision: str | None = None,
-        trust_remote_code: bool = False,
-        strength: float = 0.8,
-        guidance_scale: float = 7.5,
+        trust_remote_code: bool | None = None,
+        strength: float | None = None,
+        guidance_scale: float | None = None,
         aug_num: int = 1,
         keep_original_sample: bool = True,
         caption_key: str | None = None,
@@ -169,7 +174,7 @@ class ImageDiffusionAugmenter(Operator):
         candidate_num: int | None = None,
         hf_clip: str | os.PathLike | ClipServing = "openai/clip-vit-base-patch32",
         num_inference_steps: int | None = None,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         image_size: int | None = 512,
         save_interval: int = 50,
         seed: int = 0,
@@ -185,13 +190,14 @@ class ImageDiffusionAugmenter(Operator):
         self.candidate_num = _candidate_count(keep_candidate_mode, aug_num, candidate_num)
         self.image_size = image_size
         self.caption_key = caption_key
-        self.diffusion = _diffusion_serving(
-            hf_diffusion, batch_size=batch_size, strength=strength, guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps, torch_dtype=torch_dtype, revision=revision,
-            trust_remote_code=trust_remote_code)
-        self.captioner = None if caption_key else _caption_serving(hf_img2seq, torch_dtype,
-                                                                  trust_remote_code)
-        self.clip = _clip_serving(hf_clip, torch_dtype, trust_remote_code) \
+        shared = {"torch_dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        shared_defaults = {"torch_dtype": "fp32"}
+        self.diffusion = _diffusion_serving(hf_diffusion, settings={
+            **shared, "batch_size": batch_size, "strength": strength, "guidance_scale": guidance_scale,
+            "num_inference_steps": num_inference_steps, "revision": revision}, defaults={
+            **shared_defaults, "batch_size": 8, "strength": 0.8, "guidance_scale": 7.5})
+        self.captioner = None if caption_key else _caption_serving(hf_img2seq, shared, shared_defaults)
+        self.clip = _clip_serving(hf_clip, shared, shared_defaults) \
             if keep_candidate_mode == "similar_one" else None
         self.keys = _Keys("images", "text", "images", caption_key)
 
@@ -211,9 +217,8 @@ class ImageDiffusionAugmenter(Operator):
             output_image_key: column receiving the generated rows' image paths; defaults to
                 `input_image_key` (the generated rows' images replace the originals).
         """
-        self.keys = _Keys(input_image_key, input_text_key, output_image_key or input_image_key,
-                          self.caption_key)
-        return run_step(storage, self)
+        return self.run_bound(storage, _Keys(input_image_key, input_text_key,
+                                             output_image_key or input_image_key, self.caption_key))
 
     # ------------------------------------------------------------- operator contract
     def params(self) -> dict[str, Any]:
@@ -233,7 +238,8 @@ class ImageDiffusionAugmenter(Operator):
             **self.settings.output_params(),
         }
 
-    def batch_rows(self) -> int:
+    @property
+    def batch_size(self) -> int:
         return self.diffusion.batch_size
 
     def required_keys(self) -> list[str]:
@@ -241,6 +247,9 @@ class ImageDiffusionAugmenter(Operator):
 
     def path_keys(self) -> list[str]:
         return list(dict.fromkeys([self.keys.image, self.keys.output]))
+
+    def image_output_keys(self) -> list[str]:
+        return [self.keys.output]
 
     def resolve_save_dir(self, default: Path) -> Path:
         """`save_dir`, else `$DATAFLOWMM_PRODUCED_DATA_DIR`, else `$DJ_PRODUCED_DATA_DIR`, else `default`."""
@@ -255,7 +264,7 @@ class ImageDiffusionAugmenter(Operator):
         return None
 
     # ------------------------------------------------------------------ batch
-    def process_batch(self, rows: list[dict], row_ids: list[str], context: StepContext) -> BatchResult:
+    def process_batch(self, rows: list[dict], row_ids: list[str], context: StepContext) -> list[dict]:
         failed: dict[int, dict] = {}
         jobs = self._prepare(rows, failed)
         self._caption(jobs, row_ids)
@@ -271,8 +280,7 @@ class ImageDiffusionAugmenter(Operator):
             if self.keep_original_sample:
                 out_rows.append(row)
             out_rows.extend(self._generated_rows(row, paths.get(offset)))
-        written = sum(len(per_image) for row_paths in paths.values() for per_image in row_paths)
-        return BatchResult(out_rows, errors=len(failed), images_written=written)
+        return out_rows
 
     def _fail(self, rows: list[dict], offset: int, message: str, failed: dict[int, dict]) -> None:
         """Record row `offset` as failed (kept once, with its error); raises when strict."""
@@ -400,10 +408,11 @@ class ImageDiffusionAugmenter(Operator):
 
 
 # ---------------------------------------------------------------------- construction
-def _check_arguments(strength: float, aug_num: int, keep_candidate_mode: str,
-                     candidate_num: int | None, image_size: int | None, batch_size: int,
+def _check_arguments(strength: float | None, aug_num: int, keep_candidate_mode: str,
+                     candidate_num: int | None, image_size: int | None, batch_size: int | None,
                      caption_key: str | None) -> None:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                                 or not 0 <= strength <= 1):
         raise ValueError(f"strength must be a number between 0 and 1, got {strength!r}")
     check_positive_int("aug_num", aug_num)
     if keep_candidate_mode not in KEEP_CANDIDATE_MODES:
@@ -415,7 +424,8 @@ def _check_arguments(strength: float, aug_num: int, keep_candidate_mode: str,
             raise ValueError(f"candidate_num ({candidate_num}) must be >= aug_num ({aug_num})")
     if image_size is not None:
         check_positive_int("image_size", image_size)
-    check_positive_int("batch_size", batch_size)
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size)
     if caption_key is not None and (not isinstance(caption_key, str) or not caption_key):
         raise ValueError(f"caption_key must be a non-empty string or None, got {caption_key!r}")
 
@@ -427,43 +437,31 @@ def _candidate_count(mode: str, aug_num: int, candidate_num: int | None) -> int:
     return candidate_num if candidate_num is not None else 2 * aug_num
 
 
-def _is_reference(model: Any) -> bool:
-    return isinstance(model, (str, os.PathLike))
+def _diffusion_serving(model: Any, settings: dict, defaults: dict) -> LocalImageGenServing:
+    """An image2image serving with one image per prompt: built from an id/folder, or checked."""
+    from dataflowmm.serving.image_gen import LocalImageGenServing
 
-
-def _diffusion_serving(model: Any, **settings: Any) -> LocalImageGenServing:
-    """An image2image serving: built from an id/folder (lazily loaded), or checked and used as is."""
-    if _is_reference(model):
-        from dataflowmm.serving.image_gen import LocalImageGenServing
-
-        return LocalImageGenServing(model, task="image2image", **settings)
-    if not callable(getattr(model, "generate", None)) or getattr(model, "task", None) != "image2image":
-        raise ValueError("hf_diffusion must be a model id, a local folder or a LocalImageGenServing "
-                         f"with task='image2image', got {model!r}")
-    if getattr(model, "num_images_per_prompt", 1) != 1:
+    serving = build_serving(model, LocalImageGenServing, argument="hf_diffusion",
+                            settings=settings, defaults={**defaults, "task": "image2image"},
+                            methods=("generate", "config"), required={"task": "image2image"})
+    if getattr(serving, "num_images_per_prompt", 1) != 1:
         raise ValueError("hf_diffusion serving must have num_images_per_prompt=1 (candidates are "
-                         f"generated as separate prompts), got {model.num_images_per_prompt}")
-    return model
+                         f"generated as separate prompts), got {serving.num_images_per_prompt}")
+    return serving
 
 
-def _caption_serving(model: Any, torch_dtype: str, trust_remote_code: bool) -> LocalCaptionServing:
-    if _is_reference(model):
-        from dataflowmm.serving.caption import LocalCaptionServing
+def _caption_serving(model: Any, settings: dict, defaults: dict) -> LocalCaptionServing:
+    from dataflowmm.serving.caption import LocalCaptionServing
 
-        return LocalCaptionServing(model, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    if not callable(getattr(model, "caption", None)):
-        raise ValueError(f"hf_img2seq must be a model id, a local folder or a LocalCaptionServing, got {model!r}")
-    return model
+    return build_serving(model, LocalCaptionServing, argument="hf_img2seq", settings=settings,
+                         defaults=defaults, methods=("caption", "config"))
 
 
-def _clip_serving(model: Any, torch_dtype: str, trust_remote_code: bool) -> ClipServing:
-    if _is_reference(model):
-        from dataflowmm.serving.clip import ClipServing
+def _clip_serving(model: Any, settings: dict, defaults: dict) -> ClipServing:
+    from dataflowmm.serving.clip import ClipServing
 
-        return ClipServing(model, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    if not callable(getattr(model, "image_image_similarity", None)):
-        raise ValueError(f"hf_clip must be a model id, a local folder or a ClipServing, got {model!r}")
-    return model
+    return build_serving(model, ClipServing, argument="hf_clip", settings=settings, defaults=defaults,
+                         methods=("image_image_similarity", "config"))
 
 
 __all__ = ["ImageDiffusionAugmenter"]

@@ -6,12 +6,13 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dataflowmm.execution.local_runner import StepSummary, run_step
+from dataflowmm.contract import Operator, OperatorSettings, RowError, StepContext
 from dataflowmm.io.images import image_file_name, save_png
-from dataflowmm.operators.base import BatchResult, Operator, OperatorSettings, RowError, StepContext
 from dataflowmm.seeds import derive_seed
+from dataflowmm.serving.common import build_serving
 
 if TYPE_CHECKING:
+    from dataflowmm.execution.step import StepSummary
     from dataflowmm.serving.image_gen import LocalImageGenServing
     from dataflowmm.storage import FileStorage
 
@@ -63,7 +64,8 @@ class PromptedImageGenerator(Operator):
     """Generate images for every prompt of every row.
 
     Args:
-        t2i_serving: a `LocalImageGenServing` in text2image mode.
+        t2i_serving: a `LocalImageGenServing` in text2image mode, or a model id or folder to
+            build one from (with its defaults).
         save_interval: rows between checkpoints; a killed run resumes from the last one.
         seed: global seed; image j of prompt p of a row uses a seed derived from
             (seed, row identity, p), so results do not depend on batching or resuming.
@@ -74,7 +76,7 @@ class PromptedImageGenerator(Operator):
 
     def __init__(
         self,
-        t2i_serving: LocalImageGenServing,
+        t2i_serving: LocalImageGenServing | str | os.PathLike,
         save_interval: int = 50,
         *,
         seed: int = 0,
@@ -82,7 +84,10 @@ class PromptedImageGenerator(Operator):
         absolute_paths: bool = False,
         strict: bool = False,
     ):
-        self.serving = t2i_serving
+        from dataflowmm.serving.image_gen import LocalImageGenServing
+
+        self.serving = build_serving(t2i_serving, LocalImageGenServing, argument="t2i_serving",
+                                     methods=("generate", "config"))
         self.settings = OperatorSettings(save_interval, seed, save_dir, absolute_paths, strict)
         self.keys = _Keys("conversations", None, "images")
 
@@ -102,8 +107,7 @@ class PromptedImageGenerator(Operator):
                 per prompt, in prompt order).
             input_prompt_key: read one plain-string prompt per row from this column instead.
         """
-        self.keys = _Keys(input_conversation_key, input_prompt_key, output_image_key)
-        return run_step(storage, self)
+        return self.run_bound(storage, _Keys(input_conversation_key, input_prompt_key, output_image_key))
 
     def params(self) -> dict[str, Any]:
         return {
@@ -112,13 +116,17 @@ class PromptedImageGenerator(Operator):
             **self.settings.output_params(),
         }
 
-    def batch_rows(self) -> int:
+    @property
+    def batch_size(self) -> int:
         return self.serving.batch_size
 
     def required_keys(self) -> list[str]:
         return [self.keys.prompt or self.keys.conversation]
 
     def path_keys(self) -> list[str]:
+        return [self.keys.output]
+
+    def image_output_keys(self) -> list[str]:
         return [self.keys.output]
 
     def _row_prompts(self, row: dict) -> list[str]:
@@ -129,7 +137,7 @@ class PromptedImageGenerator(Operator):
             return column_prompt(row[key], key)
         return conversation_prompts(row[key], key)
 
-    def process_batch(self, rows: list[dict], row_ids: list[str], context: StepContext) -> BatchResult:
+    def process_batch(self, rows: list[dict], row_ids: list[str], context: StepContext) -> list[dict]:
         failed: dict[int, str] = {}
         prompts_by_row: dict[int, list[str]] = {}
         for offset, row in enumerate(rows):
@@ -161,8 +169,7 @@ class PromptedImageGenerator(Operator):
                 out_rows.append(self.row_failed(row, failed[offset], offset, {self.keys.output: []}))
             else:
                 out_rows.append({**row, self.keys.output: paths_by_row[offset]})
-        written = sum(len(paths) for offset, paths in paths_by_row.items() if offset not in failed)
-        return BatchResult(out_rows, errors=len(failed), images_written=written)
+        return out_rows
 
 
 __all__ = ["PromptedImageGenerator", "RowError"]

@@ -112,7 +112,7 @@ class LocalCaptionServing:
             Candidate captions per image, produced by one `generate` call per batch.
         max_new_tokens (`int`, defaults to 32):
             Most tokens generated per caption.
-        gpu_batch_size (`int`, defaults to 8):
+        batch_size (`int`, defaults to 8):
             Images per forward pass (each carries its `caption_num` candidates).
         do_sample (`bool`, *optional*):
             Sample captions (seeded per image and candidate) instead of decoding greedily.
@@ -141,7 +141,7 @@ class LocalCaptionServing:
         *,
         caption_num: int = 1,
         max_new_tokens: int = 32,
-        gpu_batch_size: int = 8,
+        batch_size: int = 8,
         do_sample: bool | None = None,
         temperature: float = 1.0,
         top_p: float = 0.9,
@@ -152,7 +152,7 @@ class LocalCaptionServing:
         generate_kwargs: dict | None = None,
     ):
         _check_positive(caption_num=caption_num, max_new_tokens=max_new_tokens,
-                        gpu_batch_size=gpu_batch_size, temperature=temperature)
+                        batch_size=batch_size, temperature=temperature)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         self.generate_kwargs = _check_generate_kwargs(generate_kwargs)
@@ -161,7 +161,7 @@ class LocalCaptionServing:
         self.dtype = resolve_dtype(torch_dtype, self.devices[0])
         self.caption_num = caption_num
         self.max_new_tokens = max_new_tokens
-        self.gpu_batch_size = gpu_batch_size
+        self.batch_size = batch_size
         self.do_sample = do_sample
         self.temperature = float(temperature)
         self.top_p = float(top_p)
@@ -219,7 +219,7 @@ class LocalCaptionServing:
         if not images:
             return []
         self.load()
-        batches = _plan_batches(prompts, self.gpu_batch_size)
+        batches = _plan_batches(prompts, self.batch_size)
         results: list[list[str]] = [[] for _ in images]
 
         def run(job: tuple[int, tuple[str | None, list[int]]]) -> None:
@@ -258,6 +258,10 @@ class LocalCaptionServing:
         """Drop the models and processor and free their memory; a later call reloads."""
         self._components = None
         free_memory()
+
+    @property
+    def loaded(self) -> bool:
+        return self._components is not None
 
     # ------------------------------------------------------------------ internals
 

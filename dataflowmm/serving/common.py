@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 
 def check_model_reference(model: str | os.PathLike) -> str:
@@ -37,3 +37,67 @@ def model_load_error(model: str, exc: BaseException) -> RuntimeError:
 def jsonable(value: Any) -> Any:
     """`value` turned into plain JSON types (anything else becomes its str)."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+@runtime_checkable
+class Serving(Protocol):
+    """What every serving offers besides its model calls.
+
+    The constructor only checks arguments; `load()` loads lazily on first use (or when
+    called), `cleanup()` frees the model, `config()` is the JSON-able identity of everything
+    that changes outputs (it fingerprints cached steps), `loaded` says whether it is loaded.
+    """
+
+    def load(self) -> None: ...
+
+    def cleanup(self) -> None: ...
+
+    def config(self) -> dict: ...
+
+    @property
+    def loaded(self) -> bool: ...
+
+
+def build_serving(
+    model: Any,
+    serving_class: type,
+    *,
+    argument: str,
+    settings: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
+    methods: tuple[str, ...] = (),
+    required: dict[str, Any] | None = None,
+) -> Any:
+    """A serving from a hub id or local folder, or `model` itself when it already is one.
+
+    Args:
+        model: a hub id, a local folder, or a serving instance.
+        serving_class: the class built from an id or folder.
+        argument: the caller's argument name, for messages.
+        settings: the serving settings the caller was given explicitly (`None` = not given).
+        defaults: values for the settings not given, used when building.
+        methods: methods a serving instance must have.
+        required: attribute values a serving instance must have (e.g. `{"task": "image2image"}`).
+
+    A setting given explicitly together with a serving instance is an error when the
+    serving's own value differs: it would otherwise be silently ignored.
+    """
+    given = {key: value for key, value in (settings or {}).items() if value is not None}
+    if isinstance(model, (str, os.PathLike)):
+        return serving_class(model, **{**(defaults or {}), **given})
+    missing = [name for name in methods if not callable(getattr(model, name, None))]
+    if missing:
+        raise ValueError(f"{argument} must be a model id, a local folder or a {serving_class.__name__}; "
+                         f"{model!r} has no {', '.join(missing)}")
+    for name, value in (required or {}).items():
+        if getattr(model, name, None) != value:
+            raise ValueError(f"{argument} must be a serving with {name}={value!r}, "
+                             f"got {name}={getattr(model, name, None)!r}")
+    for name, value in given.items():
+        own = getattr(model, name, None)
+        if own != value:
+            raise ValueError(
+                f"{name}={value!r} conflicts with the serving passed as {argument} ({name}={own!r}): "
+                f"set {name} on the serving, or pass a model id or folder instead of a serving"
+            )
+    return model

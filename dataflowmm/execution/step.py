@@ -1,0 +1,190 @@
+"""What every runner does around the batches of a step: plan, reuse, checkpoint, publish.
+
+`prepare_step` decides everything before any model loads (keys checked, fingerprint,
+reuse of a finished step, chunk size); `StepOutput` grows the step's output chunk by
+chunk through its checkpoint and publishes it with its manifest. A runner only chooses
+where `apply_batch` runs on each batch of each chunk.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from dataflowmm.contract import Operator, StepContext
+from dataflowmm.execution.batch import OutputCounts
+from dataflowmm.execution.checkpoints import StepCheckpoint
+from dataflowmm.io.records import dumps_rows, iter_records
+from dataflowmm.seeds import row_identity
+from dataflowmm.storage import fingerprint
+
+if TYPE_CHECKING:
+    from dataflowmm.storage import FileStorage
+
+
+@dataclass
+class StepSummary:
+    """What a step did; `line()` is the one line printed at its end."""
+
+    step: int
+    operator: str
+    rows_in: int
+    rows_out: int
+    images_written: int
+    errors: int
+    seconds: float
+    output_path: str
+    reused: bool = False
+    chunks_resumed: int = 0
+
+    def line(self) -> str:
+        if self.reused:
+            return (f"[dataflowmm] step {self.step} {self.operator}: reused finished output "
+                    f"({self.rows_out} rows) -> {self.output_path}")
+        resumed = f", {self.chunks_resumed} chunks resumed" if self.chunks_resumed else ""
+        return (f"[dataflowmm] step {self.step} {self.operator}: {self.rows_in} rows in, "
+                f"{self.rows_out} rows out, {self.images_written} images written, "
+                f"{self.errors} errors, {self.seconds:.1f} s{resumed} -> {self.output_path}")
+
+
+def chunk_size(save_interval: int, batch_size: int) -> int:
+    """save_interval rounded up to whole batches, so chunking never changes batch composition."""
+    return -(-save_interval // batch_size) * batch_size
+
+
+def check_required_keys(source: Path, keys: list[str]) -> None:
+    """Fail fast, before any model loads, when no row has a key the operator needs.
+
+    Reads only until every key has been seen (the first row, usually).
+    """
+    missing = set(keys)
+    found: set[str] = set()
+    rows = 0
+    for row in iter_records(source):
+        rows += 1
+        missing.difference_update(row.keys())
+        if not missing:
+            return
+        found.update(row.keys())
+    if rows:
+        key = next(key for key in keys if key in missing)
+        raise KeyError(f"{source}: no row has key {key!r}; keys found: {sorted(found)}")
+
+
+def identify(rows: list[dict], first_index: int) -> list[str]:
+    """Identities of rows starting at position `first_index` of the step's input."""
+    return [row_identity(row, first_index + offset) for offset, row in enumerate(rows)]
+
+
+@dataclass
+class PreparedStep:
+    """A step about to compute: its operator, fingerprints, folders and chunking."""
+
+    storage: FileStorage
+    operator: Operator
+    params: dict[str, Any]
+    input_fingerprint: str
+    fingerprint: str
+    context: StepContext
+    batch_size: int
+    chunk_rows: int
+    started: float
+
+    @property
+    def source(self) -> Path:
+        return self.storage.input_path
+
+
+def prepare_step(storage: FileStorage, operator: Operator) -> PreparedStep | StepSummary:
+    """Check the step before any model loads; a `StepSummary` when a finished output is reused."""
+    started = time.perf_counter()
+    check_required_keys(storage.input_path, operator.required_keys())
+    params = operator.params()
+    input_fp = storage.input_fingerprint()
+    step_fp = fingerprint(input_fp, operator.name, params)
+    if storage.is_finished(step_fp):
+        rows = storage.manifest()["rows"]
+        summary = StepSummary(storage.operator_step, operator.name, storage.manifest().get("rows_in", rows),
+                              rows, 0, 0, time.perf_counter() - started, str(storage.output_path), reused=True)
+        tqdm.write(summary.line(), file=sys.stderr)
+        return summary
+    context = StepContext(
+        step=storage.operator_step,
+        input_dir=storage.input_path.resolve().parent,
+        output_dir=storage.output_path.resolve().parent,
+        save_dir=operator.resolve_save_dir(storage.images_dir).resolve(),
+    )
+    context.save_dir.mkdir(parents=True, exist_ok=True)
+    batch_size = max(1, int(operator.batch_size))
+    return PreparedStep(storage, operator, params, input_fp, step_fp, context, batch_size,
+                        chunk_size(int(operator.settings.save_interval), batch_size), started)
+
+
+class StepOutput:
+    """The growing output of a prepared step: checkpointed chunk by chunk, then published."""
+
+    def __init__(self, step: PreparedStep):
+        self.step = step
+        self.checkpoint = StepCheckpoint(step.storage.checkpoint_dir, step.fingerprint, step.chunk_rows)
+        self.chunks_resumed = self.checkpoint.finished
+        self.counts = OutputCounts(step.operator.image_output_keys(), step.context.output_dir,
+                                   step.context.save_dir)
+        self.rows_out = 0
+        for chunk in self.checkpoint.chunks:
+            self.rows_out += chunk["rows_out"]
+        if self.chunks_resumed:
+            self.counts.add(list(self.checkpoint.finished_rows()))
+
+    @property
+    def rows_done(self) -> int:
+        """Input rows already covered by finished chunks (skipped when reading the input)."""
+        return self.checkpoint.rows_read
+
+    @property
+    def next_chunk(self) -> int:
+        return self.checkpoint.finished
+
+    def pending_chunks(self) -> Iterator[tuple[int, list[dict]]]:
+        """(position of the first row, rows) of every chunk not finished yet, streamed."""
+        first = self.rows_done
+        for rows in self.step.storage.iter_input_chunks(self.step.chunk_rows, skip=first):
+            yield first, rows
+            first += len(rows)
+
+    def add_chunk(self, rows_in: int, rows: list[dict]) -> None:
+        """One more finished chunk (its output rows in order), checkpointed at once."""
+        self.checkpoint.append(rows_in, dumps_rows(rows), len(rows))
+        self.counts.add(rows)
+        self.rows_out += len(rows)
+
+    def publish(self) -> StepSummary:
+        """Make the checkpointed rows the step's cache file, write the manifest, report."""
+        step, storage = self.step, self.step.storage
+        rows_in = self.checkpoint.rows_read
+        self.checkpoint.close()
+        output_path = storage.publish(self.checkpoint.rows_path)
+        storage.write_manifest(operator=step.operator.name, params=step.params,
+                               input_fingerprint=step.input_fingerprint, step_fingerprint=step.fingerprint,
+                               rows=self.rows_out, extra={"rows_in": rows_in, "errors": self.counts.errors,
+                                                         "images_written": self.counts.images})
+        self.checkpoint.remove()
+        summary = StepSummary(storage.operator_step, step.operator.name, rows_in, self.rows_out,
+                              self.counts.images, self.counts.errors, time.perf_counter() - step.started,
+                              output_path, chunks_resumed=self.chunks_resumed)
+        tqdm.write(summary.line(), file=sys.stderr)
+        return summary
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+
+def progress_bar(step: PreparedStep, done: int) -> tqdm:
+    """A progress bar over the step's input rows (off when stderr is not a terminal)."""
+    return tqdm(total=step.storage.count_input_rows(), initial=done, unit="row",
+                desc=f"step {step.context.step} {step.operator.name}", disable=None, file=sys.stderr)

@@ -1,0 +1,286 @@
+"""Rows on disk: jsonl/json/csv/parquet read in chunks, rows serialised once.
+
+jsonl is read line by line and parquet by record batch, so a step never holds its whole
+input; json and csv are read whole (their formats are not line-oriented). Rows are
+written as JSON Lines first, in their final form, and converted only when the cache type
+is another format. JSON cells are used as parsed: only values that are not JSON-native
+(numpy, NaN, pandas' NA) are normalised, on the slow path that needs it.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import orjson
+import pandas as pd
+
+from dataflowmm.io.atomic import atomic_file
+
+CACHE_TYPES = ("jsonl", "json", "csv", "parquet")
+Records = list[dict[str, Any]]
+
+
+class StorageError(ValueError):
+    """A dataset file that cannot be read or written, naming the file (and line)."""
+
+
+# -- values ----------------------------------------------------------------------------
+
+def plain_value(value: Any) -> Any:
+    """A JSON-native copy of a cell: numpy arrays and scalars to Python, NaN and ±inf to None."""
+    if isinstance(value, dict):
+        return {str(key): plain_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain_value(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return value
+
+
+def to_records(data: pd.DataFrame | Records) -> Records:
+    """Rows as a list of plain dicts, from a DataFrame or a list of dicts."""
+    if isinstance(data, pd.DataFrame):
+        data = data.to_dict(orient="records")
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise TypeError("write() takes a pandas DataFrame or a list of dicts")
+    return [{str(key): plain_value(value) for key, value in row.items()} for row in data]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.generic, np.ndarray)):
+        return plain_value(value)
+    if value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# The standard library's C encoder with its default separators: the bytes of our cache files
+# stay what they have always been, whatever JSON library a later version reads them with.
+_ROW_ENCODER = json.JSONEncoder(ensure_ascii=False, default=_json_default)
+
+
+def dumps_row(row: dict) -> str:
+    """One row as a JSON Lines line (without the newline); NaN and ±inf become null."""
+    text = _ROW_ENCODER.encode(row)
+    if "NaN" in text or "Infinity" in text:  # also matches inside strings: then merely re-encoded
+        text = _ROW_ENCODER.encode(plain_value(row))
+    return text
+
+
+def dumps_rows(rows: Records) -> bytes:
+    """Rows as JSON Lines bytes."""
+    if not rows:
+        return b""
+    return ("\n".join(map(dumps_row, rows)) + "\n").encode("utf-8")
+
+
+# -- reading ---------------------------------------------------------------------------
+
+def _jsonl_row(line: bytes, path: Path, line_number: int) -> dict | None:
+    """The object on one jsonl line; None for a blank line; StorageError naming file and line."""
+    try:
+        row = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        if not line.strip():
+            return None
+        row = _stdlib_jsonl_row(line, path, line_number)  # NaN tokens, huge ints, the error text
+    if type(row) is not dict:
+        raise StorageError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _stdlib_jsonl_row(line: bytes, path: Path, line_number: int) -> Any:
+    try:
+        return plain_value(json.loads(line.decode("utf-8")))
+    except UnicodeDecodeError as error:
+        raise StorageError(f"{path}:{line_number}: not UTF-8 text: {error.reason}") from None
+    except json.JSONDecodeError as error:
+        raise StorageError(f"{path}:{line_number}: malformed JSON line: {error.msg}") from None
+
+
+def _iter_jsonl(path: Path, skip: int) -> Iterator[dict]:
+    with open(path, "rb") as file:
+        for line_number, line in enumerate(file, start=1):
+            if skip:
+                if line.strip():  # rows already done are counted, not parsed
+                    skip -= 1
+                continue
+            row = _jsonl_row(line, path, line_number)
+            if row is not None:
+                yield row
+
+
+def _read_json(path: Path) -> Records:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise StorageError(f"{path}:{error.lineno}: malformed JSON: {error.msg}") from None
+    if not isinstance(data, list):
+        raise StorageError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise StorageError(f"{path}: item {index} is not a JSON object")
+    return [plain_value(row) for row in data]
+
+
+def _decode_csv_cell(value: Any) -> Any:
+    # Lists and dicts are written to CSV as JSON text; read them back as such.
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _read_csv(path: Path) -> Records:
+    try:
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        return []
+    except pd.errors.ParserError as error:
+        raise StorageError(f"{path}: malformed CSV: {error}") from None
+    return [{str(key): _decode_csv_cell(plain_value(value)) for key, value in row.items()}
+            for row in frame.to_dict(orient="records")]
+
+
+def _iter_parquet(path: Path, skip: int) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        batches = parquet.iter_batches(batch_size=4096)
+        for batch in batches:
+            frame = batch.to_pandas()  # pandas' types, as `read("dataframe")` gives them
+            for row in frame.to_dict(orient="records"):
+                if skip:
+                    skip -= 1
+                    continue
+                yield {str(key): plain_value(value) for key, value in row.items()}
+    except StorageError:
+        raise
+    except Exception as error:  # pyarrow raises several unrelated types for bad files
+        raise StorageError(f"{path}: cannot read parquet: {error}") from None
+
+
+def _check_readable(path: Path) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in CACHE_TYPES:
+        raise StorageError(f"{path}: unsupported file type; use one of "
+                           f"{', '.join('.' + kind for kind in CACHE_TYPES)}")
+    if not path.is_file():
+        raise StorageError(f"{path}: file not found")
+    return suffix
+
+
+def iter_records(path: str | os.PathLike, skip: int = 0) -> Iterator[dict]:
+    """Rows of a jsonl/json/csv/parquet file, by its extension, after the first `skip` rows.
+
+    jsonl and parquet stream; json and csv are parsed whole, then yielded.
+    """
+    path = Path(path)
+    kind = _check_readable(path)
+    if kind == "jsonl":
+        return _iter_jsonl(path, skip)
+    if kind == "parquet":
+        return _iter_parquet(path, skip)
+    records = _read_json(path) if kind == "json" else _read_csv(path)
+    return iter(records[skip:])
+
+
+def iter_chunks(path: str | os.PathLike, rows_per_chunk: int, skip: int = 0) -> Iterator[Records]:
+    """Lists of up to `rows_per_chunk` rows, in file order, after the first `skip` rows."""
+    rows = iter_records(path, skip)
+    while chunk := list(itertools.islice(rows, rows_per_chunk)):
+        yield chunk
+
+
+def read_records(path: str | os.PathLike) -> Records:
+    """All rows of a jsonl/json/csv/parquet file, by its extension."""
+    return list(iter_records(path))
+
+
+def count_records(path: str | os.PathLike) -> int:
+    """The number of rows of a file (jsonl: its non-blank lines, counted without parsing)."""
+    path = Path(path)
+    kind = _check_readable(path)
+    if kind == "jsonl":
+        with open(path, "rb") as file:
+            return sum(1 for line in file if line.strip())
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    return len(read_records(path))
+
+
+# -- writing ---------------------------------------------------------------------------
+
+def _encode_csv_cell(value: Any) -> Any:
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
+
+
+def serialize_records(records: Records, cache_type: str) -> bytes:
+    """The bytes of a cache file of `cache_type` holding `records`."""
+    if cache_type == "jsonl":
+        return dumps_rows(records)
+    if cache_type == "json":
+        return json.dumps(records, ensure_ascii=False, indent=1).encode("utf-8")
+    if cache_type == "csv":
+        rows = [{key: _encode_csv_cell(value) for key, value in row.items()} for row in records]
+        return pd.DataFrame(rows).to_csv(index=False).encode("utf-8")
+    if cache_type == "parquet":
+        buffer = io.BytesIO()
+        pd.DataFrame(records).to_parquet(buffer, index=False)
+        return buffer.getvalue()
+    raise ValueError(f"cache_type must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
+
+
+def _write_json_list(rows: Iterator[dict], file: IO[bytes]) -> None:
+    """`json.dumps(rows, indent=1)`'s bytes, one row at a time."""
+    first = True
+    for row in rows:
+        text = json.dumps(row, ensure_ascii=False, indent=1, default=_json_default)
+        file.write((("[\n " if first else ",\n ") + text.replace("\n", "\n ")).encode("utf-8"))
+        first = False
+    file.write(b"[]" if first else b"\n]")
+
+
+def publish_jsonl(part: Path, target: Path, cache_type: str) -> None:
+    """Move a finished JSON Lines file to `target` as `cache_type`, atomically.
+
+    jsonl is renamed into place (no copy, no re-serialisation); json is converted row by
+    row; csv and parquet are tabular and are built from all rows at once.
+    """
+    if cache_type == "jsonl":
+        with open(part, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(part, target)
+        return
+    with atomic_file(target) as file:
+        if cache_type == "json":
+            _write_json_list(_iter_jsonl(part, 0), file)
+        else:
+            file.write(serialize_records(list(_iter_jsonl(part, 0)), cache_type))
+    part.unlink()
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """Copy bytes from `source` to `target` atomically."""
+    with open(source, "rb") as reader, atomic_file(target) as writer:
+        shutil.copyfileobj(reader, writer, 1 << 20)
