@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -123,12 +124,13 @@ class Operator(ABC):
         return []
 
     @abstractmethod
-    def process_batch(self, rows: list[dict], row_ids: list[str], context: StepContext) -> list[dict]:
+    def process_batch(self, rows: list[dict], row_ids: Sequence[str], context: StepContext) -> list[dict]:
         """Output rows for a batch of input rows (may emit more or fewer rows than it got).
 
-        `row_ids[i]` is row i's identity (its position and content in the step's input):
-        name files and derive seeds from it. A row that cannot be processed is returned
-        through `row_failed`, which raises `RowError` when `settings.strict`.
+        `row_ids[i]` is row i's identity (its position and content in the step's input,
+        computed when first read): name files and derive seeds from it. Input rows are
+        read-only: build new dicts (`{**row, key: value}`). A row that cannot be processed
+        is returned through `row_failed`, which raises `RowError` when `settings.strict`.
         """
 
     # -- helpers for subclasses ---------------------------------------------------------

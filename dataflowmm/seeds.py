@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, overload
 
 import orjson
 
@@ -24,7 +25,14 @@ _ORJSON_CANONICAL = (orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
                      | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS)
 # Where orjson's text can differ from `canonical_json`'s: float exponents ("1e-05" against
 # "0.00001"). A string that merely looks like one takes the exact path, nothing worse.
-_MAY_DIFFER = re.compile(rb"[0-9][eE]|0\.0000")
+_EXPONENT = re.compile(rb"[0-9]e[+-]")
+
+
+def _may_differ(text: bytes) -> bool:
+    # Substring tests run at memchr speed; the regex only confirms a rare candidate.
+    if b"0.0000" in text:
+        return True
+    return (b"e+" in text or b"e-" in text) and _EXPONENT.search(text) is not None
 
 
 def canonical_json_bytes(value: Any) -> bytes:
@@ -36,7 +44,7 @@ def canonical_json_bytes(value: Any) -> bytes:
         text = orjson.dumps(value, default=str, option=_ORJSON_CANONICAL)
     except (TypeError, orjson.JSONEncodeError):  # non-string keys, integers beyond 64 bits
         return canonical_json(value).encode("utf-8")
-    if _MAY_DIFFER.search(text):
+    if _may_differ(text):
         return canonical_json(value).encode("utf-8")
     return text
 
@@ -49,6 +57,41 @@ def row_identity(row: dict, index: int) -> str:
     """
     digest = hashlib.sha256(b"%d\n" % index + canonical_json_bytes(row))
     return digest.hexdigest()[:16]
+
+
+class RowIdentities(Sequence[str]):
+    """The identities of consecutive rows of a step's input, computed on first access.
+
+    `RowIdentities(rows, first_index)[i] == row_identity(rows[i], first_index + i)`. Operators
+    that never name files or draw seeds (filters, text rewrites) never pay for hashing.
+    """
+
+    def __init__(self, rows: list[dict], first_index: int):
+        self._rows = rows
+        self._first = first_index
+        self._ids: list[str | None] = [None] * len(rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        cached = self._ids[index]
+        if cached is None:
+            cached = self._ids[index] = row_identity(self._rows[index], self._first + index)
+        return cached
+
+    def __repr__(self) -> str:
+        return f"RowIdentities({list(self)!r})"
 
 
 def derive_seed(*parts: Any) -> int:

@@ -8,7 +8,7 @@ file and the row. Runners only decide where this function is called.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from dataflowmm.io.paths import relative_paths, resolve_paths
 def apply_batch(
     operator: Operator,
     rows: list[dict],
-    row_ids: list[str],
+    row_ids: Sequence[str],
     context: StepContext,
     *,
     first_row: int,

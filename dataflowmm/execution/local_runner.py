@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dataflowmm.execution.batch import apply_batch
-from dataflowmm.execution.step import PreparedStep, StepOutput, StepSummary, identify, prepare_step, progress_bar
+from dataflowmm.execution.step import (
+    PreparedStep,
+    StepOutput,
+    StepSummary,
+    identify,
+    prepare_step,
+    progress_bar,
+)
 
 if TYPE_CHECKING:
     from dataflowmm.contract import Operator

@@ -21,7 +21,7 @@ from dataflowmm.contract import Operator, StepContext
 from dataflowmm.execution.batch import OutputCounts
 from dataflowmm.execution.checkpoints import StepCheckpoint
 from dataflowmm.io.records import dumps_rows, iter_records
-from dataflowmm.seeds import row_identity
+from dataflowmm.seeds import RowIdentities
 from dataflowmm.storage import fingerprint
 
 if TYPE_CHECKING:
@@ -77,9 +77,9 @@ def check_required_keys(source: Path, keys: list[str]) -> None:
         raise KeyError(f"{source}: no row has key {key!r}; keys found: {sorted(found)}")
 
 
-def identify(rows: list[dict], first_index: int) -> list[str]:
-    """Identities of rows starting at position `first_index` of the step's input."""
-    return [row_identity(row, first_index + offset) for offset, row in enumerate(rows)]
+def identify(rows: list[dict], first_index: int) -> RowIdentities:
+    """Identities of rows starting at position `first_index` of the step's input (computed on use)."""
+    return RowIdentities(rows, first_index)
 
 
 @dataclass

@@ -14,7 +14,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -69,39 +68,36 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-# The standard library's C encoder with its default separators: the bytes of our cache files
-# stay what they have always been, whatever JSON library a later version reads them with.
-_ROW_ENCODER = json.JSONEncoder(ensure_ascii=False, default=_json_default)
+# orjson's one output form: compact, UTF-8, keys in row order, NaN and ±inf as null,
+# numpy values as numbers. It has no formatting options that could drift between versions.
+_ROW_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
 
 
-def dumps_row(row: dict) -> str:
-    """One row as a JSON Lines line (without the newline); NaN and ±inf become null."""
-    text = _ROW_ENCODER.encode(row)
-    if "NaN" in text or "Infinity" in text:  # also matches inside strings: then merely re-encoded
-        text = _ROW_ENCODER.encode(plain_value(row))
-    return text
+def dumps_row(row: dict) -> bytes:
+    """One row as a JSON Lines line, newline included."""
+    return orjson.dumps(row, default=_json_default, option=_ROW_OPTIONS)
 
 
 def dumps_rows(rows: Records) -> bytes:
     """Rows as JSON Lines bytes."""
-    if not rows:
-        return b""
-    return ("\n".join(map(dumps_row, rows)) + "\n").encode("utf-8")
+    dumps, default = orjson.dumps, _json_default
+    return b"".join([dumps(row, default=default, option=_ROW_OPTIONS) for row in rows])
 
 
 # -- reading ---------------------------------------------------------------------------
 
 def _jsonl_row(line: bytes, path: Path, line_number: int) -> dict | None:
-    """The object on one jsonl line; None for a blank line; StorageError naming file and line."""
-    try:
-        row = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        if not line.strip():
-            return None
-        row = _stdlib_jsonl_row(line, path, line_number)  # NaN tokens, huge ints, the error text
+    """The object on a jsonl line orjson refused; None for a blank line; else StorageError."""
+    if not line.strip():
+        return None
+    row = _stdlib_jsonl_row(line, path, line_number)  # NaN tokens, huge ints, or the error text
+    _check_object(row, path, line_number)
+    return row
+
+
+def _check_object(row: Any, path: Path, line_number: int) -> None:
     if type(row) is not dict:
         raise StorageError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-    return row
 
 
 def _stdlib_jsonl_row(line: bytes, path: Path, line_number: int) -> Any:
@@ -114,15 +110,22 @@ def _stdlib_jsonl_row(line: bytes, path: Path, line_number: int) -> Any:
 
 
 def _iter_jsonl(path: Path, skip: int) -> Iterator[dict]:
+    loads, refused = orjson.loads, orjson.JSONDecodeError
     with open(path, "rb") as file:
         for line_number, line in enumerate(file, start=1):
             if skip:
                 if line.strip():  # rows already done are counted, not parsed
                     skip -= 1
                 continue
-            row = _jsonl_row(line, path, line_number)
-            if row is not None:
-                yield row
+            try:
+                row = loads(line)
+            except refused:
+                row = _jsonl_row(line, path, line_number)
+                if row is None:
+                    continue
+            if type(row) is not dict:
+                _check_object(row, path, line_number)
+            yield row
 
 
 def _read_json(path: Path) -> Records:
@@ -220,13 +223,22 @@ def count_records(path: str | os.PathLike) -> int:
     path = Path(path)
     kind = _check_readable(path)
     if kind == "jsonl":
-        with open(path, "rb") as file:
-            return sum(1 for line in file if line.strip())
+        return _count_lines(path)
     if kind == "parquet":
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
     return len(read_records(path))
+
+
+def _count_lines(path: Path) -> int:
+    """Lines of a text file, counted in blocks (blank lines included: an estimate for progress)."""
+    lines, last = 0, b"\n"
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
 
 
 # -- writing ---------------------------------------------------------------------------
@@ -278,9 +290,3 @@ def publish_jsonl(part: Path, target: Path, cache_type: str) -> None:
         else:
             file.write(serialize_records(list(_iter_jsonl(part, 0)), cache_type))
     part.unlink()
-
-
-def copy_file(source: Path, target: Path) -> None:
-    """Copy bytes from `source` to `target` atomically."""
-    with open(source, "rb") as reader, atomic_file(target) as writer:
-        shutil.copyfileobj(reader, writer, 1 << 20)

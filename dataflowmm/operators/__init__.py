@@ -3,6 +3,7 @@
 from dataflowmm.contract import ERROR_KEY, Operator, OperatorSettings, RowError, StepContext
 from dataflowmm.operators.image_captioner import ImageCaptioner
 from dataflowmm.operators.image_diffusion_augmenter import ImageDiffusionAugmenter
+from dataflowmm.operators.prompt_template import PromptTemplate
 from dataflowmm.operators.prompted_image_generator import PromptedImageGenerator
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "ImageDiffusionAugmenter",
     "Operator",
     "OperatorSettings",
+    "PromptTemplate",
     "PromptedImageGenerator",
     "RowError",
     "StepContext",
