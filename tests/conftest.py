@@ -32,3 +32,14 @@ def tiny_model(tiny_models_dir):
     from dataflowmm.models.tiny import tiny_model_path
 
     return lambda name: tiny_model_path(name, tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (2 CPUs, no dashboard), shut down at the end."""
+    ray = pytest.importorskip("ray")
+    from dataflowmm.execution.ray_runner import connect
+
+    connect(num_cpus=2)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

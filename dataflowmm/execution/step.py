@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from tqdm.auto import tqdm
 
 from dataflowmm.contract import Operator, StepContext
@@ -160,6 +161,13 @@ class StepOutput:
     def add_chunk(self, rows_in: int, rows: list[dict]) -> None:
         """One more finished chunk (its output rows in order), checkpointed at once."""
         self.checkpoint.append(rows_in, dumps_rows(rows), len(rows))
+        self.counts.add(rows)
+        self.rows_out += len(rows)
+
+    def add_serialized_chunk(self, rows_in: int, payload: bytes) -> None:
+        """One more finished chunk given as JSON Lines bytes (from another process)."""
+        rows = [orjson.loads(line) for line in payload.splitlines()]
+        self.checkpoint.append(rows_in, payload, len(rows))
         self.counts.add(rows)
         self.rows_out += len(rows)
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -109,23 +110,76 @@ def _stdlib_jsonl_row(line: bytes, path: Path, line_number: int) -> Any:
         raise StorageError(f"{path}:{line_number}: malformed JSON line: {error.msg}") from None
 
 
-def _iter_jsonl(path: Path, skip: int) -> Iterator[dict]:
+def _parse_jsonl(numbered_lines: Iterator[tuple[int, bytes]], path: Path) -> Iterator[dict]:
     loads, refused = orjson.loads, orjson.JSONDecodeError
-    with open(path, "rb") as file:
-        for line_number, line in enumerate(file, start=1):
-            if skip:
-                if line.strip():  # rows already done are counted, not parsed
-                    skip -= 1
+    for line_number, line in numbered_lines:
+        try:
+            row = loads(line)
+        except refused:
+            row = _jsonl_row(line, path, line_number)
+            if row is None:
                 continue
-            try:
-                row = loads(line)
-            except refused:
-                row = _jsonl_row(line, path, line_number)
-                if row is None:
-                    continue
-            if type(row) is not dict:
-                _check_object(row, path, line_number)
-            yield row
+        if type(row) is not dict:
+            _check_object(row, path, line_number)
+        yield row
+
+
+def _numbered_lines(file: IO[bytes], skip: int) -> Iterator[tuple[int, bytes]]:
+    for line_number, line in enumerate(file, start=1):
+        if skip:
+            if line.strip():  # rows already done are counted, not parsed
+                skip -= 1
+            continue
+        yield line_number, line
+
+
+def _iter_jsonl(path: Path, skip: int) -> Iterator[dict]:
+    with open(path, "rb") as file:
+        yield from _parse_jsonl(_numbered_lines(file, skip), path)
+
+
+@dataclass(frozen=True)
+class JsonlSpan:
+    """Where a chunk of rows lies in a jsonl file: rows [first_row, first_row + rows), bytes
+    [start, end), its first line's number (for error messages)."""
+
+    first_row: int
+    rows: int
+    start: int
+    end: int
+    first_line: int
+
+
+def jsonl_spans(path: str | os.PathLike, rows_per_chunk: int, skip: int = 0) -> Iterator[JsonlSpan]:
+    """The spans of consecutive chunks of `rows_per_chunk` rows, after the first `skip` rows.
+
+    Lines are counted, not parsed, so the spans of a large file cost one read of its bytes.
+    """
+    with open(path, "rb") as file:
+        offset, rows, first_row, start, first_line = 0, 0, 0, 0, 1
+        for line_number, line in enumerate(file, start=1):
+            if rows == 0:
+                start, first_line = offset, line_number
+            offset += len(line)
+            if not line.strip():
+                continue
+            rows += 1
+            if rows == rows_per_chunk or first_row + rows == skip:
+                if first_row >= skip:
+                    yield JsonlSpan(first_row, rows, start, offset, first_line)
+                first_row, rows = first_row + rows, 0
+        if rows and first_row >= skip:
+            yield JsonlSpan(first_row, rows, start, offset, first_line)
+
+
+def read_jsonl_span(path: str | os.PathLike, span: JsonlSpan) -> Records:
+    """The rows of one span of a jsonl file."""
+    path = Path(path)
+    with open(path, "rb") as file:
+        file.seek(span.start)
+        data = file.read(span.end - span.start)
+    lines = enumerate(data.splitlines(keepends=True), start=span.first_line)
+    return list(_parse_jsonl(lines, path))
 
 
 def _read_json(path: Path) -> Records:

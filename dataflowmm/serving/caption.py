@@ -18,7 +18,7 @@ from transformers import LogitsProcessor
 
 from dataflowmm.io.images import to_rgb
 from dataflowmm.seeds import derive_seed
-from dataflowmm.serving.common import check_model_reference
+from dataflowmm.serving.common import TravellingServing, check_model_reference
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
 
 DEFAULT_CHAT_PROMPT = "Describe this image in one sentence."
@@ -97,7 +97,7 @@ class _Encoded:
     prefix_length: int
 
 
-class LocalCaptionServing:
+class LocalCaptionServing(TravellingServing):
     """Captions images with a local (or cached) Hugging Face vision-language model.
 
     Loads BLIP, BLIP-2, vision-encoder-decoder (e.g. ViT+GPT-2) and chat-template models
@@ -157,8 +157,6 @@ class LocalCaptionServing:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         self.generate_kwargs = _check_generate_kwargs(generate_kwargs)
         self.model = check_model_reference(model)
-        self.devices = resolve_devices(device)
-        self.dtype = resolve_dtype(torch_dtype, self.devices[0])
         self.caption_num = caption_num
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
@@ -166,9 +164,17 @@ class LocalCaptionServing:
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.torch_dtype = torch_dtype
+        self._place(device)
         self.revision = revision
         self.trust_remote_code = trust_remote_code
         self._components: _Components | None = None
+
+    _unloaded = {"_components": None}
+
+    def _place(self, device: str | None) -> None:
+        self._device_request = device
+        self.devices = resolve_devices(device)
+        self.dtype = resolve_dtype(self.torch_dtype, self.devices[0])
 
     # ------------------------------------------------------------------ public API
 

@@ -10,11 +10,16 @@ import torch
 from PIL import Image
 
 from dataflowmm.io.images import to_rgb
-from dataflowmm.serving.common import check_model_reference, jsonable, model_load_error
+from dataflowmm.serving.common import (
+    TravellingServing,
+    check_model_reference,
+    jsonable,
+    model_load_error,
+)
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
 
 
-class ClipServing:
+class ClipServing(TravellingServing):
     r"""
     Embed images and texts into CLIP's joint space and score pairs by cosine similarity.
 
@@ -52,12 +57,18 @@ class ClipServing:
         self.model = check_model_reference(model)
         self.batch_size = batch_size
         self.torch_dtype = torch_dtype
-        self.device = resolve_devices(device)[0]
-        self.dtype = resolve_dtype(torch_dtype, self.device)
+        self._place(device)
         self.revision = revision
         self.trust_remote_code = trust_remote_code
         self._model: Any = None
         self._processor: Any = None
+
+    _unloaded = {"_model": None, "_processor": None}
+
+    def _place(self, device: str | None) -> None:
+        self._device_request = device
+        self.device = resolve_devices(device)[0]
+        self.dtype = resolve_dtype(self.torch_dtype, self.device)
 
     # ----------------------------------------------------------------- loading
     def load(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -101,3 +102,26 @@ def build_serving(
                 f"set {name} on the serving, or pass a model id or folder instead of a serving"
             )
     return model
+
+
+class TravellingServing:
+    """Pickling for servings sent to other processes (Ray actors, one per GPU).
+
+    A serving travels without its loaded models (the receiving process loads its own,
+    lazily) and, unless a device was pinned, picks the devices of the process it lands in:
+    the driver may have no GPU while every worker has one.
+    """
+
+    _unloaded: dict[str, Any] = {}
+    _device_request: str | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, **{name: copy.copy(value) for name, value in self._unloaded.items()}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._place(self._device_request)
+
+    def _place(self, device: str | None) -> None:
+        """Choose devices (and dtypes) for `device`, or for this process when None."""
+        raise NotImplementedError

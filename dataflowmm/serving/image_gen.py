@@ -15,13 +15,20 @@ from PIL import Image
 from dataflowmm.checks import check_positive_int
 from dataflowmm.io.images import to_rgb
 from dataflowmm.seeds import derive_seed
-from dataflowmm.serving.common import check_model_reference, jsonable, model_load_error
+from dataflowmm.serving.common import (
+    TravellingServing,
+    check_model_reference,
+    jsonable,
+    model_load_error,
+)
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
 
 TASKS = ("text2image", "image2image")
 
 
-class LocalImageGenServing:
+class LocalImageGenServing(TravellingServing):
+    _unloaded = {"_pipelines": []}
+
     r"""
     Generate images from prompts (and, for image-to-image, input images) with a local diffusers pipeline.
 
@@ -107,11 +114,15 @@ class LocalImageGenServing:
         self.torch_dtype = torch_dtype
         self.revision = revision
         self.trust_remote_code = trust_remote_code
-        self.devices = resolve_devices(device)
-        self.dtypes = [resolve_dtype(torch_dtype, dev) for dev in self.devices]
+        self._place(device)
         self.max_safety_retries = max_safety_retries
         self.call_kwargs = dict(call_kwargs or {})
         self._pipelines: list[Any] = []
+
+    def _place(self, device: str | None) -> None:
+        self._device_request = device
+        self.devices = resolve_devices(device)
+        self.dtypes = [resolve_dtype(self.torch_dtype, dev) for dev in self.devices]
 
     # ----------------------------------------------------------------- loading
     def load(self) -> None:
