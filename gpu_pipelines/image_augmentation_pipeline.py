@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from dataflowmm import FileStorage
+from dataflowmm.execution.options import add_runner_arguments, runner_from_args
 from dataflowmm.models.tiny import tiny_model_path
 from dataflowmm.operators import ImageCaptioner, ImageDiffusionAugmenter
 from dataflowmm.serving import LocalCaptionServing, LocalImageGenServing
@@ -26,6 +27,7 @@ DEFAULT_INPUT = HERE.parent / "example_data" / "image_captioning" / "images.json
 class ImageAugmentationPipeline:
     def __init__(
         self,
+        runner=None,
         diffusion_model: str = "CompVis/stable-diffusion-v1-4",
         caption_model: str = "Salesforce/blip2-opt-2.7b",
         input_file: str | Path = DEFAULT_INPUT,
@@ -44,6 +46,7 @@ class ImageAugmentationPipeline:
             cache_path=cache_path,
             file_name_prefix="dataflow_cache_step",
             cache_type="jsonl",
+            runner=runner,  # None: this process; RayRunner(...): a Ray cluster
         )
         self.caption_serving = LocalCaptionServing(caption_model, max_new_tokens=max_new_tokens,
                                                    batch_size=batch_size)
@@ -80,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--save-interval", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    add_runner_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None):
         diffusion, captioner = str(tiny_model_path("tiny-sd")), str(tiny_model_path("tiny-blip2"))
         steps, size, tokens = steps or 4, 32, 8
     pipeline = ImageAugmentationPipeline(
+        runner=runner_from_args(args),
         diffusion_model=diffusion,
         caption_model=captioner,
         input_file=args.input,

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from dataflowmm import FileStorage
+from dataflowmm.execution.options import add_runner_arguments, runner_from_args
 from dataflowmm.models.tiny import tiny_model_path
 from dataflowmm.operators import ImageCaptioner
 from dataflowmm.serving import LocalCaptionServing
@@ -21,6 +22,7 @@ DEFAULT_INPUT = HERE.parent / "example_data" / "image_captioning" / "images.json
 class ImageCaptioningPipeline:
     def __init__(
         self,
+        runner=None,
         model: str = "Salesforce/blip2-opt-2.7b",
         input_file: str | Path = DEFAULT_INPUT,
         cache_path: str | Path = "./cache_local/image_captioning",
@@ -38,6 +40,7 @@ class ImageCaptioningPipeline:
             cache_path=cache_path,
             file_name_prefix="dataflow_cache_step",
             cache_type="jsonl",
+            runner=runner,  # None: this process; RayRunner(...): a Ray cluster
         )
         self.serving = LocalCaptionServing(model, caption_num=caption_num, max_new_tokens=max_new_tokens,
                                            batch_size=batch_size)
@@ -76,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--save-interval", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    add_runner_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -85,6 +89,7 @@ def main(argv: list[str] | None = None):
     if args.tiny:
         model, max_new_tokens = str(tiny_model_path("tiny-blip2")), min(max_new_tokens, 8)
     pipeline = ImageCaptioningPipeline(
+        runner=runner_from_args(args),
         model=model,
         input_file=args.input,
         cache_path=args.cache_path,

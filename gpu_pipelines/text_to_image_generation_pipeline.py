@@ -2,6 +2,7 @@
 
     python text_to_image_generation_pipeline.py --tiny                  # offline, tiny random model
     python text_to_image_generation_pipeline.py --model black-forest-labs/FLUX.1-dev
+    python text_to_image_generation_pipeline.py --tiny --runner ray --replicas 2   # on Ray
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from dataflowmm import FileStorage
+from dataflowmm.execution.options import add_runner_arguments, runner_from_args
 from dataflowmm.models.tiny import tiny_model_path
 from dataflowmm.operators import PromptedImageGenerator
 from dataflowmm.serving import LocalImageGenServing
@@ -21,6 +23,7 @@ DEFAULT_INPUT = HERE.parent / "example_data" / "text_to_image" / "prompts.jsonl"
 class TextToImagePipeline:
     def __init__(
         self,
+        runner=None,
         model: str = "black-forest-labs/FLUX.1-dev",
         input_file: str | Path = DEFAULT_INPUT,
         cache_path: str | Path = "./cache_local/text_to_image",
@@ -38,6 +41,7 @@ class TextToImagePipeline:
             cache_path=cache_path,
             file_name_prefix="dataflow_cache_step",
             cache_type="jsonl",
+            runner=runner,  # None: this process; RayRunner(...): a Ray cluster
         )
         self.serving = LocalImageGenServing(
             model,
@@ -71,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-images-per-prompt", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (model default if unset)")
     parser.add_argument("--size", type=int, default=None, help="height and width in pixels (model default if unset)")
+    add_runner_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None):
     if args.tiny:
         model, steps, size = str(tiny_model_path("tiny-sd")), steps or 4, size or 32
     pipeline = TextToImagePipeline(
+        runner=runner_from_args(args),
         model=model,
         input_file=args.input,
         cache_path=args.cache_path,

@@ -242,3 +242,19 @@ def test_clear_errors_without_ray_or_without_a_cluster(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"pip install 'dataflowmm\[ray\]'"):
         RayRunner()
+
+
+def test_scaffold_script_runs_on_ray_with_the_same_output(tmp_path, ray_cluster):
+    from dataflowmm.scaffold import load_pipeline_module, scaffold_root
+
+    module = load_pipeline_module(scaffold_root() / "gpu_pipelines" / "text_to_image_generation_pipeline.py")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the 2 actors on this 2-core machine
+    try:
+        local = module.main(["--tiny", "--cache-path", str(tmp_path / "local")])
+    finally:
+        torch.set_num_threads(threads)
+    on_ray = module.main(["--tiny", "--cache-path", str(tmp_path / "ray"), "--runner", "ray", "--replicas", "2"])
+    same_outputs(tmp_path / "local", local, tmp_path / "ray", on_ray)
+    with pytest.raises(SystemExit, match="need --runner ray"):
+        module.main(["--tiny", "--replicas", "2"])
