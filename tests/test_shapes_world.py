@@ -36,7 +36,7 @@ def test_samples_are_deterministic_and_splits_differ():
 def test_captions_name_the_attributes_and_cover_the_world():
     world = ShapesWorld()
     captions = set()
-    for image, caption, attributes in world.samples(400):
+    for _image, caption, attributes in world.samples(400):
         assert caption == caption_for(attributes["shape"], attributes["colour"], attributes["background"])
         assert attributes["shape"] in SHAPES and attributes["colour"] in COLOUR_NAMES
         assert attributes["background"] != attributes["colour"]
@@ -55,7 +55,7 @@ def test_pixels_match_the_attributes():
         if attributes["shape"] == "triangle":  # the centroid lies lower than the box centre
             y += attributes["extent"] / 6
         assert nearest_colour(pixels[int(y), int(x)]) == attributes["colour"]
-        assert max(abs(a - b) for a, b in zip(attributes["shape_rgb"], COLOURS[attributes["colour"]])) <= 12
+        assert max(abs(a - b) for a, b in zip(attributes["shape_rgb"], COLOURS[attributes["colour"]], strict=True)) <= 12
 
 
 def test_pixel_judge_reads_generated_images_back():
