@@ -14,6 +14,7 @@ from typing import Any
 
 from dataflowmm.contract import ERROR_KEY, Operator, RowError, StepContext
 from dataflowmm.io.paths import relative_paths, resolve_paths
+from dataflowmm.seeds import RowIdentities
 
 
 def apply_batch(
@@ -52,6 +53,31 @@ def apply_batch(
     for row in out:
         if ERROR_KEY not in row:
             row[ERROR_KEY] = None
+    return out
+
+
+def apply_chunk(
+    operator: Operator,
+    rows: list[dict],
+    context: StepContext,
+    *,
+    first_row: int,
+    batch_size: int,
+    source: str | os.PathLike,
+    on_batch: Callable[[int], Any] | None = None,
+) -> list[dict]:
+    """Output rows of a chunk of the step's input, batch by batch through `apply_batch`.
+
+    `first_row` (the chunk's position in the step's input) is a multiple of `batch_size`, so
+    batches are the same whatever the chunking; `on_batch(rows_done)` follows progress.
+    """
+    out: list[dict] = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        out.extend(apply_batch(operator, batch, RowIdentities(batch, first_row + start), context,
+                               first_row=first_row + start, source=source))
+        if on_batch is not None:
+            on_batch(len(batch))
     return out
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dataflowmm.execution.batch import apply_batch
+from dataflowmm.execution.batch import apply_chunk
 from dataflowmm.execution.step import (
-    PreparedStep,
     StepOutput,
     StepSummary,
-    identify,
     prepare_step,
     progress_bar,
 )
@@ -36,20 +34,12 @@ class LocalRunner:
         try:
             with progress_bar(step, output.rows_done) as progress:
                 for first, rows in output.pending_chunks():
-                    output.add_chunk(len(rows), self._chunk_rows(step, first, rows, progress))
+                    output.add_chunk(len(rows), apply_chunk(
+                        step.operator, rows, step.context, first_row=first, batch_size=step.batch_size,
+                        source=step.source, on_batch=progress.update))
         finally:
             output.close()
         return output.publish()
-
-    @staticmethod
-    def _chunk_rows(step: PreparedStep, first: int, rows: list[dict], progress) -> list[dict]:
-        out: list[dict] = []
-        for start in range(0, len(rows), step.batch_size):
-            batch = rows[start:start + step.batch_size]
-            out.extend(apply_batch(step.operator, batch, identify(batch, first + start), step.context,
-                                   first_row=first + start, source=step.source))
-            progress.update(len(batch))
-        return out
 
     def __repr__(self) -> str:
         return "LocalRunner()"

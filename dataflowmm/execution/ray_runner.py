@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from dataflowmm.checks import check_positive_int
 from dataflowmm.contract import RowError, StepContext
-from dataflowmm.execution.batch import apply_batch
+from dataflowmm.execution.batch import apply_chunk
 from dataflowmm.execution.step import (
     PreparedStep,
     StepOutput,
     StepSummary,
-    identify,
     prepare_step,
     progress_bar,
 )
@@ -215,7 +214,9 @@ class _ChunkWorker:
                 if self.problem is not None:
                     raise self.problem
                 rows = self._rows(batch, index)
-                rows_in, payload = len(rows), dumps_rows(self._process(rows, int(batch["first"][index])))
+                out = apply_chunk(self.operator, rows, self.context, first_row=int(batch["first"][index]),
+                                  batch_size=self.batch_size, source=self.source)
+                rows_in, payload = len(rows), dumps_rows(out)
             except _DATA_ERRORS as error:
                 failure = pickle.dumps(error)
             results["chunk"].append(int(batch["chunk"][index]))
@@ -244,14 +245,6 @@ class _ChunkWorker:
         span = JsonlSpan(int(batch["first"][index]), int(batch["rows"][index]), int(batch["start"][index]),
                          int(batch["end"][index]), int(batch["line"][index]))
         return read_jsonl_span(self.source, span)
-
-    def _process(self, rows: list[dict], first: int) -> list[dict]:
-        out: list[dict] = []
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start:start + self.batch_size]
-            out.extend(apply_batch(self.operator, batch, identify(batch, first + start), self.context,
-                                   first_row=first + start, source=self.source))
-        return out
 
 
 def _storage_problem(context: StepContext, source: str) -> StorageNotShared | None:

@@ -22,7 +22,6 @@ from dataflowmm.contract import Operator, StepContext
 from dataflowmm.execution.batch import OutputCounts
 from dataflowmm.execution.checkpoints import StepCheckpoint
 from dataflowmm.io.records import dumps_rows, iter_records
-from dataflowmm.seeds import RowIdentities
 from dataflowmm.storage import fingerprint
 
 if TYPE_CHECKING:
@@ -76,11 +75,6 @@ def check_required_keys(source: Path, keys: list[str]) -> None:
     if rows:
         key = next(key for key in keys if key in missing)
         raise KeyError(f"{source}: no row has key {key!r}; keys found: {sorted(found)}")
-
-
-def identify(rows: list[dict], first_index: int) -> RowIdentities:
-    """Identities of rows starting at position `first_index` of the step's input (computed on use)."""
-    return RowIdentities(rows, first_index)
 
 
 @dataclass
