@@ -130,6 +130,7 @@ class StepOutput:
         self.chunks_resumed = self.checkpoint.finished
         self.counts = OutputCounts(step.operator.image_output_keys(), step.context.output_dir,
                                    step.context.save_dir)
+        _remove_stale_temp_files(step)
         self.rows_out = 0
         for chunk in self.checkpoint.chunks:
             self.rows_out += chunk["rows_out"]
@@ -184,6 +185,19 @@ class StepOutput:
 
     def close(self) -> None:
         self.checkpoint.close()
+
+
+def _remove_stale_temp_files(step: PreparedStep) -> None:
+    """Temp files of images a killed run was writing, in the step's own images folder.
+
+    A process killed mid-write (the driver, or actors dying with it) cannot remove its
+    temp file; the rerun writes the image again under its real name. Never done in a
+    user's `save_dir`, which other runs may share.
+    """
+    if step.context.save_dir != step.storage.images_dir.resolve():
+        return
+    for temp in step.context.save_dir.glob(".*.tmp"):
+        temp.unlink(missing_ok=True)
 
 
 def progress_bar(step: PreparedStep, done: int) -> tqdm:
