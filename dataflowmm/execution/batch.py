@@ -90,7 +90,8 @@ class OutputCounts:
 
     Derived from the rows themselves (the `error` key, and paths under the step's images
     folder in the operator's image output keys), so the counts are the same whichever
-    runner produced the rows and however they travelled.
+    runner produced the rows and however they travelled. `referenced` keeps every such
+    path, so files the output does not point to can be told apart.
     """
 
     def __init__(self, image_keys: list[str], output_dir: Path, save_dir: Path):
@@ -99,18 +100,23 @@ class OutputCounts:
         self.save_prefix = str(save_dir).rstrip(os.sep) + os.sep
         self.errors = 0
         self.images = 0
+        self.referenced: set[str] = set()
 
     def add(self, rows: list[dict]) -> None:
         for row in rows:
-            if row.get(ERROR_KEY) is not None:
-                self.errors += 1
-            elif self.image_keys:
-                self.images += sum(self._generated(row.get(key)) for key in self.image_keys)
+            failed = row.get(ERROR_KEY) is not None
+            self.errors += failed
+            for key in self.image_keys:
+                generated = self._generated(row.get(key))
+                self.referenced.update(generated)
+                if not failed:
+                    self.images += len(generated)
 
-    def _generated(self, value: Any) -> int:
+    def _generated(self, value: Any) -> list[str]:
+        """Absolute paths under the images folder in one cell (a path or nested lists of them)."""
         if isinstance(value, list):
-            return sum(self._generated(item) for item in value)
+            return [path for item in value for path in self._generated(item)]
         if not isinstance(value, str):
-            return 0
+            return []
         path = os.path.normpath(os.path.join(self.output_dir, value))
-        return int(path.startswith(self.save_prefix))
+        return [path] if path.startswith(self.save_prefix) else []

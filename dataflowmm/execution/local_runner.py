@@ -31,14 +31,11 @@ class LocalRunner:
         if isinstance(step, StepSummary):
             return step
         output = StepOutput(step)
-        try:
-            with progress_bar(step, output.rows_done) as progress:
-                for first, rows in output.pending_chunks():
-                    output.add_chunk(len(rows), apply_chunk(
-                        step.operator, rows, step.context, first_row=first, batch_size=step.batch_size,
-                        source=step.source, on_batch=progress.update))
-        finally:
-            output.close()
+        with output.running(), progress_bar(step, output.rows_done) as progress:
+            for first, rows in output.pending_chunks():
+                output.add_chunk(len(rows), apply_chunk(
+                    step.operator, rows, step.context, first_row=first, batch_size=step.batch_size,
+                    source=step.source, on_batch=progress.update))
         return output.publish()
 
     def __repr__(self) -> str:

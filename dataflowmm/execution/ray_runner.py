@@ -118,7 +118,7 @@ class RayRunner:
         if isinstance(step, StepSummary):
             return step
         output = StepOutput(step)
-        try:
+        with output.running():
             chunks = self._pending_chunks(step, output)
             if chunks:
                 connect(self.address, self.num_cpus)
@@ -128,8 +128,6 @@ class RayRunner:
                             raise RuntimeError(f"Ray returned chunk {chunk} where {output.next_chunk} was due")
                         output.add_serialized_chunk(rows_in, payload)
                         progress.update(rows_in)
-        finally:
-            output.close()
         return output.publish()
 
     @staticmethod

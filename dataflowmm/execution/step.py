@@ -8,6 +8,8 @@ where `apply_batch` runs on each batch of each chunk.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -51,6 +53,18 @@ class StepSummary:
         return (f"[dataflowmm] step {self.step} {self.operator}: {self.rows_in} rows in, "
                 f"{self.rows_out} rows out, {self.images_written} images written, "
                 f"{self.errors} errors, {self.seconds:.1f} s{resumed} -> {self.output_path}")
+
+
+class StepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a step, with what was saved and how to go on."""
+
+    def __init__(self, step: int, operator: str, rows_saved: int, rows_total: int, chunks_saved: int,
+                 chunk_rows: int):
+        self.rows_saved, self.rows_total, self.chunks_saved = rows_saved, rows_total, chunks_saved
+        saved = (f"{rows_saved} of {rows_total} rows saved in {chunks_saved} finished chunks; run the "
+                 "same command to resume" if chunks_saved else
+                 f"0 of {rows_total} rows saved (a chunk of {chunk_rows} rows is saved when it finishes)")
+        super().__init__(f"interrupted in step {step} {operator}: {saved}")
 
 
 def chunk_size(save_interval: int, batch_size: int) -> int:
@@ -104,21 +118,57 @@ def prepare_step(storage: FileStorage, operator: Operator) -> PreparedStep | Ste
     input_fp = storage.input_fingerprint()
     step_fp = fingerprint(input_fp, operator.name, params)
     if storage.is_finished(step_fp):
-        rows = storage.manifest()["rows"]
-        summary = StepSummary(storage.operator_step, operator.name, storage.manifest().get("rows_in", rows),
-                              rows, 0, 0, time.perf_counter() - started, str(storage.output_path), reused=True)
-        tqdm.write(summary.line(), file=sys.stderr)
-        return summary
+        stale = _why_not_reusable(storage, operator)
+        if stale is None:
+            manifest = storage.manifest()
+            summary = StepSummary(storage.operator_step, operator.name, manifest.get("rows_in", manifest["rows"]),
+                                  manifest["rows"], 0, 0, time.perf_counter() - started,
+                                  str(storage.output_path), reused=True)
+            tqdm.write(summary.line(), file=sys.stderr)
+            return summary
+        tqdm.write(f"[dataflowmm] step {storage.operator_step} {operator.name}: recomputing the "
+                   f"finished output: {stale}", file=sys.stderr)
     context = StepContext(
         step=storage.operator_step,
         input_dir=storage.input_path.resolve().parent,
         output_dir=storage.output_path.resolve().parent,
         save_dir=operator.resolve_save_dir(storage.images_dir).resolve(),
     )
-    context.save_dir.mkdir(parents=True, exist_ok=True)
+    if operator.image_output_keys():  # a captioning step gets no empty images folder
+        context.save_dir.mkdir(parents=True, exist_ok=True)
     batch_size = max(1, int(operator.batch_size))
     return PreparedStep(storage, operator, params, input_fp, step_fp, context, batch_size,
                         chunk_size(int(operator.settings.save_interval), batch_size), started)
+
+
+def _why_not_reusable(storage: FileStorage, operator: Operator) -> str | None:
+    """Why a finished output with the same fingerprint must be recomputed, else None.
+
+    The fingerprint covers inputs and parameters, not what happened since: images the
+    output points to may have been deleted, and `strict` (which does not change what a
+    successful step writes) cannot accept an output that recorded failed rows.
+    """
+    manifest = storage.manifest() or {}
+    if operator.settings.strict and manifest.get("errors"):
+        return f"strict=True and it recorded {manifest['errors']} failed rows"
+    keys = operator.image_output_keys()
+    if not keys:
+        return None
+    output_dir = storage.output_path.resolve().parent
+    for number, row in enumerate(iter_records(storage.output_path)):
+        for key in keys:
+            for path in _paths_in(row.get(key)):
+                if not (output_dir / path).is_file():
+                    return f"row {number} key {key!r}: image {path} is missing"
+    return None
+
+
+def _paths_in(value: Any) -> Iterator[str]:
+    if isinstance(value, list):
+        for item in value:
+            yield from _paths_in(item)
+    elif isinstance(value, str) and value:
+        yield value
 
 
 class StepOutput:
@@ -177,6 +227,7 @@ class StepOutput:
                                rows=self.rows_out, extra={"rows_in": rows_in, "errors": self.counts.errors,
                                                          "images_written": self.counts.images})
         self.checkpoint.remove()
+        self._remove_unreferenced_images()
         summary = StepSummary(storage.operator_step, step.operator.name, rows_in, self.rows_out,
                               self.counts.images, self.counts.errors, time.perf_counter() - step.started,
                               output_path, chunks_resumed=self.chunks_resumed)
@@ -185,6 +236,49 @@ class StepOutput:
 
     def close(self) -> None:
         self.checkpoint.close()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Around the computing of chunks: on any failure, `abandon`; Ctrl-C says what was saved."""
+        try:
+            yield
+        except KeyboardInterrupt as interrupt:
+            self.abandon()
+            step = self.step
+            raise StepInterrupted(step.context.step, step.operator.name, self.rows_done,
+                                  step.storage.count_input_rows(), self.checkpoint.finished,
+                                  step.chunk_rows) from interrupt
+        except BaseException:
+            self.abandon()
+            raise
+        finally:
+            self.checkpoint.close()
+
+    def abandon(self) -> None:
+        """After a failure: keep finished chunks for the rerun, leave no empty folders behind."""
+        self.checkpoint.close()
+        if not self.checkpoint.finished:
+            self.checkpoint.remove()
+        if self._owns_images_folder():
+            _remove_empty_folders(self.step.context.save_dir)
+
+    def _owns_images_folder(self) -> bool:
+        """The step's default images folder is its own; a user's `save_dir` may be shared."""
+        return self.step.context.save_dir == self.step.storage.images_dir.resolve()
+
+    def _remove_unreferenced_images(self) -> None:
+        """Files in the step's own images folder that its output does not point to.
+
+        Left by an earlier run with other parameters (e.g. more images per row): nothing
+        references them any more, and they would be mistaken for part of the dataset.
+        """
+        folder = self.step.context.save_dir
+        if not self._owns_images_folder() or not folder.is_dir():
+            return
+        for path in folder.rglob("*"):
+            if path.is_file() and str(path) not in self.counts.referenced:
+                path.unlink()
+        _remove_empty_folders(folder)
 
 
 def _remove_stale_temp_files(step: PreparedStep) -> None:
@@ -200,7 +294,60 @@ def _remove_stale_temp_files(step: PreparedStep) -> None:
         temp.unlink(missing_ok=True)
 
 
-def progress_bar(step: PreparedStep, done: int) -> tqdm:
-    """A progress bar over the step's input rows (off when stderr is not a terminal)."""
-    return tqdm(total=step.storage.count_input_rows(), initial=done, unit="row",
-                desc=f"step {step.context.step} {step.operator.name}", disable=None, file=sys.stderr)
+def _remove_empty_folders(folder: Path) -> None:
+    """`folder` and the folders below it that hold no file."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+PROGRESS_INTERVAL_ENV = "DATAFLOWMM_PROGRESS_INTERVAL"
+
+
+class ProgressLines:
+    """Progress for logs: one line every `interval` seconds (rows done, rows/s, ETA).
+
+    Used when stderr is not a terminal (a batch job, `nohup`, CI), where a bar would print
+    nothing until the step ends.
+    """
+
+    def __init__(self, description: str, total: int, initial: int, interval: float):
+        self.description, self.total, self.done = description, total, initial
+        self.interval = interval
+        self.started = self.last = time.monotonic()
+        self.counted = 0  # rows done by this run (the rate ignores resumed rows)
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        self.counted += rows
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            print(self.line(now), file=sys.stderr, flush=True)
+
+    def line(self, now: float) -> str:
+        rate = self.counted / max(now - self.started, 1e-9)
+        left = max(self.total - self.done, 0)
+        eta = time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 else "?"
+        return (f"[dataflowmm] {self.description}: {self.done}/{self.total} rows, "
+                f"{rate:.1f} rows/s, ETA {eta}")
+
+    def __enter__(self) -> ProgressLines:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        return None
+
+
+def progress_bar(step: PreparedStep, done: int) -> tqdm | ProgressLines:
+    """A bar over the step's input rows on a terminal; progress lines at a steady interval otherwise."""
+    description = f"step {step.context.step} {step.operator.name}"
+    total = step.storage.count_input_rows()
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=done, unit="row", desc=description, file=sys.stderr)
+    interval = float(os.environ.get(PROGRESS_INTERVAL_ENV) or 30)
+    return ProgressLines(description, total, done, interval)

@@ -20,6 +20,9 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file private (0600); once renamed into place it is a published
+    # file and gets the mode the user's umask gives any new file (0644 under umask 022).
+    os.fchmod(handle, 0o666 & ~current_umask())
     encoding = None if "b" in mode else "utf-8"
     try:
         with os.fdopen(handle, mode, encoding=encoding) as file:
@@ -31,6 +34,20 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting it back at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> None:

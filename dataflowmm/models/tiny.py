@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from dataflowmm.io.atomic import current_umask
+
 # Bump when a builder changes so cached folders are rebuilt.
 BUILDER_VERSION = 1
 MODELS_DIR_ENV = "DATAFLOWMM_MODELS_DIR"
@@ -62,6 +64,7 @@ def tiny_model_path(name: str, models_dir: str | Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so a killed build never looks finished.
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared models folder
     try:
         build(staging)
         (staging / _STAMP).write_text(json.dumps({"name": name, "builder_version": BUILDER_VERSION}))
