@@ -18,8 +18,9 @@ from transformers import LogitsProcessor
 
 from dataflowmm.io.images import to_rgb
 from dataflowmm.seeds import derive_seed
-from dataflowmm.serving.common import TravellingServing, check_model_reference
+from dataflowmm.serving.common import TravellingServing, check_model_reference, model_load_error
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
+from dataflowmm.serving.model_source import model_content, model_source
 
 DEFAULT_CHAT_PROMPT = "Describe this image in one sentence."
 # Model types whose generate() takes pixel values directly (no chat template).
@@ -183,14 +184,13 @@ class LocalCaptionServing(TravellingServing):
         if self._components is not None:
             return
         try:
-            components = _load_processor(self.model, self.revision, self.trust_remote_code)
+            source, options = model_source(self.model)
+            options.update(revision=self.revision, trust_remote_code=self.trust_remote_code)
+            components = _load_processor(source, options)
             for device in self.devices:
-                components.replicas[device] = self._load_model(device)
+                components.replicas[device] = self._load_model(source, options, device)
         except Exception as exc:
-            raise RuntimeError(
-                f"could not load caption model {self.model!r}: {exc}. Without network access, "
-                "pass a local model folder (tiny test models: `dataflowmm models tiny DIR`)."
-            ) from exc
+            raise model_load_error(self.model, exc) from exc
         components.family = _family(next(iter(components.replicas.values())), components.processor)
         if components.family not in ("blip", "vision-encoder-decoder"):
             components.tokenizer.padding_side = "left"  # decoder-only prompts end where text starts
@@ -249,6 +249,7 @@ class LocalCaptionServing(TravellingServing):
         return {
             "serving": type(self).__name__,
             "model": self.model,
+            **model_content(self.model),
             "revision": self.revision,
             "caption_num": self.caption_num,
             "max_new_tokens": self.max_new_tokens,
@@ -271,13 +272,10 @@ class LocalCaptionServing(TravellingServing):
 
     # ------------------------------------------------------------------ internals
 
-    def _load_model(self, device: str):
+    def _load_model(self, source: str, options: dict, device: str):
         from transformers import AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_pretrained(
-            self.model, dtype=self.dtype, revision=self.revision,
-            trust_remote_code=self.trust_remote_code,
-        )
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=self.dtype, **options)
         return model.to(device).eval()
 
     def _generate(self, device: str, images: list[Image.Image], prompt: str | None,
@@ -334,7 +332,7 @@ def _check_generate_kwargs(generate_kwargs: dict | None) -> dict:
     return generate_kwargs
 
 
-def _load_processor(source: str, revision: str | None, trust_remote_code: bool) -> _Components:
+def _load_processor(source: str, options: dict) -> _Components:
     """The processor plus its tokenizer and image processor, whichever `AutoProcessor` gives.
 
     Some captioners (e.g. ViT+GPT-2) ship no combined processor: `AutoProcessor` then
@@ -342,7 +340,6 @@ def _load_processor(source: str, revision: str | None, trust_remote_code: bool) 
     """
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-    options = {"revision": revision, "trust_remote_code": trust_remote_code}
     processor = AutoProcessor.from_pretrained(source, **options)
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:

@@ -17,6 +17,7 @@ from dataflowmm.serving.common import (
     model_load_error,
 )
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
+from dataflowmm.serving.model_source import model_content, model_source
 
 
 class ClipServing(TravellingServing):
@@ -77,12 +78,11 @@ class ClipServing(TravellingServing):
             return
         from transformers import AutoModel, AutoProcessor
 
-        options = {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
         try:
-            processor = AutoProcessor.from_pretrained(self.model, **options)
-            model = AutoModel.from_pretrained(
-                self.model, **{_dtype_keyword(): self.dtype}, **options
-            )
+            source, options = model_source(self.model)
+            options.update(revision=self.revision, trust_remote_code=self.trust_remote_code)
+            processor = AutoProcessor.from_pretrained(source, **options)
+            model = AutoModel.from_pretrained(source, **{_dtype_keyword(): self.dtype}, **options)
         except Exception as exc:
             raise model_load_error(self.model, exc) from exc
         for method in ("get_image_features", "get_text_features"):
@@ -192,6 +192,7 @@ class ClipServing(TravellingServing):
             {
                 "serving": type(self).__name__,
                 "model": self.model,
+                **model_content(self.model),
                 "revision": self.revision,
                 "torch_dtype": str(self.torch_dtype),
             }

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from dataflowmm.serving.model_source import hub_unreachable_hint, tiny_name
+
 
 def check_model_reference(model: str | os.PathLike) -> str:
     """`model` as a string; a local path (one that exists, or starts with "/", "." or "~")
@@ -15,7 +17,9 @@ def check_model_reference(model: str | os.PathLike) -> str:
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     if not isinstance(model, str) or not model:
-        raise ValueError(f"model must be a hub id or a local folder, got {model!r}")
+        raise ValueError(f"model must be a hub id, a local folder or tiny:NAME, got {model!r}")
+    if tiny_name(model) is not None:
+        return model
     looks_local = os.path.exists(model) or model.startswith(("/", ".", "~"))
     if looks_local and not Path(model).expanduser().is_dir():
         raise FileNotFoundError(
@@ -27,6 +31,9 @@ def check_model_reference(model: str | os.PathLike) -> str:
 
 def model_load_error(model: str, exc: BaseException) -> RuntimeError:
     """The error raised when `model` cannot be loaded, with what to do about it."""
+    unreachable = hub_unreachable_hint(model)
+    if unreachable is not None:
+        return RuntimeError(f"could not load model {model!r}: {unreachable}")
     detail = " ".join(str(exc).split()).rstrip(".")
     return RuntimeError(
         f"could not load model {model!r} ({type(exc).__name__}: {detail}). "

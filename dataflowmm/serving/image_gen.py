@@ -22,6 +22,7 @@ from dataflowmm.serving.common import (
     model_load_error,
 )
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
+from dataflowmm.serving.model_source import model_content, model_source
 
 TASKS = ("text2image", "image2image")
 
@@ -161,19 +162,16 @@ class LocalImageGenServing(TravellingServing):
         auto = (
             AutoPipelineForText2Image if self.task == "text2image" else AutoPipelineForImage2Image
         )
-        options = {
-            "torch_dtype": dtype,
-            "revision": self.revision,
-            "trust_remote_code": self.trust_remote_code,
-        }
         try:
+            source, options = model_source(self.model)
+            options.update(torch_dtype=dtype, revision=self.revision, trust_remote_code=self.trust_remote_code)
             with warnings.catch_warnings():
                 # diffusers >= 0.42 prefers `dtype`; older releases know only `torch_dtype`.
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
                 try:
-                    return auto.from_pretrained(self.model, **options)
+                    return auto.from_pretrained(source, **options)
                 except ValueError:  # the auto class does not know this pipeline
-                    return DiffusionPipeline.from_pretrained(self.model, **options)
+                    return DiffusionPipeline.from_pretrained(source, **options)
         except Exception as exc:
             raise model_load_error(self.model, exc) from exc
 
@@ -369,6 +367,7 @@ class LocalImageGenServing(TravellingServing):
         values = {
             "serving": type(self).__name__,
             "model": self.model,
+            **model_content(self.model),
             "revision": self.revision,
             "task": self.task,
             "num_images_per_prompt": self.num_images_per_prompt,

@@ -1,0 +1,123 @@
+"""Where a serving's model comes from, and what identifies it in a step's fingerprint.
+
+A model reference is one of:
+- `tiny:NAME`: a tiny offline model (`dataflowmm models list`), built on first use into
+  `$DATAFLOWMM_MODELS_DIR`;
+- a local folder, identified by its content (config files and weights), so a folder
+  rebuilt with other weights at the same path does not reuse cached steps;
+- a Hugging Face Hub id. When the Hub cannot be reached (and `HF_HUB_OFFLINE` is not set),
+  only the local Hugging Face cache is tried, at once, instead of retrying for half a minute.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+TINY_PREFIX = "tiny:"
+HUB_ENDPOINT_ENV = "HF_ENDPOINT"
+DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
+# Weight files up to this size are hashed whole; larger ones by size and sampled blocks,
+# so a 20 GB checkpoint is identified in milliseconds rather than a minute.
+FULL_HASH_LIMIT = 64 << 20
+SAMPLE_BYTES = 1 << 20
+
+
+def tiny_name(model: str) -> str | None:
+    """NAME of a `tiny:NAME` reference (checked against the known tiny models), else None."""
+    if not model.startswith(TINY_PREFIX):
+        return None
+    from dataflowmm.models.tiny import TINY_MODELS
+
+    name = model[len(TINY_PREFIX):]
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {model!r}; choose from "
+                         + ", ".join(TINY_PREFIX + known for known in TINY_MODELS))
+    return name
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_endpoint() -> str:
+    return os.environ.get(HUB_ENDPOINT_ENV) or DEFAULT_HUB_ENDPOINT
+
+
+@functools.lru_cache(maxsize=4)
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether `endpoint` answers at all (any HTTP status counts), within `timeout` seconds."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return True
+
+
+def model_source(model: str) -> tuple[str, dict]:
+    """What to give `from_pretrained` for `model`: the name or folder, and extra options."""
+    name = tiny_name(model)
+    if name is not None:
+        from dataflowmm.models.tiny import tiny_model_path
+
+        return str(tiny_model_path(name)), {}
+    if Path(model).is_dir() or hub_offline() or hub_reachable(hub_endpoint()):
+        return model, {}
+    return model, {"local_files_only": True}
+
+
+def hub_unreachable_hint(model: str) -> str | None:
+    """The explanation when `model` is a Hub id and the Hub cannot be reached, else None."""
+    if tiny_name(model) is not None or Path(model).is_dir() or hub_offline():
+        return None
+    endpoint = hub_endpoint()
+    if hub_reachable(endpoint):
+        return None
+    return (f"the Hugging Face Hub ({endpoint}) cannot be reached from here and {model!r} is not "
+            "in the local Hugging Face cache; give a local model folder or a tiny model "
+            "(e.g. tiny:tiny-sd), or download the model where there is network. Set "
+            "HF_HUB_OFFLINE=1 to skip the network check")
+
+
+def model_content(model: str) -> dict:
+    """What identifies `model` beyond its name: a local folder's content digest."""
+    name = tiny_name(model)
+    if name is not None:
+        from dataflowmm.models.tiny import BUILDER_VERSION
+
+        return {"model_builder": BUILDER_VERSION}
+    folder = Path(model)
+    if folder.is_dir():
+        return {"model_content": folder_digest(folder)}
+    return {}
+
+
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over every file's relative path, size and content (sampled for huge files)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0".encode())
+        digest.update(bytes.fromhex(_file_digest(str(path), stat.st_size, stat.st_mtime_ns)))
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """Digest of one file (cached per size and modification time: config() runs every step)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        if size <= FULL_HASH_LIMIT:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            for offset in (0, size // 2, size - SAMPLE_BYTES):
+                file.seek(offset)
+                digest.update(file.read(SAMPLE_BYTES))
+    return digest.hexdigest()
