@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from dataflowmm.models.tiny import TINY_MODELS, build_tiny_models, default_models_dir
+from dataflowmm.console import DEBUG_FLAG, quiet_model_libraries, run_script
+from dataflowmm.models.tiny import TINY_MODELS, build_tiny_models, default_models_dir, is_built
 from dataflowmm.scaffold import init_project, load_pipeline_module
 
 # The demo runs each scaffolded pipeline with --tiny, in this order.
@@ -20,8 +21,26 @@ DEMO_PIPELINES = [
 
 @click.group()
 @click.version_option(package_name="dataflowmm")
-def main() -> None:
+@click.option(DEBUG_FLAG, is_flag=True, help="show tracebacks and the model libraries' messages")
+def main(debug: bool) -> None:
     """Synthesise and curate image-text training data with storage-stepped pipelines."""
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The `dataflowmm` command: a mistake prints one line, Ctrl-C one line (`--debug`: tracebacks)."""
+
+    def invoke(arguments: list[str]) -> None:
+        try:
+            code = main.main(args=arguments, prog_name="dataflowmm", standalone_mode=False)
+        except click.exceptions.Abort as abort:  # click turns Ctrl-C into Abort
+            raise (abort.__context__ or KeyboardInterrupt()) from None
+        except click.ClickException as error:
+            error.show()
+            raise SystemExit(error.exit_code) from None
+        if isinstance(code, int) and code:
+            raise SystemExit(code)
+
+    run_script(invoke, argv)
 
 
 @main.command()
@@ -44,7 +63,7 @@ def init(directory: Path, force: bool) -> None:
               type=click.Path(file_okay=False, path_type=Path), help="folder for scaffolds and outputs")
 def demo(out: Path) -> None:
     """Run every scaffolded pipeline end to end on tiny offline models."""
-    _quiet_model_libraries()
+    quiet_model_libraries()
     out.mkdir(parents=True, exist_ok=True)
     init_project(out, force=True)
     for script, name in DEMO_PIPELINES:
@@ -54,17 +73,6 @@ def demo(out: Path) -> None:
         for summary in summaries if isinstance(summaries, list) else [summaries]:
             _show_output(summary.output_path)
     click.echo(f"demo finished: outputs under {out.resolve() / 'cache_local'}")
-
-
-def _quiet_model_libraries() -> None:
-    """The demo's output is our step lines: silence the libraries' load bars and notices."""
-    import diffusers
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    diffusers.logging.set_verbosity_error()
-    diffusers.logging.disable_progress_bar()
 
 
 def _show_output(output_path: str, rows_shown: int = 2) -> None:
@@ -93,6 +101,9 @@ def models_tiny(directory: Path | None, names: tuple[str, ...]) -> None:
 
 @models.command("list")
 def models_list() -> None:
-    """Names of the tiny models that can be built."""
+    """Tiny models by name (use them as tiny:NAME), where each is, and whether it is built."""
+    root = default_models_dir()
     for name in TINY_MODELS:
-        click.echo(name)
+        folder = root / name
+        state = "built" if is_built(folder) else "not built (built on first use)"
+        click.echo(f"tiny:{name:28s} {state:32s} {folder}")

@@ -15,13 +15,14 @@ import argparse
 from pathlib import Path
 
 from dataflowmm import FileStorage
+from dataflowmm.console import run_script
 from dataflowmm.execution.options import add_runner_arguments, runner_from_args
-from dataflowmm.models.tiny import tiny_model_path
 from dataflowmm.operators import ImageCaptioner, ImageDiffusionAugmenter
 from dataflowmm.serving import LocalCaptionServing, LocalImageGenServing
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_INPUT = HERE.parent / "example_data" / "image_captioning" / "images.jsonl"
+DEFAULT_CACHE = HERE.parent / "cache_local" / "image_augmentation"  # beside example_data, wherever you run from
 
 
 class ImageAugmentationPipeline:
@@ -31,7 +32,7 @@ class ImageAugmentationPipeline:
         diffusion_model: str = "CompVis/stable-diffusion-v1-4",
         caption_model: str = "Salesforce/blip2-opt-2.7b",
         input_file: str | Path = DEFAULT_INPUT,
-        cache_path: str | Path = "./cache_local/image_augmentation",
+        cache_path: str | Path = DEFAULT_CACHE,
         aug_num: int = 2,
         strength: float = 0.8,
         num_inference_steps: int | None = None,
@@ -75,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--diffusion-model", default="CompVis/stable-diffusion-v1-4")
     parser.add_argument("--caption-model", default="Salesforce/blip2-opt-2.7b")
     parser.add_argument("--input", default=str(DEFAULT_INPUT), help="jsonl with an images list per row")
-    parser.add_argument("--cache-path", default="./cache_local/image_augmentation")
+    parser.add_argument("--cache-path", default=str(DEFAULT_CACHE))
     parser.add_argument("--aug-num", type=int, default=2)
     parser.add_argument("--strength", type=float, default=0.8)
     parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (model default if unset)")
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None):
     args = parse_args(argv)
     diffusion, captioner, steps, size, tokens = args.diffusion_model, args.caption_model, args.steps, args.image_size, 32
     if args.tiny:
-        diffusion, captioner = str(tiny_model_path("tiny-sd")), str(tiny_model_path("tiny-blip2"))
+        diffusion, captioner = "tiny:tiny-sd", "tiny:tiny-blip2"
         steps, size, tokens = steps or 4, 32, 8
     pipeline = ImageAugmentationPipeline(
         runner=runner_from_args(args),
@@ -112,4 +113,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a mistake prints one line; --debug shows the traceback

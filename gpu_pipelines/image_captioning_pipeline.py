@@ -10,13 +10,14 @@ import argparse
 from pathlib import Path
 
 from dataflowmm import FileStorage
+from dataflowmm.console import run_script
 from dataflowmm.execution.options import add_runner_arguments, runner_from_args
-from dataflowmm.models.tiny import tiny_model_path
 from dataflowmm.operators import ImageCaptioner
 from dataflowmm.serving import LocalCaptionServing
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_INPUT = HERE.parent / "example_data" / "image_captioning" / "images.jsonl"
+DEFAULT_CACHE = HERE.parent / "cache_local" / "image_captioning"  # beside example_data, wherever you run from
 
 
 class ImageCaptioningPipeline:
@@ -25,7 +26,7 @@ class ImageCaptioningPipeline:
         runner=None,
         model: str = "Salesforce/blip2-opt-2.7b",
         input_file: str | Path = DEFAULT_INPUT,
-        cache_path: str | Path = "./cache_local/image_captioning",
+        cache_path: str | Path = DEFAULT_CACHE,
         caption_num: int = 1,
         keep_candidate_mode: str = "random_any",
         keep_original_sample: bool = True,
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="use the tiny random-weight BLIP-2 (offline, CPU)")
     parser.add_argument("--model", default="Salesforce/blip2-opt-2.7b", help="hub id or local folder")
     parser.add_argument("--input", default=str(DEFAULT_INPUT), help="jsonl with an images list per row")
-    parser.add_argument("--cache-path", default="./cache_local/image_captioning")
+    parser.add_argument("--cache-path", default=str(DEFAULT_CACHE))
     parser.add_argument("--caption-num", type=int, default=1)
     parser.add_argument("--keep-candidate-mode", default="random_any",
                         choices=["random_any", "similar_one_simhash", "all"])
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None):
     args = parse_args(argv)
     model, max_new_tokens = args.model, args.max_new_tokens
     if args.tiny:
-        model, max_new_tokens = str(tiny_model_path("tiny-blip2")), min(max_new_tokens, 8)
+        model, max_new_tokens = "tiny:tiny-blip2", min(max_new_tokens, 8)
     pipeline = ImageCaptioningPipeline(
         runner=runner_from_args(args),
         model=model,
@@ -106,4 +107,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a mistake prints one line; --debug shows the traceback

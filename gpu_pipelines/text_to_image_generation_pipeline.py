@@ -11,13 +11,14 @@ import argparse
 from pathlib import Path
 
 from dataflowmm import FileStorage
+from dataflowmm.console import run_script
 from dataflowmm.execution.options import add_runner_arguments, runner_from_args
-from dataflowmm.models.tiny import tiny_model_path
 from dataflowmm.operators import PromptedImageGenerator
 from dataflowmm.serving import LocalImageGenServing
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_INPUT = HERE.parent / "example_data" / "text_to_image" / "prompts.jsonl"
+DEFAULT_CACHE = HERE.parent / "cache_local" / "text_to_image"  # beside example_data, wherever you run from
 
 
 class TextToImagePipeline:
@@ -26,8 +27,8 @@ class TextToImagePipeline:
         runner=None,
         model: str = "black-forest-labs/FLUX.1-dev",
         input_file: str | Path = DEFAULT_INPUT,
-        cache_path: str | Path = "./cache_local/text_to_image",
-        save_interval: int = 10,
+        cache_path: str | Path = DEFAULT_CACHE,
+        save_interval: int = 4,
         batch_size: int = 4,
         seed: int = 0,
         num_images_per_prompt: int = 1,
@@ -68,8 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="use the tiny random-weight SD model (offline, CPU)")
     parser.add_argument("--model", default="black-forest-labs/FLUX.1-dev", help="hub id or local folder")
     parser.add_argument("--input", default=str(DEFAULT_INPUT), help="jsonl of conversations")
-    parser.add_argument("--cache-path", default="./cache_local/text_to_image")
-    parser.add_argument("--save-interval", type=int, default=10)
+    parser.add_argument("--cache-path", default=str(DEFAULT_CACHE))
+    parser.add_argument("--save-interval", type=int, default=4,
+                        help="rows per checkpointed chunk (the resume unit; rounded up to whole batches)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images-per-prompt", type=int, default=1)
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None):
     args = parse_args(argv)
     model, steps, size = args.model, args.steps, args.size
     if args.tiny:
-        model, steps, size = str(tiny_model_path("tiny-sd")), steps or 4, size or 32
+        model, steps, size = "tiny:tiny-sd", steps or 4, size or 32
     pipeline = TextToImagePipeline(
         runner=runner_from_args(args),
         model=model,
@@ -101,4 +103,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a mistake prints one line; --debug shows the traceback

@@ -43,11 +43,13 @@ def test_scaffolded_pipeline_runs_with_tiny(tmp_path):
     completed = subprocess.run([sys.executable, "text_to_image_generation_pipeline.py", "--tiny"],
                                cwd=pipelines, capture_output=True, text=True, env=os.environ.copy())
     assert completed.returncode == 0, completed.stderr
-    output = pipelines / "cache_local" / "text_to_image" / "dataflow_cache_step_step1.jsonl"
+    output = tmp_path / "cache_local" / "text_to_image" / "dataflow_cache_step_step1.jsonl"  # beside the scaffolds
     rows = [json.loads(line) for line in open(output, encoding="utf-8")]
     assert len(rows) == 8 and all(row["images"] and row["error"] is None for row in rows)
     assert all((output.parent / path).is_file() for row in rows for path in row["images"])
     assert "8 rows in, 8 rows out, 9 images written, 0 errors" in completed.stderr
+    noise = [line for line in completed.stderr.splitlines() if not line.startswith("[dataflowmm]")]
+    assert noise == []  # the model libraries' notices and load bars are hidden
 
 
 def test_wheel_carries_the_scaffolds(tmp_path):

@@ -16,6 +16,8 @@ def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
                             "started on this machine; or ray://HOST:10001")
     group.add_argument("--replicas", type=int, default=None,
                        help="Ray actors, each with its own model copy (default: one per GPU, else per CPU)")
+    parser.add_argument("--debug", action="store_true",
+                        help="on failure show the traceback (default: one line); also DATAFLOWMM_DEBUG=1")
 
 
 def runner_from_args(args: argparse.Namespace) -> Any:

@@ -61,7 +61,8 @@ class StepInterrupted(KeyboardInterrupt):
     def __init__(self, step: int, operator: str, rows_saved: int, rows_total: int, chunks_saved: int,
                  chunk_rows: int):
         self.rows_saved, self.rows_total, self.chunks_saved = rows_saved, rows_total, chunks_saved
-        saved = (f"{rows_saved} of {rows_total} rows saved in {chunks_saved} finished chunks; run the "
+        chunks = f"{chunks_saved} finished chunk" + ("s" if chunks_saved != 1 else "")
+        saved = (f"{rows_saved} of {rows_total} rows saved in {chunks}; run the "
                  "same command to resume" if chunks_saved else
                  f"0 of {rows_total} rows saved (a chunk of {chunk_rows} rows is saved when it finishes)")
         super().__init__(f"interrupted in step {step} {operator}: {saved}")

@@ -47,7 +47,7 @@ def _builder(name: str) -> Callable[[Path], None]:
     return getattr(importlib.import_module(module_name), function_name)
 
 
-def _is_built(folder: Path) -> bool:
+def is_built(folder: Path) -> bool:
     stamp = folder / _STAMP
     if not stamp.is_file():
         return False
@@ -58,7 +58,7 @@ def tiny_model_path(name: str, models_dir: str | Path | None = None) -> Path:
     """Folder of tiny model `name`, built on first use (seconds) and reused after."""
     root = Path(models_dir) if models_dir is not None else default_models_dir()
     target = root / name
-    if _is_built(target):
+    if is_built(target):
         return target
     build = _builder(name)
     root.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def tiny_model_path(name: str, models_dir: str | Path | None = None) -> Path:
         try:
             os.replace(staging, target)
         except OSError:
-            if not _is_built(target):  # another process won the race only if it finished
+            if not is_built(target):  # another process won the race only if it finished
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -6,7 +6,8 @@ A model reference is one of:
 - a local folder, identified by its content (config files and weights), so a folder
   rebuilt with other weights at the same path does not reuse cached steps;
 - a Hugging Face Hub id. When the Hub cannot be reached (and `HF_HUB_OFFLINE` is not set),
-  only the local Hugging Face cache is tried, at once, instead of retrying for half a minute.
+  only the local Hugging Face cache is tried, at once, instead of retrying for half a minute,
+  and a model missing from it fails saying so.
 """
 
 from __future__ import annotations
@@ -73,16 +74,31 @@ def model_source(model: str) -> tuple[str, dict]:
 
 
 def hub_unreachable_hint(model: str) -> str | None:
-    """The explanation when `model` is a Hub id and the Hub cannot be reached, else None."""
-    if tiny_name(model) is not None or Path(model).is_dir() or hub_offline():
+    """Why a Hub id could not be loaded when it was never going to be downloaded, else None.
+
+    That is: the Hub cannot be reached (or `HF_HUB_OFFLINE` is set) and the model is not in
+    the local Hugging Face cache.
+    """
+    if tiny_name(model) is not None or Path(model).is_dir() or in_hub_cache(model):
         return None
-    endpoint = hub_endpoint()
-    if hub_reachable(endpoint):
+    if hub_offline():
+        reason = "HF_HUB_OFFLINE is set"
+    elif not hub_reachable(hub_endpoint()):
+        reason = f"the Hugging Face Hub ({hub_endpoint()}) cannot be reached from here"
+    else:
         return None
-    return (f"the Hugging Face Hub ({endpoint}) cannot be reached from here and {model!r} is not "
-            "in the local Hugging Face cache; give a local model folder or a tiny model "
-            "(e.g. tiny:tiny-sd), or download the model where there is network. Set "
-            "HF_HUB_OFFLINE=1 to skip the network check")
+    return (f"{reason} and {model!r} is not in the local Hugging Face cache; give a local model "
+            "folder or a tiny model (e.g. tiny:tiny-sd; `dataflowmm models list`), or download "
+            "the model where there is network")
+
+
+def in_hub_cache(model: str) -> bool:
+    """Whether the local Hugging Face cache holds anything of Hub repository `model`."""
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return False
+    return (Path(HF_HUB_CACHE) / ("models--" + model.replace("/", "--"))).is_dir()
 
 
 def model_content(model: str) -> dict:
