@@ -90,12 +90,18 @@ def test_cleanup_frees_the_model_and_reloads(tiny_model):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error"),
-    [({"batch_size": 0}, ValueError), ({"torch_dtype": "int8"}, ValueError)],
+    ("kwargs", "message"),
+    [({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+     ({"torch_dtype": "int8"}, "torch_dtype must be one of")],
 )
-def test_bad_arguments_fail_before_loading(tiny_model, kwargs, error):
-    with pytest.raises(error):
+def test_bad_arguments_fail_before_loading(tiny_model, kwargs, message, monkeypatch):
+    import transformers
+
+    loads = []
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", lambda *a, **k: loads.append(a))
+    with pytest.raises(ValueError, match=message):
         ClipServing(tiny_model("tiny-clip"), **kwargs)
+    assert loads == []
 
 
 def test_missing_folder_and_unloadable_model(tmp_path):

@@ -73,16 +73,21 @@ def blip(tiny_model):
     ("similar_one_simhash", 4, 4, 2),
 ])
 def test_data_juicer_output_counts(tmp_path, pictures, blip, mode, caption_num, kept, not_kept):
+    texts = [sample["text"] for sample in TWO_SAMPLES]
     for keep, expected in ((True, kept), (False, not_kept)):
         op = ImageCaptioner(blip, caption_num=caption_num, keep_candidate_mode=mode, keep_original_sample=keep)
         summary, rows = caption(tmp_path, TWO_SAMPLES, op, cache=f"cache-{keep}")
         assert len(rows) == summary.rows_out == expected and summary.errors == 0
-        generated = [row for row in rows if row not in TWO_SAMPLES and row["text"] not in
-                     {s["text"] for s in TWO_SAMPLES}]
-        assert len(generated) == expected - (2 if keep else 0)
+        originals = [row for row in rows if row["text"] in texts]
+        generated = [row for row in rows if row["text"] not in texts]
+        assert len(originals) == (2 if keep else 0)
+        assert len(generated) == expected - len(originals)
         assert all(isinstance(row["text"], str) and row["text"].strip() for row in generated)
-    if keep:  # originals come first, each followed by its own generated rows
-        assert rows[0]["text"] == TWO_SAMPLES[0]["text"]
+        per_sample = len(generated) // 2
+        if keep:  # originals come first, each followed by its own generated rows
+            assert [row["text"] for row in rows[::per_sample + 1]] == texts
+        sources = [row["images"] for row in rows if row["text"] not in texts]
+        assert sources == [["../data/pics/red.png"]] * per_sample + [["../data/pics/green.png"]] * per_sample
 
 
 def test_generated_rows_copy_fields_and_originals_lead(tmp_path, pictures):

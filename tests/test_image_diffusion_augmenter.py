@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dataflowmm import FileStorage
@@ -257,6 +258,31 @@ def test_similar_one_keeps_aug_num_candidates(tmp_path, sd, clip):
     for image_index in range(2):
         kept = [int(Path(r["images"][image_index]).stem.split("_")[-1]) for r in rows[1:]]
         assert kept == sorted(kept) and len(set(kept)) == 2 and all(0 <= c < 4 for c in kept)
+
+
+class ScriptedSimilarity(ClipServing):
+    """CLIP whose image-image similarities are given, in the order the pairs are asked for."""
+
+    def __init__(self, folder, scores):
+        super().__init__(folder)
+        self.scores, self.calls = list(scores), []
+
+    def image_image_similarity(self, candidates, sources):
+        self.calls.append((len(candidates), len(sources)))
+        return torch.tensor(self.scores[: len(candidates)])
+
+
+def test_similar_one_keeps_the_most_similar_candidates_of_each_image(tmp_path, sd, tiny_model):
+    names = [make_image(tmp_path / f"{i}.png", seed=i) for i in range(2)]
+    entry = write_jsonl(tmp_path / "in.jsonl", [{"images": names, "t": "a"}])
+    # image 0's four candidates, then image 1's: keep {1, 3} of image 0 and {0, 2} of image 1
+    clip = ScriptedSimilarity(tiny_model("tiny-clip"), [0.1, 0.9, 0.3, 0.8, 0.7, 0.2, 0.6, 0.1])
+    augmenter = ImageDiffusionAugmenter(sd, caption_key="t", aug_num=2, keep_candidate_mode="similar_one",
+                                        hf_clip=clip, keep_original_sample=False, **FAST)
+    _, rows = augment(entry, tmp_path / "cache", augmenter)
+    kept = [[int(Path(path).stem.split("_")[-1]) for path in row["images"]] for row in rows]
+    assert kept == [[1, 0], [3, 2]]  # row k holds the k-th kept candidate of each image
+    assert [count for count, _ in clip.calls] == [8]  # every candidate of the batch in one call
 
 
 # ----------------------------------------------------------------------- files and resuming

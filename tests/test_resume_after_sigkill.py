@@ -16,14 +16,27 @@ from dataflowmm.serving import LocalImageGenServing
 ROWS = 16
 SAVE_INTERVAL = 2
 
+KILL_AT_CHUNK = 2  # the child blocks when it starts chunk 2: chunks 0 and 1 are finished
+
+# Blocks (then is killed) at a known point, so a fast machine cannot finish before the kill.
 CHILD = """
-import sys
+import pathlib, sys, time
 from dataflowmm import FileStorage
-from dataflowmm.execution.checkpoints import finished_chunks as recorded_chunks
 from dataflowmm.operators import PromptedImageGenerator
 from dataflowmm.serving import LocalImageGenServing
-model, entry, cache = sys.argv[1:4]
+model, entry, cache, marker, block_at = sys.argv[1:6]
+
 serving = LocalImageGenServing(model, batch_size=2, num_inference_steps=4, height=32, width=32)
+generate, calls = serving.generate, []
+
+def blocking_generate(*args, **kwargs):  # same serving, same fingerprint as the parent's
+    if len(calls) == int(block_at):
+        pathlib.Path(marker).write_text("blocked")
+        time.sleep(600)
+    calls.append(1)
+    return generate(*args, **kwargs)
+
+serving.generate = blocking_generate
 PromptedImageGenerator(serving, save_interval=2).run(FileStorage(entry, cache_path=cache).step(),
                                                      input_prompt_key="prompt")
 """
@@ -45,17 +58,19 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(tmp_path, tiny_model)
     entry.write_text("".join(json.dumps({"prompt": f"picture number {i}"}) + "\n" for i in range(ROWS)))
     killed_cache = tmp_path / "killed"
 
-    child = subprocess.Popen([sys.executable, "-c", CHILD, model, str(entry), str(killed_cache)],
-                             stderr=subprocess.DEVNULL, env=os.environ.copy())
-    deadline = time.monotonic() + 120
-    while finished_chunks(killed_cache) < 2 and child.poll() is None and time.monotonic() < deadline:
+    marker = tmp_path / "blocked"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, model, str(entry), str(killed_cache), str(marker),
+                              str(KILL_AT_CHUNK)], stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.monotonic() + 300
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert marker.exists(), "the child never reached the chunk where it is killed"
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert child.returncode == -signal.SIGKILL, "the child finished before it could be killed"
+    assert child.returncode == -signal.SIGKILL
     assert not (killed_cache / "dataflow_cache_step_step1.jsonl").exists()
     done_before_kill = finished_chunks(killed_cache)
-    assert 2 <= done_before_kill < ROWS // SAVE_INTERVAL
+    assert done_before_kill == KILL_AT_CHUNK
 
     images_dir = killed_cache / "dataflow_cache_step_step1_images"
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in images_dir.glob("*.png")}
