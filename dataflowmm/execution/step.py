@@ -335,7 +335,7 @@ class ProgressLines:
         left = max(self.total - self.done, 0)
         eta = time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 else "?"
         return (f"[dataflowmm] {self.description}: {self.done}/{self.total} rows, "
-                f"{rate:.1f} rows/s, ETA {eta}")
+                f"{rate:.3g} rows/s, ETA {eta}")
 
     def __enter__(self) -> ProgressLines:
         return self
