@@ -11,6 +11,7 @@ a marker makes the server misbehave for that prompt, one action per request in t
 | marker        | answers                                                          |
 | ------------- | ---------------------------------------------------------------- |
 | `[429]`       | 429 with `Retry-After: 0.1`, then images                          |
+| `[429-wait]`  | 429 with `Retry-After: 1.2` (longer than any backoff), then images |
 | `[500x2]`     | 500 twice, then images                                           |
 | `[500]`       | 500 always                                                       |
 | `[hang]`      | no answer for `hang_seconds` (past any short client time-out)    |
@@ -19,7 +20,8 @@ a marker makes the server misbehave for that prompt, one action per request in t
 | `[refuse]`    | 400 `content_policy_violation`                                   |
 | `[echo-auth]` | 401 whose message repeats the request's Authorization header     |
 
-`requests` counts requests per prompt (every attempt, retries included).
+`requests` counts requests per prompt (every attempt, retries included) and `arrivals`
+holds their arrival times.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from PIL import Image
 
 SCRIPTS = {
+    "[429-wait]": ["429-wait", "ok"],
     "[429]": ["429", "ok"],
     "[500x2]": ["500", "500", "ok"],
     "[500]": ["500"],
@@ -76,6 +79,7 @@ class LoopbackImagesAPI:
         self.hang_seconds = hang_seconds
         self.image_size = image_size
         self.requests: Counter[str] = Counter()
+        self.arrivals: dict[str, list[float]] = {}
         self.bodies: list[dict] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -97,7 +101,7 @@ class LoopbackImagesAPI:
         handler = type("Handler", (_Handler,), {"api": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -116,6 +120,7 @@ class LoopbackImagesAPI:
     def _action(self, prompt: str) -> str:
         with self._lock:
             attempt = self.requests[prompt]
+            self.arrivals.setdefault(prompt, []).append(time.monotonic())
             self.requests[prompt] += 1
         for marker, script in SCRIPTS.items():
             if marker in prompt:
@@ -201,6 +206,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, self.api._answer(body, self.headers.get("Host", "127.0.0.1")))
         elif action == "429":
             self._send(429, _error("rate limited", "rate_limit_exceeded", "requests"), {"Retry-After": "0.1"})
+        elif action == "429-wait":
+            self._send(429, _error("rate limited", "rate_limit_exceeded", "requests"), {"Retry-After": "1.2"})
         elif action == "500":
             self._send(500, _error("internal error", None, "server_error"))
         elif action == "hang":
@@ -212,4 +219,4 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, _error("Your request was rejected as a result of our safety system.",
                                    "content_policy_violation"))
         elif action == "echo-auth":
-            self._send(401, _error(f"key not accepted: {authorization}", "invalid_api_key"))
+            self._send(401, _error(f"key not accepted: {self.headers.get('Authorization')}", "invalid_api_key"))
