@@ -1,4 +1,4 @@
-"""The `dataflowmm` command: init, demo, models."""
+"""The `dataflowmm` command: init, demo, models, export, gallery."""
 
 from __future__ import annotations
 
@@ -96,3 +96,42 @@ def models_list() -> None:
     """Names of the tiny models that can be built."""
     for name in TINY_MODELS:
         click.echo(name)
+
+
+@main.command("export")
+@click.argument("step_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--to", "to", type=click.Choice(["hf", "parquet"]), required=True,
+              help="hf: a saved datasets.Dataset folder (load_from_disk); parquet: one Parquet file")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--image-column", "image_columns", multiple=True,
+              help="column holding images (repeatable); default: detected from the values")
+def export(step_file: Path, to: str, out: Path, image_columns: tuple[str, ...]) -> None:
+    """Export STEP_FILE as a Hugging Face dataset with Image() columns: --to hf OUT_DIR or --to parquet OUT.parquet."""
+    from dataflowmm.export import export_step
+
+    try:
+        written = export_step(step_file, to, out, list(image_columns) or None)
+    except (ImportError, KeyError, ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"exported {step_file} -> {written}")
+
+
+@main.command("gallery")
+@click.argument("step_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--out", default="gallery.html", show_default=True, type=click.Path(path_type=Path),
+              help="the HTML page to write")
+@click.option("--link", is_flag=True,
+              help="link image files relative to the page instead of embedding thumbnails")
+@click.option("--image-column", "image_columns", multiple=True,
+              help="column holding images (repeatable); default: detected from the values")
+@click.option("--page-size", default=48, show_default=True, type=click.IntRange(min=1), help="rows per page")
+def gallery(step_file: Path, out: Path, link: bool, image_columns: tuple[str, ...], page_size: int) -> None:
+    """Write one HTML page showing STEP_FILE's rows: images, text, scores and errors."""
+    from dataflowmm.gallery import build_gallery
+
+    try:
+        written = build_gallery(step_file, out, image_columns=list(image_columns) or None,
+                                embed=not link, page_size=page_size)
+    except (KeyError, ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"gallery: {written.resolve()}")

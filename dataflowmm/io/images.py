@@ -173,6 +173,8 @@ def transform_columns_to_image(data, columns: str | list[str], base_dir: str | o
 def _to_image(value, base: Path):
     if value is None or isinstance(value, Image.Image):
         return value
+    if isinstance(value, float) and value != value:  # a DataFrame's missing value (NaN)
+        return None
     if isinstance(value, (list, tuple)):
         return [_to_image(item, base) for item in value]
     if not isinstance(value, str):
