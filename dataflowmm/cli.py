@@ -15,7 +15,10 @@ DEMO_PIPELINES = [
     ("text_to_image_generation_pipeline.py", "text_to_image"),
     ("image_captioning_pipeline.py", "image_captioning"),
     ("image_augmentation_pipeline.py", "image_augmentation"),
+    ("image_generation_task_pipeline.py", "image_generation_task"),
 ]
+# The demo ends by pointing at this pipeline's gallery page (written by its publish step).
+DEMO_GALLERY = "image_generation_task"
 
 
 @click.group()
@@ -54,6 +57,7 @@ def demo(out: Path) -> None:
         for summary in summaries if isinstance(summaries, list) else [summaries]:
             _show_output(summary.output_path)
     click.echo(f"demo finished: outputs under {out.resolve() / 'cache_local'}")
+    click.echo(f"gallery: {out.resolve() / 'cache_local' / DEMO_GALLERY / 'gallery.html'}")
 
 
 def _quiet_model_libraries() -> None:

@@ -77,6 +77,8 @@ def _fields(row: dict, image_columns: list[str]) -> tuple[list[list[str]], list[
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             others.append([key, json.dumps(value, ensure_ascii=False)[:500]])
+        elif key.endswith(("_path", "_paths")):  # file names: small print
+            others.append([key, value])
         elif isinstance(value, (int, float)):
             scores.append([key, value])
         else:
@@ -150,7 +152,7 @@ header { position: sticky; top: 0; background: #fafafa; padding-bottom: .5em; bo
 .card { background: white; border: 1px solid #ddd; border-radius: 6px; padding: .6em; overflow-wrap: anywhere; }
 .card.failed { border: 2px solid #c0392b; background: #fdecea; }
 .images { display: flex; flex-wrap: wrap; gap: 4px; }
-.images img { max-width: 100%; height: auto; border-radius: 3px; }
+.images img { width: 112px; max-width: 100%; height: auto; border-radius: 3px; }
 .error { color: #c0392b; font-weight: 600; margin: .3em 0; }
 .key { color: #777; font-size: .85em; }
 .score { display: inline-block; background: #eef; border-radius: 3px; padding: 0 .3em; margin: .1em; font-size: .85em; }
