@@ -70,14 +70,19 @@ class LoopbackImagesAPI:
         api_key: the bearer token it requires (401 otherwise).
         hang_seconds: how long a `[hang]` request stays unanswered.
         image_size: side of the square images, in pixels.
+        port: port on 127.0.0.1 (0: any free one).
+
+    `python -m dataflowmm.testing.images_api --latency 0.05` serves one from its own process
+    and prints its base URL (the API key is `sk-loopback-secret` unless `--api-key` is given).
     """
 
     def __init__(self, latency: float = 0.0, api_key: str = "sk-loopback-secret",
-                 hang_seconds: float = 5.0, image_size: int = 16):
+                 hang_seconds: float = 5.0, image_size: int = 16, port: int = 0):
         self.latency = latency
         self.api_key = api_key
         self.hang_seconds = hang_seconds
         self.image_size = image_size
+        self.port = port
         self.requests: Counter[str] = Counter()
         self.arrivals: dict[str, list[float]] = {}
         self.bodies: list[dict] = []
@@ -99,7 +104,7 @@ class LoopbackImagesAPI:
 
     def start(self) -> LoopbackImagesAPI:
         handler = type("Handler", (_Handler,), {"api": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
@@ -149,6 +154,7 @@ def _error(message: str, code: str | None = None, kind: str = "invalid_request_e
 class _Handler(BaseHTTPRequestHandler):
     api: LoopbackImagesAPI
     protocol_version = "HTTP/1.1"  # keep-alive, as real API servers
+    disable_nagle_algorithm = True  # headers and body go out at once: no 40 ms delayed-ACK stalls
 
     def log_message(self, *args) -> None:  # quiet
         pass
@@ -220,3 +226,24 @@ class _Handler(BaseHTTPRequestHandler):
                                    "content_policy_violation"))
         elif action == "echo-auth":
             self._send(401, _error(f"key not accepted: {self.headers.get('Authorization')}", "invalid_api_key"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve until interrupted: `python -m dataflowmm.testing.images_api --latency 0.05`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A loopback OpenAI-compatible images API (for offline tries).")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds every request waits")
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free one)")
+    parser.add_argument("--api-key", default="sk-loopback-secret", help="the bearer token it requires")
+    args = parser.parse_args(argv)
+    api = LoopbackImagesAPI(latency=args.latency, api_key=args.api_key, port=args.port).start()
+    print(api.base_url, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        api.stop()
+
+
+if __name__ == "__main__":
+    main()
