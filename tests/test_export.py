@@ -14,7 +14,12 @@ from PIL import Image
 
 from dataflowmm.cli import main
 from dataflowmm.export import export_step
-from dataflowmm.io.images import ImageReadError, image_from_str, image_to_str, transform_columns_to_image
+from dataflowmm.io.images import (
+    ImageReadError,
+    image_from_str,
+    image_to_str,
+    transform_columns_to_image,
+)
 
 datasets = pytest.importorskip("datasets")
 
@@ -97,9 +102,10 @@ def test_a_missing_image_file_is_named(tmp_path, step_file):
 
 
 def test_export_of_a_pipeline_step_with_images_in_rows(tmp_path):
+    from test_image_task import ScriptedServing, write_prompts
+
     from dataflowmm import FileStorage
     from dataflowmm.operators import ImageGeneration
-    from test_image_task import ScriptedServing, write_prompts
 
     entry = write_prompts(tmp_path / "prompts.jsonl", ["a cat", "", "a dog"])
     for images_in_rows in (False, True):
