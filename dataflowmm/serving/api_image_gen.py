@@ -126,6 +126,7 @@ class APIImageGenServing:
         self.extra_body = dict(extra_body or {})
         self._api_key = key
         self._client: Any = None
+        self._http: Any = None
 
     @property
     def model_name(self) -> str:
@@ -140,21 +141,23 @@ class APIImageGenServing:
             import openai
         except ImportError:
             raise ImportError("APIImageGenServing needs the openai client: pip install 'dataflowmm[api]'") from None
-        self._client = openai.OpenAI(api_key=self._api_key, base_url=self.base_url,
+        # One connection pool for the API calls and for downloading `url` answers.
+        self._http = openai.DefaultHttpxClient(timeout=self.timeout, follow_redirects=True)
+        self._client = openai.OpenAI(api_key=self._api_key, base_url=self.base_url, http_client=self._http,
                                      max_retries=self.max_retries, timeout=self.timeout)
 
     def cleanup(self) -> None:
         """Close the client's connections; a later `generate` makes a new one."""
         if self._client is not None:
             self._client.close()
-        self._client = None
+        self._client = self._http = None
 
     @property
     def loaded(self) -> bool:
         return self._client is not None
 
     def __getstate__(self) -> dict:  # travels to Ray actors without its open connections
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_http": None}
 
     # -------------------------------------------------------------- generating
     def generate(self, prompts: list[str], seeds: list[int]) -> list[list[Image.Image] | GenerationFailed]:
@@ -219,8 +222,7 @@ class APIImageGenServing:
             raise GenerationFailed(f"the response's image cannot be decoded: {error}") from None
 
     def _download(self, url: str) -> bytes:
-        # The openai client's own connection pool (and its proxy settings) fetch the file.
-        response = self._client._client.get(url, timeout=self.timeout)
+        response = self._http.get(url)
         if response.status_code != 200:
             raise GenerationFailed(f"downloading the image URL failed: HTTP {response.status_code}")
         return response.content
