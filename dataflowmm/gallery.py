@@ -5,7 +5,8 @@ you can move or mail; `embed=False` links the image files relative to the page i
 (a lighter page for very large steps, valid while the files stay where they are). Rows
 travel as JSON inside the page and a small script shows them a page at a time, with an
 "only errors" filter and a text search; everything from rows is inserted as text, never
-as HTML, so a prompt holding `<script>` is shown, not run.
+as HTML, so a prompt holding `<script>` is shown, not run. A link opens a filtered view:
+`gallery.html#errors`, `gallery.html#q=boat`.
 """
 
 from __future__ import annotations
@@ -244,7 +245,11 @@ header { position: sticky; top: 0; background: #fafafa; padding-bottom: .5em; bo
   search.addEventListener("input", filter);
   document.getElementById("prev").addEventListener("click", () => { page -= 1; render(); });
   document.getElementById("next").addEventListener("click", () => { page += 1; render(); });
-  render();
+  // A link can open a filtered view: gallery.html#errors, gallery.html#q=cat, gallery.html#errors&q=cat
+  const start = new URLSearchParams(location.hash.slice(1));
+  onlyErrors.checked = start.has("errors");
+  search.value = start.get("q") || "";
+  filter();
 })();
 </script>
 </body>

@@ -151,6 +151,12 @@ def test_headless_chromium_renders_a_page_of_cards_and_runs_no_row_text(tmp_path
     dom = subprocess.run([*command, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=60).stdout
     assert dom.count('class="card') == 3 and "page 1 of 2" in dom
     assert "pwned" not in dom.split("<title>")[1].split("</title>")[0]
+    errors_only = subprocess.run([*command, "--dump-dom", out.as_uri() + "#errors"],
+                                 capture_output=True, text=True, timeout=60).stdout
+    assert errors_only.count('class="card') == 1 and "HTTP 500 (after 4 retries)" in errors_only
+    searched = subprocess.run([*command, "--dump-dom", out.as_uri() + "#q=BOAT"],
+                              capture_output=True, text=True, timeout=60).stdout
+    assert searched.count('class="card') == 1 and "a small boat" in searched
     shot = tmp_path / "shot.png"
     subprocess.run([*command, f"--screenshot={shot}", "--window-size=1200,900", out.as_uri()],
                    capture_output=True, timeout=60)
