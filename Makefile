@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,ray]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,ray,api,hf]"
 	touch $@
 
 demo: $(BIN)/.installed
@@ -22,7 +22,7 @@ test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed
-	for b in framework_overhead text_to_image captioning augmentation; do HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/$$b.py || exit 1; done
+	for b in framework_overhead text_to_image captioning augmentation api_image_generation; do HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

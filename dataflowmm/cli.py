@@ -1,4 +1,4 @@
-"""The `dataflowmm` command: init, demo, models."""
+"""The `dataflowmm` command: init, demo, models, export, gallery."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ DEMO_PIPELINES = [
     ("text_to_image_generation_pipeline.py", "text_to_image"),
     ("image_captioning_pipeline.py", "image_captioning"),
     ("image_augmentation_pipeline.py", "image_augmentation"),
+    ("image_generation_task_pipeline.py", "image_generation_task"),
 ]
+# The demo ends by pointing at this pipeline's gallery page (written by its publish step).
+DEMO_GALLERY = "image_generation_task"
 
 
 @click.group()
@@ -73,6 +76,7 @@ def demo(out: Path) -> None:
         for summary in summaries if isinstance(summaries, list) else [summaries]:
             _show_output(summary.output_path)
     click.echo(f"demo finished: outputs under {out.resolve() / 'cache_local'}")
+    click.echo(f"gallery: {out.resolve() / 'cache_local' / DEMO_GALLERY / 'gallery.html'}")
 
 
 def _show_output(output_path: str, rows_shown: int = 2) -> None:
@@ -107,3 +111,42 @@ def models_list() -> None:
         folder = root / name
         state = "built" if is_built(folder) else "not built (built on first use)"
         click.echo(f"tiny:{name:28s} {state:32s} {folder}")
+
+
+@main.command("export")
+@click.argument("step_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--to", "to", type=click.Choice(["hf", "parquet"]), required=True,
+              help="hf: a saved datasets.Dataset folder (load_from_disk); parquet: one Parquet file")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--image-column", "image_columns", multiple=True,
+              help="column holding images (repeatable); default: detected from the values")
+def export(step_file: Path, to: str, out: Path, image_columns: tuple[str, ...]) -> None:
+    """Export STEP_FILE as a Hugging Face dataset with Image() columns: --to hf OUT_DIR or --to parquet OUT.parquet."""
+    from dataflowmm.export import export_step
+
+    try:
+        written = export_step(step_file, to, out, list(image_columns) or None)
+    except (ImportError, KeyError, ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"exported {step_file} -> {written}")
+
+
+@main.command("gallery")
+@click.argument("step_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--out", default="gallery.html", show_default=True, type=click.Path(path_type=Path),
+              help="the HTML page to write")
+@click.option("--link", is_flag=True,
+              help="link image files relative to the page instead of embedding thumbnails")
+@click.option("--image-column", "image_columns", multiple=True,
+              help="column holding images (repeatable); default: detected from the values")
+@click.option("--page-size", default=48, show_default=True, type=click.IntRange(min=1), help="rows per page")
+def gallery(step_file: Path, out: Path, link: bool, image_columns: tuple[str, ...], page_size: int) -> None:
+    """Write one HTML page showing STEP_FILE's rows: images, text, scores and errors."""
+    from dataflowmm.gallery import build_gallery
+
+    try:
+        written = build_gallery(step_file, out, image_columns=list(image_columns) or None,
+                                embed=not link, page_size=page_size)
+    except (KeyError, ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"gallery: {written.resolve()}")

@@ -88,4 +88,10 @@ def test_demo_runs_every_pipeline_on_tiny_models(tmp_path):
         assert row["error"] is None and row["caption"]
         for path in row["images"]:
             assert (cache / "image_augmentation" / path).is_file()
+    illustrations = [json.loads(line)
+                     for line in open(cache / "image_generation_task" / "dataflow_cache_step_step1.jsonl")]
+    assert len(illustrations) == 9  # 4 usable subjects x 2 generations + 1 row kept with its error
+    assert sum(row["error"] is not None for row in illustrations) == 1
     assert "demo finished" in result.output
+    gallery = cache / "image_generation_task" / "gallery.html"
+    assert result.output.strip().splitlines()[-1] == f"gallery: {gallery.resolve()}" and gallery.is_file()

@@ -144,3 +144,18 @@ def test_rerun_reuses_and_changed_setting_recomputes(tmp_path, tiny_model):
                           input_prompt_key="prompt")
     assert not first.reused and again.reused and not changed.reused
     assert changed.images_written == 2
+
+
+def test_images_in_rows_equal_the_files_pixel_for_pixel(tmp_path, tiny_model):
+    from dataflowmm.io.images import image_from_str
+
+    serving = tiny_sd_serving(tiny_model)
+    entry = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a red circle"}, {"prompt": ""}])
+    _, as_files = generate(entry, tmp_path / "files", serving, input_prompt_key="prompt")
+    storage = FileStorage(entry, cache_path=tmp_path / "rows")
+    summary = PromptedImageGenerator(serving, images_in_rows=True).run(storage.step(), input_prompt_key="prompt")
+    in_rows = read_jsonl(summary.output_path)
+    assert in_rows[0]["images"][0].startswith("iVBORw0KGgo") and in_rows[1]["images"] == []
+    assert np.array_equal(np.asarray(image_from_str(in_rows[0]["images"][0]), dtype=np.int16),
+                          load_pixels(tmp_path / "files", as_files[0]["images"][0]))
+    assert not list((tmp_path / "rows").rglob("*.png"))

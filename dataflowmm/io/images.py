@@ -82,3 +82,135 @@ def base64_to_files(values: list[str | None], save_dir: str | os.PathLike, stem:
             continue
         paths.append(str(save_png(decode_base64(value), Path(save_dir) / f"{stem}_{index}.png")))
     return paths
+
+
+# -- images inside rows (distilabel's form) and image files of a chosen format ---------------
+
+IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
+_PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "JPG": "jpeg"}
+
+
+def check_image_format(image_format: str) -> str:
+    """`image_format` lower-cased ("png" or "jpeg"; "jpg" is "jpeg"), else ValueError."""
+    name = str(image_format).lower()
+    name = "jpeg" if name == "jpg" else name
+    if name not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+    return name
+
+
+def image_to_str(image: Image.Image, image_format: str = "png") -> str:
+    """An image as a base64 string, as distilabel's `image_to_str` (PNG by default, lossless)."""
+    return encode_base64(to_rgb(image), IMAGE_FORMATS[check_image_format(image_format)])
+
+
+def image_from_str(text: str) -> Image.Image:
+    """A base64 string (or `data:image/...;base64,` URI) as an RGB PIL image."""
+    if not isinstance(text, str):
+        raise ImageReadError(f"expected a base64 string, got {type(text).__name__}")
+    return decode_base64(text)
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, image_format: str = "png") -> Path:
+    """Write `image` atomically in `image_format` ("png" or "jpeg")."""
+    pil_format = IMAGE_FORMATS[check_image_format(image_format)]
+    with atomic_file(path, fsync=False) as file:
+        to_rgb(image).save(file, format=pil_format)
+    return Path(path)
+
+
+def looks_like_base64_image(value: object) -> bool:
+    """A string that carries an image inline: a data URI or base64 PNG/JPEG/GIF/WebP bytes."""
+    return isinstance(value, str) and (
+        value.startswith("data:image/") or value.startswith(("iVBORw0KGgo", "/9j/", "R0lGOD", "UklGR"))
+    )
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def looks_like_image_path(value: object) -> bool:
+    """A string that names an image file by its extension (not a URL, not inline data)."""
+    return (isinstance(value, str) and not looks_like_base64_image(value) and "\n" not in value
+            and value.lower().endswith(_IMAGE_SUFFIXES))
+
+
+def transform_columns_to_image(data, columns: str | list[str], base_dir: str | os.PathLike | None = None):
+    """Turn image columns (base64 strings or file paths, or lists of them) into PIL images.
+
+    distilabel's `Distiset.transform_columns_to_image`, for rows (a list of dicts, returned as
+    new dicts) or a pandas DataFrame (returned as a copy). Relative paths are resolved against
+    `base_dir` (default: the working directory); `None` stays `None`.
+
+    Args:
+        data: rows or a DataFrame.
+        columns: one column name or several.
+        base_dir: folder relative image paths are relative to (the dataset file's folder).
+
+    Raises:
+        KeyError: a column is missing everywhere (named).
+        ImageReadError: a value cannot be decoded (names the row and column).
+    """
+    import pandas as pd
+
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    is_frame = isinstance(data, pd.DataFrame)
+    rows = data.to_dict("records") if is_frame else [dict(row) for row in data]
+    for column in columns:
+        if rows and not any(column in row for row in rows):
+            raise KeyError(f"no row has column {column!r}")
+    for index, row in enumerate(rows):
+        for column in columns:
+            if column in row:
+                try:
+                    row[column] = _to_image(row[column], base)
+                except ImageReadError as error:
+                    raise ImageReadError(f"row {index}, column {column!r}: {error}") from error
+    return pd.DataFrame(rows, columns=list(data.columns)) if is_frame else rows
+
+
+def _to_image(value, base: Path):
+    if value is None or isinstance(value, Image.Image):
+        return value
+    if isinstance(value, float) and value != value:  # a DataFrame's missing value (NaN)
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_to_image(item, base) for item in value]
+    if not isinstance(value, str):
+        raise ImageReadError(f"expected a path or base64 string, got {type(value).__name__}")
+    if looks_like_base64_image(value) or not looks_like_image_path(value):
+        return image_from_str(value)
+    return load_image(base / os.path.expanduser(value))
+
+
+_SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
+
+
+class ImageOutput:
+    """How an operator writes the images it generates: files (default) or base64 in the row.
+
+    Args:
+        image_format: `"png"` (lossless, default) or `"jpeg"`.
+        images_in_rows: put each image into its row as a base64 string (distilabel's form)
+            instead of writing a file and putting its path there.
+    """
+
+    def __init__(self, image_format: str = "png", images_in_rows: bool = False):
+        self.image_format = check_image_format(image_format)
+        self.images_in_rows = bool(images_in_rows)
+
+    def store(self, image: Image.Image, save_dir: str | os.PathLike, row_id: str, *indices: int) -> str:
+        """The row value for `image`: its base64 string, or the path of its file, named by
+        row identity and candidate indices, in `save_dir`."""
+        if self.images_in_rows:
+            return image_to_str(image, self.image_format)
+        name = Path(image_file_name(row_id, *indices)).with_suffix(_SUFFIXES[self.image_format])
+        return str(save_image(image, Path(save_dir) / name, self.image_format))
+
+    def params(self) -> dict:
+        """What changes the written rows (for step fingerprints)."""
+        return {"image_format": self.image_format, "images_in_rows": self.images_in_rows}
+
+    def __repr__(self) -> str:
+        return f"ImageOutput(image_format={self.image_format!r}, images_in_rows={self.images_in_rows})"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dataflowmm.contract import Operator, OperatorSettings, RowError, StepContext
-from dataflowmm.io.images import image_file_name, save_png
+from dataflowmm.io.images import ImageOutput
 from dataflowmm.seeds import derive_seed
 from dataflowmm.serving.common import build_serving
 
@@ -72,6 +72,8 @@ class PromptedImageGenerator(Operator):
         save_dir: folder for the PNG files; default `{cache_path}/{prefix}_step{N}_images`.
         absolute_paths: write absolute paths instead of paths relative to the dataset file.
         strict: raise on the first unusable row instead of keeping it with an error.
+        image_format: `"png"` (default, lossless) or `"jpeg"`.
+        images_in_rows: put base64 strings into the rows instead of writing files.
     """
 
     def __init__(
@@ -83,12 +85,15 @@ class PromptedImageGenerator(Operator):
         save_dir: str | os.PathLike | None = None,
         absolute_paths: bool = False,
         strict: bool = False,
+        image_format: str = "png",
+        images_in_rows: bool = False,
     ):
         from dataflowmm.serving.image_gen import LocalImageGenServing
 
         self.serving = build_serving(t2i_serving, LocalImageGenServing, argument="t2i_serving",
                                      methods=("generate", "config"))
         self.settings = OperatorSettings(save_interval, seed, save_dir, absolute_paths, strict)
+        self.image_output = ImageOutput(image_format, images_in_rows)
         self.keys = _Keys("conversations", None, "images")
 
     def run(
@@ -113,6 +118,7 @@ class PromptedImageGenerator(Operator):
         return {
             "keys": vars(self.keys),
             "serving": self.serving.config(),
+            **self.image_output.params(),
             **self.settings.output_params(),
         }
 
@@ -124,10 +130,10 @@ class PromptedImageGenerator(Operator):
         return [self.keys.prompt or self.keys.conversation]
 
     def path_keys(self) -> list[str]:
-        return [self.keys.output]
+        return [] if self.image_output.images_in_rows else [self.keys.output]
 
     def image_output_keys(self) -> list[str]:
-        return [self.keys.output]
+        return self.path_keys()
 
     def _row_prompts(self, row: dict) -> list[str]:
         key = self.keys.prompt or self.keys.conversation
@@ -153,22 +159,21 @@ class PromptedImageGenerator(Operator):
             [derive_seed(self.settings.seed, row_ids[offset], index) for offset, index, _ in jobs],
         ) if jobs else []
 
-        paths_by_row: dict[int, list[str]] = {offset: [] for offset in prompts_by_row}
+        images_by_row: dict[int, list[str]] = {offset: [] for offset in prompts_by_row}
         for (offset, prompt_index, _), candidates in zip(jobs, images, strict=True):
             if any(image is None for image in candidates):
                 failed[offset] = "an image was flagged by the safety checker after every retry"
                 continue
             for candidate_index, image in enumerate(candidates):
-                path = context.save_dir / image_file_name(row_ids[offset], prompt_index, candidate_index)
-                save_png(image, path)
-                paths_by_row[offset].append(str(path))
+                images_by_row[offset].append(self.image_output.store(image, context.save_dir, row_ids[offset],
+                                                                    prompt_index, candidate_index))
 
         out_rows = []
         for offset, row in enumerate(rows):
             if offset in failed:
                 out_rows.append(self.row_failed(row, failed[offset], offset, {self.keys.output: []}))
             else:
-                out_rows.append({**row, self.keys.output: paths_by_row[offset]})
+                out_rows.append({**row, self.keys.output: images_by_row[offset]})
         return out_rows
 
 

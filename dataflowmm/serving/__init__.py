@@ -13,11 +13,13 @@ _CLASSES = {
     "LocalImageGenServing": "dataflowmm.serving.image_gen",
     "LocalCaptionServing": "dataflowmm.serving.caption",
     "ClipServing": "dataflowmm.serving.clip",
+    "APIImageGenServing": "dataflowmm.serving.api_image_gen",
 }
 
-__all__ = ["ClipServing", "LocalCaptionServing", "LocalImageGenServing"]
+__all__ = ["APIImageGenServing", "ClipServing", "LocalCaptionServing", "LocalImageGenServing"]
 
 if TYPE_CHECKING:
+    from dataflowmm.serving.api_image_gen import APIImageGenServing
     from dataflowmm.serving.caption import LocalCaptionServing
     from dataflowmm.serving.clip import ClipServing
     from dataflowmm.serving.image_gen import LocalImageGenServing

@@ -1,0 +1,270 @@
+"""Image generation through an OpenAI-compatible images API (`POST /v1/images/generations`)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from dataflowmm.checks import check_positive_int
+from dataflowmm.io.images import to_rgb
+from dataflowmm.serving.common import jsonable
+
+RESPONSE_FORMATS = ("b64_json", "url")
+# Error codes an images API gives for a prompt it refuses to draw: never worth a retry.
+REFUSAL_CODES = ("content_policy_violation", "moderation_blocked", "content_filter")
+
+
+class GenerationFailed(Exception):
+    """One prompt's request failed for good; `generate` returns it in place of that prompt's images."""
+
+
+class APIImageGenServing:
+    r"""
+    Generate images with any server that speaks the OpenAI images API (OpenAI, Azure-style
+    gateways, self-hosted compatible servers), through the official `openai` client.
+
+    Requests run on a bounded pool (`max_concurrency` at once). The client retries 429s,
+    5xx answers, time-outs and connection errors with exponential backoff and jitter,
+    waiting what a `Retry-After` header asks; a prompt whose request still fails, or that
+    the server refuses (content policy, not retried), comes back as a `GenerationFailed`
+    in place of its images, so only its row fails. The constructor checks its arguments
+    and loads nothing; the client is made on first use.
+
+    The API key is taken from `api_key` or the environment variable `api_key_env`; it
+    is never part of `config()` (so never in a manifest), `repr`, or an error message.
+
+    Args:
+        model (`str`, *optional*, defaults to `"dall-e-3"`):
+            Model name the server knows (`"dall-e-3"`, `"gpt-image-1"`, a self-hosted model's name).
+        base_url (`str`, *optional*):
+            API root, e.g. `"http://localhost:8000/v1"` for a self-hosted server; default
+            `$OPENAI_BASE_URL`, else OpenAI's.
+        api_key (`str`, *optional*):
+            The key; default: the environment variable named by `api_key_env`. Servers
+            without authentication accept any value, e.g. `"none"`.
+        api_key_env (`str`, *optional*, defaults to `"OPENAI_API_KEY"`):
+            Environment variable holding the key.
+        size (`str`, *optional*):
+            `"1024x1024"`, `"1792x1024"`, ...; the server's default when `None`.
+        quality (`str`, *optional*):
+            `"standard"`, `"hd"`, `"low"`, `"high"`, ...; the server's default when `None`.
+        style (`str`, *optional*):
+            `"vivid"` or `"natural"` (DALL-E 3); the server's default when `None`.
+        n (`int`, *optional*, defaults to 1):
+            Images per request (per prompt).
+        response_format (`str`, *optional*, defaults to `"b64_json"`):
+            `"b64_json"` (images inside the answer) or `"url"` (downloaded afterwards).
+        seed_parameter (`str`, *optional*):
+            Name of a request field that takes a seed, for compatible servers that accept one
+            (e.g. `"seed"`); each request then sends its prompt's seed. OpenAI takes none.
+        batch_size (`int`, *optional*, defaults to 32):
+            Prompts an operator hands over per `generate` call (one step batch).
+        max_concurrency (`int`, *optional*, defaults to 8):
+            Requests in flight at once.
+        max_retries (`int`, *optional*, defaults to 4):
+            Retries per request on 429, 5xx, time-outs and connection errors.
+        timeout (`float`, *optional*, defaults to 120):
+            Seconds one attempt may take.
+        extra_body (`dict`, *optional*):
+            Extra JSON fields for every request (server-specific options).
+    """
+
+    def __init__(
+        self,
+        model: str = "dall-e-3",
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        size: str | None = None,
+        quality: str | None = None,
+        style: str | None = None,
+        n: int = 1,
+        response_format: str = "b64_json",
+        seed_parameter: str | None = None,
+        batch_size: int = 32,
+        max_concurrency: int = 8,
+        max_retries: int = 4,
+        timeout: float = 120.0,
+        extra_body: dict | None = None,
+    ) -> None:
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model must be a non-empty model name, got {model!r}")
+        if response_format not in RESPONSE_FORMATS:
+            raise ValueError(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got {response_format!r}")
+        check_positive_int("n", n)
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("max_concurrency", max_concurrency)
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        if not float(timeout) > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if extra_body is not None and not isinstance(extra_body, dict):
+            raise ValueError(f"extra_body must be a dict, got {type(extra_body).__name__}")
+        key = api_key if api_key is not None else os.environ.get(api_key_env)
+        if not key:
+            raise ValueError(f"no API key: set the environment variable {api_key_env} or pass api_key= "
+                             "(servers without authentication accept any value, e.g. api_key='none')")
+        self.model = model
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        self.size = size
+        self.quality = quality
+        self.style = style
+        self.n = n
+        self.response_format = response_format
+        self.seed_parameter = seed_parameter
+        self.batch_size = batch_size
+        self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.timeout = float(timeout)
+        self.extra_body = dict(extra_body or {})
+        self._api_key = key
+        self._client: Any = None
+        self._http: Any = None
+
+    @property
+    def model_name(self) -> str:
+        return self.model
+
+    # ----------------------------------------------------------------- loading
+    def load(self) -> None:
+        """Make the HTTP client (nothing is sent until `generate`)."""
+        if self._client is not None:
+            return
+        try:
+            import openai
+        except ImportError:
+            raise ImportError("APIImageGenServing needs the openai client: pip install 'dataflowmm[api]'") from None
+        # One connection pool for the API calls and for downloading `url` answers.
+        self._http = openai.DefaultHttpxClient(timeout=self.timeout, follow_redirects=True)
+        self._client = openai.OpenAI(api_key=self._api_key, base_url=self.base_url, http_client=self._http,
+                                     max_retries=self.max_retries, timeout=self.timeout)
+
+    def cleanup(self) -> None:
+        """Close the client's connections; a later `generate` makes a new one."""
+        if self._client is not None:
+            self._client.close()
+        self._client = self._http = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._client is not None
+
+    def __getstate__(self) -> dict:  # travels to Ray actors without its open connections
+        return {**self.__dict__, "_client": None, "_http": None}
+
+    # -------------------------------------------------------------- generating
+    def generate(self, prompts: list[str], seeds: list[int]) -> list[list[Image.Image] | GenerationFailed]:
+        """Per prompt, `n` RGB images, or a `GenerationFailed` saying why its request failed.
+
+        Prompts are requested concurrently (at most `max_concurrency` at once); results are
+        in input order. `seeds[i]` is sent only when `seed_parameter` is set.
+        """
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of strings, not one string")
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        if not prompts:
+            return []
+        self.load()
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
+            return list(pool.map(self._generate_one, prompts, seeds))
+
+    def _generate_one(self, prompt: str, seed: int) -> list[Image.Image] | GenerationFailed:
+        try:
+            response = self._client.images.generate(**self._request(prompt, seed))
+            return self._images(response)
+        except GenerationFailed as failure:
+            return GenerationFailed(self._redacted(str(failure)))
+        except Exception as error:  # noqa: BLE001 - every request failure becomes that prompt's error
+            return GenerationFailed(self._redacted(_describe(error, self.max_retries)))
+
+    def _request(self, prompt: str, seed: int) -> dict[str, Any]:
+        request: dict[str, Any] = {"prompt": prompt, "model": self.model, "n": self.n,
+                                   "response_format": self.response_format}
+        for name in ("size", "quality", "style"):
+            if getattr(self, name) is not None:
+                request[name] = getattr(self, name)
+        extra = dict(self.extra_body)
+        if self.seed_parameter:
+            extra[self.seed_parameter] = seed
+        if extra:
+            request["extra_body"] = extra
+        return request
+
+    def _images(self, response: Any) -> list[Image.Image]:
+        data = list(getattr(response, "data", None) or [])
+        if len(data) != self.n:
+            raise GenerationFailed(f"the server returned {len(data)} images, {self.n} requested")
+        return [self._image(item) for item in data]
+
+    def _image(self, item: Any) -> Image.Image:
+        if item.b64_json:
+            try:
+                payload = base64.b64decode(item.b64_json, validate=True)
+            except (binascii.Error, ValueError) as error:
+                raise GenerationFailed(f"malformed base64 image in the response: {error}") from None
+        elif item.url:
+            payload = self._download(item.url)
+        else:
+            raise GenerationFailed("the response holds neither b64_json nor url")
+        try:
+            with Image.open(io.BytesIO(payload)) as image:
+                image.load()
+                return to_rgb(image)
+        except (UnidentifiedImageError, OSError) as error:
+            raise GenerationFailed(f"the response's image cannot be decoded: {error}") from None
+
+    def _download(self, url: str) -> bytes:
+        response = self._http.get(url)
+        if response.status_code != 200:
+            raise GenerationFailed(f"downloading the image URL failed: HTTP {response.status_code}")
+        return response.content
+
+    def _redacted(self, text: str) -> str:
+        """`text` with the API key blotted out (servers may echo request headers in errors)."""
+        return text.replace(self._api_key, "***") if len(self._api_key) >= 4 else text
+
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict:
+        """What changes the images (fingerprints cached steps); never the key, concurrency or retries."""
+        return jsonable({
+            "serving": type(self).__name__,
+            "model": self.model,
+            "base_url": self.base_url,
+            "size": self.size,
+            "quality": self.quality,
+            "style": self.style,
+            "n": self.n,
+            "seed_parameter": self.seed_parameter,
+            "extra_body": self.extra_body,
+        })
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r}, "
+                f"max_concurrency={self.max_concurrency})")
+
+
+def _describe(error: Exception, max_retries: int) -> str:
+    """One line on why a request failed for good."""
+    import openai
+
+    retried = f" (after {max_retries} retries)" if max_retries else ""
+    if isinstance(error, openai.APITimeoutError):
+        return f"request timed out{retried}"
+    if isinstance(error, openai.APIConnectionError):
+        return f"connection failed{retried}: {error.__cause__ or error}"
+    if isinstance(error, openai.APIStatusError):
+        code = getattr(error, "code", None)
+        message = " ".join(str(getattr(error, "message", error)).split())
+        if code in REFUSAL_CODES:
+            return f"refused by the server's content policy ({code}): {message}"
+        retryable = error.status_code == 429 or error.status_code >= 500
+        return f"HTTP {error.status_code}{retried if retryable else ''}: {message}"
+    return f"{type(error).__name__}: {error}"
