@@ -168,6 +168,31 @@ def test_a_model_folder_rebuilt_with_other_weights_changes_the_fingerprint(tmp_p
     assert after["model"] == before["model"] and after["model_content"] != before["model_content"]
 
 
+def test_a_step_recomputes_when_its_local_model_folder_was_rebuilt(tmp_path, tiny_model):
+    import shutil
+
+    from dataflowmm.operators import ImageCaptioner
+    from dataflowmm.serving import LocalCaptionServing
+
+    folder = tmp_path / "blip"
+    shutil.copytree(tiny_model("tiny-blip"), folder)
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "red.png")
+    entry = tmp_path / "rows.jsonl"
+    entry.write_text(json.dumps({"images": ["red.png"], "text": ""}) + "\n")
+
+    def caption():
+        operator = ImageCaptioner(LocalCaptionServing(str(folder), max_new_tokens=4), keep_original_sample=False)
+        return operator.run(FileStorage(entry, cache_path=tmp_path / "cache").step())
+
+    assert not caption().reused
+    assert caption().reused
+    weights = next(folder.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # rebuilt in place: same path, same size, other weights
+    weights.write_bytes(bytes(data))
+    assert not caption().reused
+
+
 # -- Ctrl-C and progress ---------------------------------------------------------------------
 
 
