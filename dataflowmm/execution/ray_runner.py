@@ -247,8 +247,10 @@ class _ChunkWorker:
 
 def _storage_problem(context: StepContext, source: str) -> StorageNotShared | None:
     """What to fix when this worker cannot see the step's input or folders, else None."""
+    # save_dir exists only for steps that write images; its parent must be visible in any case.
+    save_dir = context.save_dir if context.save_dir.exists() else context.save_dir.parent
     for what, path in (("the step's input", Path(source)), ("cache_path", context.output_dir),
-                       ("save_dir", context.save_dir)):
+                       ("save_dir", save_dir)):
         if not path.exists():
             return StorageNotShared(
                 f"{what} {path} is not visible on Ray node {socket.gethostname()}: cache_path and "
