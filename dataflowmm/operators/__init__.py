@@ -3,6 +3,7 @@
 from dataflowmm.contract import ERROR_KEY, Operator, OperatorSettings, RowError, StepContext
 from dataflowmm.operators.image_captioner import ImageCaptioner
 from dataflowmm.operators.image_diffusion_augmenter import ImageDiffusionAugmenter
+from dataflowmm.operators.image_difference_regions import ImageDifferenceRegions
 from dataflowmm.operators.prompt_template import PromptTemplate
 from dataflowmm.operators.prompted_image_generator import PromptedImageGenerator
 
@@ -10,6 +11,7 @@ __all__ = [
     "ERROR_KEY",
     "ImageCaptioner",
     "ImageDiffusionAugmenter",
+    "ImageDifferenceRegions",
     "Operator",
     "OperatorSettings",
     "PromptTemplate",
