@@ -13,14 +13,20 @@ _CLASSES = {
     "LocalImageGenServing": "dataflowmm.serving.image_gen",
     "LocalCaptionServing": "dataflowmm.serving.caption",
     "ClipServing": "dataflowmm.serving.clip",
+    "LocalVLMServing": "dataflowmm.serving.vlm",
+    "VLMPrompt": "dataflowmm.serving.vlm",
+    "ImageTextMatchingServing": "dataflowmm.serving.itm",
 }
 
 __all__ = ["ClipServing", "LocalCaptionServing", "LocalImageGenServing"]
+__all__ += ["ImageTextMatchingServing", "LocalVLMServing", "VLMPrompt"]
 
 if TYPE_CHECKING:
     from dataflowmm.serving.caption import LocalCaptionServing
     from dataflowmm.serving.clip import ClipServing
     from dataflowmm.serving.image_gen import LocalImageGenServing
+    from dataflowmm.serving.itm import ImageTextMatchingServing
+    from dataflowmm.serving.vlm import LocalVLMServing, VLMPrompt
 
 
 def __getattr__(name: str):
