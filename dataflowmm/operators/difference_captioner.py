@@ -391,7 +391,7 @@ class DifferenceCaptioner(Operator):
                                                       [r.captions[1] for r in regions])
         low, high = self.similarity_range
         for region, similarity in zip(regions, similarities, strict=True):
-            region.similarity = float(similarity)
+            region.similarity = min(1.0, max(-1.0, float(similarity)))  # a cosine; float rounding can pass 1
         return [region for region in regions if low <= region.similarity <= high]
 
     def _explain(self, regions: list[_Region], pairs: dict[int, _Pair], row_ids: list[str]) -> None:
