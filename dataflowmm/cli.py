@@ -15,6 +15,7 @@ DEMO_PIPELINES = [
     ("text_to_image_generation_pipeline.py", "text_to_image"),
     ("image_captioning_pipeline.py", "image_captioning"),
     ("image_augmentation_pipeline.py", "image_augmentation"),
+    ("image_difference_caption_pipeline.py", "image_difference"),
 ]
 
 

@@ -112,6 +112,7 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(tmp_path, models, pai
     assert images == sorted(Path(path).name for row in rows_of(clean) for path in row["marked_pair_images"])
 
 
+@pytest.mark.slow  # ~25 s: two Ray actors each import torch and load three models
 def test_ray_runner_writes_what_the_local_runner_writes(tmp_path, models, pairs, ray_cluster):
     from dataflowmm.execution.ray_runner import RayRunner
 
@@ -121,3 +122,20 @@ def test_ray_runner_writes_what_the_local_runner_writes(tmp_path, models, pairs,
     for row in rows_of(local):
         for path in row["marked_pair_images"]:
             assert (tmp_path / "ray" / path).read_bytes() == (tmp_path / "local" / path).read_bytes()
+
+
+def test_readme_example_and_scaffold_run_offline(tmp_path, models, monkeypatch):
+    from dataflowmm.scaffold import init_project, load_pipeline_module
+    from test_readme_examples import readme_block
+
+    init_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    exec(readme_block("Difference captions for image pairs"), {})
+    rows = [json.loads(line) for line in open("cache_local/image_difference/dataflow_cache_step_step2.jsonl")]
+    assert len(rows) == 6 and all(row["error"] is None for row in rows)
+    assert sum(len(row["marked_pair_images"]) for row in rows) == sum(len(row["changed_boxes"]) for row in rows)
+
+    module = load_pipeline_module(tmp_path / "gpu_pipelines" / "image_difference_caption_pipeline.py")
+    regions, captions = module.main(["--tiny", "--cache-path", str(tmp_path / "scaffold"), "--no-marked-pairs"])
+    assert regions.rows_out == captions.rows_out == 6 and captions.errors == 0
+    assert Path(captions.output_path).read_text().count('"bbox_difference_captions"') == 6
