@@ -86,4 +86,6 @@ def test_demo_runs_every_pipeline_on_tiny_models(tmp_path):
         assert row["error"] is None and row["caption"]
         for path in row["images"]:
             assert (cache / "image_augmentation" / path).is_file()
+    differences = [json.loads(line) for line in open(cache / "image_difference" / "dataflow_cache_step_step2.jsonl")]
+    assert len(differences) == 6 and all(row["error"] is None and row["bbox_tag"] for row in differences)
     assert "demo finished" in result.output

@@ -8,7 +8,11 @@ from PIL import Image
 
 from dataflowmm import FileStorage
 from dataflowmm.operators import DifferenceCaptioner
-from dataflowmm.operators.difference_captioner import ITM_DEFAULTS, MLLM_DEFAULTS, SIMILARITY_DEFAULTS
+from dataflowmm.operators.difference_captioner import (
+    ITM_DEFAULTS,
+    MLLM_DEFAULTS,
+    SIMILARITY_DEFAULTS,
+)
 from dataflowmm.seeds import derive_seed
 
 NAMES = {(200, 30, 30): "red", (30, 200, 30): "green", (30, 30, 200): "blue", (128, 128, 128): "grey"}
@@ -51,8 +55,8 @@ class ScriptedITM:
         self.low, self.batch_size, self.calls = low, batch_size, []
 
     def score(self, images, texts):
-        self.calls.append([(image.size, text) for image, text in zip(images, texts)])
-        return [0.05 if self.low(image, text) else 0.9 for image, text in zip(images, texts)]
+        self.calls.append([(image.size, text) for image, text in zip(images, texts, strict=True)])
+        return [0.05 if self.low(image, text) else 0.9 for image, text in zip(images, texts, strict=True)]
 
     def config(self):
         return {"scripted": "itm"}
@@ -65,8 +69,8 @@ class ScriptedClip:
         self.calls = []
 
     def text_text_similarity(self, a, b):
-        self.calls.append(list(zip(a, b)))
-        return [1.0 if x == y else 0.4 for x, y in zip(a, b)]
+        self.calls.append(list(zip(a, b, strict=True)))
+        return [1.0 if x == y else 0.4 for x, y in zip(a, b, strict=True)]
 
     def config(self):
         return {"scripted": "clip"}
@@ -160,7 +164,7 @@ def test_boxes_are_tracked_by_index_when_captions_repeat(data, tmp_path):
     def same_captions(prompts, seeds=None):
         answers = vlm.generate_original(prompts, seeds)
         return [("left words" if i % 2 == 0 else "right words") if "region" in p.text else a
-                for i, (p, a) in enumerate(zip(prompts, answers))]
+                for i, (p, a) in enumerate(zip(prompts, answers, strict=True))]
 
     vlm.generate = same_captions
     first, second = [25, 25, 10, 10], [65, 45, 12, 12]

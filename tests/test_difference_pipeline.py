@@ -125,8 +125,9 @@ def test_ray_runner_writes_what_the_local_runner_writes(tmp_path, models, pairs,
 
 
 def test_readme_example_and_scaffold_run_offline(tmp_path, models, monkeypatch):
-    from dataflowmm.scaffold import init_project, load_pipeline_module
     from test_readme_examples import readme_block
+
+    from dataflowmm.scaffold import init_project, load_pipeline_module
 
     init_project(tmp_path)
     monkeypatch.chdir(tmp_path)

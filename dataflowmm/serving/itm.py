@@ -11,7 +11,12 @@ from PIL import Image
 
 from dataflowmm.checks import check_positive_int
 from dataflowmm.io.images import to_rgb
-from dataflowmm.serving.common import TravellingServing, check_model_reference, jsonable, model_load_error
+from dataflowmm.serving.common import (
+    TravellingServing,
+    check_model_reference,
+    jsonable,
+    model_load_error,
+)
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
 
 

@@ -17,7 +17,11 @@ import torch
 from PIL import Image
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.serving.caption import SeededSamplingLogitsProcessor, _check_generate_kwargs, _to_device
+from dataflowmm.serving.caption import (
+    SeededSamplingLogitsProcessor,
+    _check_generate_kwargs,
+    _to_device,
+)
 from dataflowmm.serving.common import TravellingServing, check_model_reference, model_load_error
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
 
