@@ -17,6 +17,7 @@ DEMO_PIPELINES = [
     ("image_captioning_pipeline.py", "image_captioning"),
     ("image_augmentation_pipeline.py", "image_augmentation"),
     ("image_generation_task_pipeline.py", "image_generation_task"),
+    ("image_difference_caption_pipeline.py", "image_difference"),
 ]
 # The demo ends by pointing at this pipeline's gallery page (written by its publish step).
 DEMO_GALLERY = "image_generation_task"

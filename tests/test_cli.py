@@ -92,6 +92,8 @@ def test_demo_runs_every_pipeline_on_tiny_models(tmp_path):
                      for line in open(cache / "image_generation_task" / "dataflow_cache_step_step1.jsonl")]
     assert len(illustrations) == 9  # 4 usable subjects x 2 generations + 1 row kept with its error
     assert sum(row["error"] is not None for row in illustrations) == 1
+    differences = [json.loads(line) for line in open(cache / "image_difference" / "dataflow_cache_step_step2.jsonl")]
+    assert len(differences) == 6 and all(row["error"] is None and row["bbox_tag"] for row in differences)
     assert "demo finished" in result.output
     gallery = cache / "image_generation_task" / "gallery.html"
-    assert result.output.strip().splitlines()[-1] == f"gallery: {gallery.resolve()}" and gallery.is_file()
+    assert result.stdout.strip().splitlines()[-1] == f"gallery: {gallery.resolve()}" and gallery.is_file()

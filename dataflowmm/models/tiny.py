@@ -31,6 +31,8 @@ TINY_MODELS: dict[str, str] = {
     "tiny-blip2": "dataflowmm.models.tiny_captioners:build_tiny_blip2",
     "tiny-vision-encoder-decoder": "dataflowmm.models.tiny_captioners:build_tiny_vision_encoder_decoder",
     "tiny-chat-vlm": "dataflowmm.models.tiny_captioners:build_tiny_chat_vlm",
+    "tiny-llava-next": "dataflowmm.models.tiny_vlms:build_tiny_llava_next",
+    "tiny-blip-itm": "dataflowmm.models.tiny_vlms:build_tiny_blip_itm",
 }
 
 

@@ -14,15 +14,21 @@ _CLASSES = {
     "LocalCaptionServing": "dataflowmm.serving.caption",
     "ClipServing": "dataflowmm.serving.clip",
     "APIImageGenServing": "dataflowmm.serving.api_image_gen",
+    "LocalVLMServing": "dataflowmm.serving.vlm",
+    "VLMPrompt": "dataflowmm.serving.vlm",
+    "ImageTextMatchingServing": "dataflowmm.serving.itm",
 }
 
-__all__ = ["APIImageGenServing", "ClipServing", "LocalCaptionServing", "LocalImageGenServing"]
+__all__ = ["APIImageGenServing", "ClipServing", "ImageTextMatchingServing", "LocalCaptionServing",
+           "LocalImageGenServing", "LocalVLMServing", "VLMPrompt"]
 
 if TYPE_CHECKING:
     from dataflowmm.serving.api_image_gen import APIImageGenServing
     from dataflowmm.serving.caption import LocalCaptionServing
     from dataflowmm.serving.clip import ClipServing
     from dataflowmm.serving.image_gen import LocalImageGenServing
+    from dataflowmm.serving.itm import ImageTextMatchingServing
+    from dataflowmm.serving.vlm import LocalVLMServing, VLMPrompt
 
 
 def __getattr__(name: str):

@@ -1,0 +1,226 @@
+"""Chat vision-language models answering prompts that carry one or more images each.
+
+Any model `AutoModelForImageTextToText` loads with a chat template (LLaVA-1.5, LLaVA-NeXT,
+Qwen2-VL, ...). Prompts of one batch go through one `generate` call, left-padded; only the
+new tokens are decoded, whatever the template (no splitting on "ASSISTANT:"). Sampled
+answers are seeded per prompt, so an answer does not depend on its batch neighbours' draws.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from dataflowmm.checks import check_positive_int
+from dataflowmm.serving.caption import (
+    SeededSamplingLogitsProcessor,
+    _check_generate_kwargs,
+    _to_device,
+)
+from dataflowmm.serving.common import TravellingServing, check_model_reference, model_load_error
+from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
+from dataflowmm.serving.model_source import model_content, model_source
+
+
+@dataclass(frozen=True)
+class VLMPrompt:
+    """One question about one or more images; the images come first in the user turn, in order."""
+
+    images: tuple[Image.Image, ...]
+    text: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise ValueError(f"a VLM prompt needs text, got {self.text!r}")
+        if not self.images or not all(isinstance(image, Image.Image) for image in self.images):
+            raise ValueError("a VLM prompt needs at least one PIL image")
+
+
+class LocalVLMServing(TravellingServing):
+    r"""
+    Answer image prompts with a local chat vision-language model, batched.
+
+    Loaded lazily on the first `generate` (or `load`); the constructor only checks arguments.
+
+    Args:
+        model (`str` or `os.PathLike`, *optional*, defaults to `"llava-hf/llava-v1.6-vicuna-7b-hf"`):
+            Hub id or local folder of a chat VLM and its processor (Data-Juicer's default model).
+        max_new_tokens (`int`, *optional*, defaults to 256):
+            Most tokens generated per answer.
+        temperature (`float`, *optional*, defaults to 0.2):
+            Sampling temperature.
+        top_p (`float`, *optional*):
+            Nucleus sampling mass; `None` samples from the whole distribution.
+        num_beams (`int`, *optional*, defaults to 1):
+            Beams; more than one searches beams instead of sampling.
+        do_sample (`bool`, *optional*, defaults to `True`):
+            Sample (seeded per prompt) instead of decoding greedily.
+        batch_size (`int`, *optional*, defaults to 8):
+            Prompts per `generate` call.
+        torch_dtype (`str`, *optional*, defaults to `"auto"`):
+            "fp32", "fp16", "bf16" or "auto" (bf16 on CUDA, fp32 on CPU).
+        device (`str`, *optional*):
+            Device to run on; by default the first GPU, else the CPU.
+        revision (`str`, *optional*):
+            Hub revision of `model`.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow model code shipped with the model.
+        generate_kwargs (`dict`, *optional*):
+            Extra `generate` arguments (e.g. `repetition_penalty`); those set here are refused.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike = "llava-hf/llava-v1.6-vicuna-7b-hf",
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.2,
+        top_p: float | None = None,
+        num_beams: int = 1,
+        do_sample: bool = True,
+        batch_size: int = 8,
+        torch_dtype: str = "auto",
+        device: str | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        generate_kwargs: dict | None = None,
+    ):
+        check_positive_int("max_new_tokens", max_new_tokens)
+        check_positive_int("num_beams", num_beams)
+        check_positive_int("batch_size", batch_size)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        self.generate_kwargs = _check_generate_kwargs(generate_kwargs)
+        if "num_beams" in self.generate_kwargs:
+            raise ValueError("generate_kwargs may not set num_beams: use the constructor's argument")
+        self.model = check_model_reference(model)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = float(temperature)
+        self.top_p = None if top_p is None else float(top_p)
+        self.num_beams = num_beams
+        self.do_sample = bool(do_sample)
+        self.batch_size = batch_size
+        self.torch_dtype = torch_dtype
+        self._place(device)
+        self.revision = revision
+        self.trust_remote_code = trust_remote_code
+        self._model: Any = None
+        self._processor: Any = None
+        self.generate_calls = 0  # for benchmarks and tests: how many batched calls were made
+
+    _unloaded = {"_model": None, "_processor": None}
+
+    def _place(self, device: str | None) -> None:
+        self._device_request = device
+        self.device = resolve_devices(device)[0]
+        self.dtype = resolve_dtype(self.torch_dtype, self.device)
+
+    # ------------------------------------------------------------------ loading
+    def load(self) -> None:
+        """Load the processor and the model (no-op when loaded)."""
+        if self._model is not None:
+            return
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        try:
+            source, options = model_source(self.model)
+            options.update(revision=self.revision, trust_remote_code=self.trust_remote_code)
+            processor = AutoProcessor.from_pretrained(source, **options)
+            model = AutoModelForImageTextToText.from_pretrained(source, dtype=self.dtype, **options)
+        except Exception as exc:
+            raise model_load_error(self.model, exc) from exc
+        if not getattr(processor, "chat_template", None):
+            raise ValueError(f"model {self.model!r} has no chat template: LocalVLMServing needs a chat VLM "
+                             "(LLaVA, LLaVA-NeXT, Qwen2-VL, ...)")
+        processor.tokenizer.padding_side = "left"  # prompts end where the answer starts
+        self._processor = processor
+        self._model = model.to(self.device).eval()
+
+    def cleanup(self) -> None:
+        """Drop the model and free its memory; a later call reloads it."""
+        self._model = None
+        self._processor = None
+        free_memory()
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    # --------------------------------------------------------------- generation
+    def generate(self, prompts: Sequence[VLMPrompt], seeds: Sequence[int] | None = None) -> list[str]:
+        """One answer per prompt, in order, stripped; prompts go `batch_size` per `generate` call.
+
+        Args:
+            prompts (`list[VLMPrompt]`):
+                Each prompt's images and question.
+            seeds (`list[int]`, *optional*):
+                One sampling seed per prompt (default 0 for all).
+        """
+        prompts = list(prompts)
+        if not all(isinstance(prompt, VLMPrompt) for prompt in prompts):
+            raise TypeError("prompts must be VLMPrompt objects")
+        seeds = [0] * len(prompts) if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seeds must have one entry per prompt: {len(seeds)} for {len(prompts)} prompts")
+        if not prompts:
+            return []
+        self.load()
+        answers: list[str] = []
+        for start in range(0, len(prompts), self.batch_size):
+            end = start + self.batch_size
+            answers.extend(self._generate_batch(prompts[start:end], seeds[start:end]))
+        return answers
+
+    def _generate_batch(self, prompts: list[VLMPrompt], seeds: list[int]) -> list[str]:
+        texts = [self._chat_text(prompt) for prompt in prompts]
+        images = [image.convert("RGB") for prompt in prompts for image in prompt.images]
+        encoded = self._processor(images=images, text=texts, return_tensors="pt", padding=True)
+        inputs = _to_device(dict(encoded), self.device, self.dtype)
+        with torch.inference_mode():
+            output = self._model.generate(**inputs, **self._generation_arguments(seeds))
+        self.generate_calls += 1
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
+        return [text.strip() for text in self._processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def _chat_text(self, prompt: VLMPrompt) -> str:
+        content = [{"type": "image"} for _ in prompt.images] + [{"type": "text", "text": prompt.text}]
+        return self._processor.apply_chat_template([{"role": "user", "content": content}],
+                                                   add_generation_prompt=True, tokenize=False)
+
+    def _generation_arguments(self, seeds: list[int]) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, **self.generate_kwargs}
+        if not self.do_sample or self.num_beams > 1:
+            return {**kwargs, "do_sample": False, "num_beams": self.num_beams}
+        from transformers import LogitsProcessorList
+
+        processor = SeededSamplingLogitsProcessor(list(seeds), self.temperature, self.top_p or 1.0)
+        # The processor leaves one finite score per row, so HF's own (neutralised) sampling
+        # picks exactly the token drawn from that row's generator.
+        return {**kwargs, "do_sample": True, "num_beams": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                "logits_processor": LogitsProcessorList([processor])}
+
+    def config(self) -> dict:
+        """Everything that affects the answers, as JSON-able values (for fingerprints)."""
+        return {
+            "serving": type(self).__name__,
+            "model": self.model, **model_content(self.model),
+            "revision": self.revision,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "num_beams": self.num_beams,
+            "do_sample": self.do_sample,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "generate_kwargs": {key: self.generate_kwargs[key] for key in sorted(self.generate_kwargs)},
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model!r}, device={self.device!r})"
