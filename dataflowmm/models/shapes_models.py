@@ -599,7 +599,10 @@ def _scheduler_config(recipe: DiffusionRecipe) -> dict:
 def _inference_scheduler(recipe: DiffusionRecipe):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**_scheduler_config(recipe), set_alpha_to_one=False, steps_offset=1)
+    # "trailing" spacing makes the first of few inference steps the last training timestep.
+    # (steps_offset only affects "leading" spacing; 1 keeps StableDiffusionPipeline quiet.)
+    return DDIMScheduler(**_scheduler_config(recipe), timestep_spacing=recipe.timestep_spacing,
+                         set_alpha_to_one=False, steps_offset=1)
 
 
 def _train_unet(latents: torch.Tensor, prompt_ids: torch.Tensor, prompts: torch.Tensor,
@@ -617,6 +620,7 @@ def _train_unet(latents: torch.Tensor, prompt_ids: torch.Tensor, prompts: torch.
     average.load_state_dict(unet.state_dict())
     average.requires_grad_(False)
     scheduler = DDPMScheduler(**_scheduler_config(recipe))
+    weights = _min_snr_weights(scheduler, recipe)
     steps, size = recipe.unet_steps, recipe.unet_batch_size
     batches = _batches(len(latents), size, steps, recipe.seed + 3)
     draws = torch.Generator().manual_seed(recipe.seed + 4)
@@ -636,7 +640,8 @@ def _train_unet(latents: torch.Tensor, prompt_ids: torch.Tensor, prompts: torch.
             target = scheduler.get_velocity(clean, noise, timesteps)
         else:
             target = noise
-        loss = F.mse_loss(predicted, target)
+        per_sample = F.mse_loss(predicted, target, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * weights[timesteps]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -650,6 +655,16 @@ def _train_unet(latents: torch.Tensor, prompt_ids: torch.Tensor, prompts: torch.
 
     final_loss = _train_loop("shapes-sd (unet)", steps, step)
     return average.to(memory_format=torch.contiguous_format), final_loss
+
+
+def _min_snr_weights(scheduler, recipe: DiffusionRecipe) -> torch.Tensor:
+    """Per-timestep loss weights of Min-SNR-gamma (Hang et al., 2023): nearly clean timesteps,
+    where only fine detail is learned, count less, so the shapes themselves train faster."""
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1.0 - alphas)
+    if recipe.prediction_type == "v_prediction":
+        return snr.clamp(max=recipe.min_snr_gamma) / (snr + 1.0)
+    return (recipe.min_snr_gamma / snr).clamp(max=1.0)
 
 
 @torch.no_grad()

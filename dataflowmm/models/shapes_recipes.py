@@ -73,12 +73,12 @@ class DiffusionRecipe:
 
     train_images: int = 10_000
     held_out_prompts: int = 90
-    vae_channels: tuple[int, ...] = (16, 32, 64)
-    latent_channels: int = 8
-    unet_channels: tuple[int, ...] = (48, 96)
-    attention_head_dim: int = 16
-    vae_steps: int = 250
-    vae_batch_size: int = 64
+    vae_channels: tuple[int, ...] = (16, 32)
+    latent_channels: int = 4
+    unet_channels: tuple[int, ...] = (32, 64)
+    attention_head_dim: int = 8
+    vae_steps: int = 1000
+    vae_batch_size: int = 16
     vae_learning_rate: float = 2e-3
     vae_kl_weight: float = 1e-6
     unet_steps: int = 900
@@ -86,11 +86,17 @@ class DiffusionRecipe:
     unet_learning_rate: float = 1e-3
     warmup_steps: int = 50
     ema_decay: float = 0.995
+    min_snr_gamma: float = 5.0
     prompt_dropout: float = 0.1
-    beta_schedule: str = "scaled_linear"
+    # A cosine schedule ends in pure noise, so generation starts where training did: with
+    # Stable Diffusion's schedule, 32x32 images keep their mean colour at the last step,
+    # which the model learns to read from noise that has none (wrong background colours).
+    # Pure noise needs v-prediction (epsilon says nothing about the image there).
+    beta_schedule: str = "squaredcos_cap_v2"
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    prediction_type: str = "epsilon"
+    prediction_type: str = "v_prediction"
+    timestep_spacing: str = "trailing"
     inference_steps: int = 25
     guidance_scale: float = 4.0
     seed: int = 0
