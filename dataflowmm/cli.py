@@ -20,6 +20,7 @@ from dataflowmm.scaffold import init_project, load_pipeline_module
 
 # The demo runs each scaffolded pipeline with --tiny, in this order.
 DEMO_PIPELINES = [
+    ("shapes_world_pipeline.py", "shapes_world"),
     ("text_to_image_generation_pipeline.py", "text_to_image"),
     ("image_captioning_pipeline.py", "image_captioning"),
     ("image_augmentation_pipeline.py", "image_augmentation"),
@@ -81,10 +82,25 @@ def demo(out: Path) -> None:
         click.echo(f"== {script} --tiny")
         module = load_pipeline_module(out / "gpu_pipelines" / script)
         summaries = module.main(["--tiny", "--cache-path", str(out / "cache_local" / name)])
+        if name == "shapes_world":
+            _show_shapes_world(summaries)
+            continue
         for summary in summaries if isinstance(summaries, list) else [summaries]:
             _show_output(summary.output_path)
     click.echo(f"demo finished: outputs under {out.resolve() / 'cache_local'}")
     click.echo(f"gallery: {out.resolve() / 'cache_local' / DEMO_GALLERY / 'gallery.html'}")
+
+
+def _show_shapes_world(summaries: list, rows_shown: int = 8) -> None:
+    """prompt -> what the captioner saw in the generated image, and the image-prompt score."""
+    scored = [json.loads(line) for line in open(summaries[2].output_path, encoding="utf-8")]
+    kept = {row["id"] for row in map(json.loads, open(summaries[3].output_path, encoding="utf-8"))}
+    click.echo(f"   {'prompt':38s} {'caption of the generated image':38s} score  kept")
+    for row in scored[:rows_shown]:
+        score = row["clip_score"][0] if row.get("clip_score") else float("nan")
+        click.echo(f"   {row['prompt']:38s} {row.get('caption') or '':38s} {score:5.2f}  "
+                   f"{'yes' if row['id'] in kept else 'no'}")
+    click.echo(f"   images: {Path(summaries[0].output_path).parent}; kept rows: {summaries[3].output_path}")
 
 
 def _show_output(output_path: str, rows_shown: int = 2) -> None:

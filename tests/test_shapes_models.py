@@ -69,6 +69,21 @@ def test_a_changed_recipe_trains_a_new_folder(tmp_path, monkeypatch, capsys):
     assert "[dataflowmm] trained shapes-captioner" in err and "held-out" in err
 
 
+@pytest.mark.parametrize("name", ["shapes-clip", "shapes-captioner"])
+def test_training_twice_gives_bit_identical_weights(tmp_path, name):
+    import hashlib
+
+    build = {"shapes-clip": shapes_models.build_shapes_clip,
+             "shapes-captioner": shapes_models.build_shapes_captioner}[name]
+    quick = dataclasses.replace(shapes_recipes.RECIPES[name], steps=4, train_images=512, held_out_images=32)
+    digests, reports = [], []
+    for run in ("a", "b"):
+        reports.append(build(tmp_path / run, recipe=quick))
+        digests.append(hashlib.sha256((tmp_path / run / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    assert reports[0]["held_out"] == reports[1]["held_out"] and reports[0]["final_loss"] == reports[1]["final_loss"]
+
+
 def test_second_use_loads_the_cached_model_without_training(tiny_model, tiny_models_dir):
     folder = tiny_model("shapes-clip")
     report_time = (folder / shapes_models.REPORT_FILE).stat().st_mtime_ns
@@ -178,3 +193,97 @@ def test_training_reports_record_held_out_results(tiny_model):
         assert report["recipe_hash"] == shapes_recipes.recipe_hash(name)
         print(name, f"{report['training_seconds']} s", json.dumps(report["held_out"]))
     assert read_training_report(tiny_model("shapes-clip"))["held_out"]["exact"] >= 0.95
+
+
+# --------------------------------------------------------------------------- quality operators
+
+
+def _shapes_rows(folder, count: int, seed: int = HELD_OUT_SEED, start: int = EVAL_START):
+    """Held-out shapes images as PNG files and rows {"id", "images", "text", attributes}."""
+    from dataflowmm.io.images import save_png
+
+    rows = []
+    for sample in ShapesWorld().samples(count, seed=seed, start=start):
+        path = f"images/{len(rows):06d}.png"
+        save_png(sample.image, folder / path)
+        rows.append({"id": len(rows), "images": [path], "text": sample.caption, **sample.attributes})
+    return rows
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_clip_score_filter_removes_captions_with_the_wrong_colour(tmp_path, tiny_model):
+    from dataflowmm import FileStorage
+    from dataflowmm.operators import ClipScoreEvaluator, ClipScoreFilter
+
+    rows = _shapes_rows(tmp_path / "data", 200)
+    swapped = set(range(0, 200, 4))  # a quarter: the shape's colour named wrong
+    for index in swapped:
+        row = rows[index]
+        wrong = [c for c in COLOUR_NAMES if c not in (row["colour"], row["background"])][index % 4]
+        row["text"] = caption_for(row["shape"], wrong, row["background"])
+    storage = FileStorage(_write_jsonl(tmp_path / "data" / "shapes.jsonl", rows), cache_path=tmp_path / "cache")
+    serving = ClipServing(tiny_model("shapes-clip"), device="cpu", batch_size=100)
+    ClipScoreEvaluator(serving).run(storage.step())
+    summary = ClipScoreFilter(serving, min_score=0.75, keep_dropped=True).run(storage.step())
+    kept = {json.loads(line)["id"] for line in open(summary.output_path)}
+    dropped = set(range(200)) - kept
+    precision = len(dropped & swapped) / max(1, len(dropped))
+    recall = len(dropped & swapped) / len(swapped)
+    scores = [json.loads(line)["clip_score"][0] for line in open(summary.output_path)]
+    print(f"ClipScoreFilter(min_score=0.75) on 200 shapes rows, 50 with a wrong colour: dropped "
+          f"{len(dropped)}, precision {precision:.1%}, recall {recall:.1%}; kept scores "
+          f"{min(scores):.2f}..{max(scores):.2f}")
+    assert precision >= 0.95 and recall >= 0.95
+    assert summary.rows_dropped == len(dropped) and f"{len(dropped)} rows dropped" in summary.line()
+
+
+def test_deduplicator_finds_planted_near_duplicates_only(tmp_path, tiny_model):
+    import io
+
+    from PIL import Image
+
+    from dataflowmm import FileStorage
+    from dataflowmm.io.images import save_png
+    from dataflowmm.operators import ImageDeduplicator
+
+    folder = tmp_path / "data"
+    # 90 distinct images: every caption once (the same caption at another place and size
+    # is a near duplicate for shapes-clip, which was trained to see only the caption).
+    samples, seen = [], set()
+    for sample in ShapesWorld().samples(2000, seed=HELD_OUT_SEED, start=EVAL_START):
+        if sample.caption not in seen:
+            seen.add(sample.caption)
+            samples.append(sample)
+    rows = []
+    for index, sample in enumerate(samples):
+        save_png(sample.image, folder / f"images/{index}.png")
+        rows.append({"id": index, "images": [f"images/{index}.png"], "text": sample.caption})
+    planted = {}
+    for number, index in enumerate(range(0, 90, 3)):
+        image, kind = samples[index].image, ("resized", "jpeg", "png")[number % 3]
+        path = folder / f"images/copy-{index}.{'jpg' if kind == 'jpeg' else 'png'}"
+        if kind == "resized":  # a few pixels larger
+            save_png(image.resize((35, 35), Image.Resampling.BICUBIC), path)
+        elif kind == "jpeg":  # re-encoded, lossy
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=95, subsampling=0)
+            path.write_bytes(buffer.getvalue())
+        else:  # re-encoded losslessly: the same pixels
+            image.save(path, "PNG", compress_level=1)
+        planted[len(rows)] = (index, kind)
+        rows.append({"id": len(rows), "images": [str(path.relative_to(folder))], "text": "copy"})
+    storage = FileStorage(_write_jsonl(folder / "rows.jsonl", rows), cache_path=tmp_path / "cache")
+    serving = ClipServing(tiny_model("shapes-clip"), device="cpu", batch_size=64)
+    summary = ImageDeduplicator(serving, similarity_threshold=0.97, keep_dropped=True).run(storage.step())
+    kept = [json.loads(line)["id"] for line in open(summary.output_path)]
+    side = [json.loads(line) for line in open(summary.output_path.replace(".jsonl", ".dropped.jsonl"))]
+    reasons = {row["id"]: row["dropped_by"] for row in side}
+    print(f"ImageDeduplicator(0.97): {len(kept)} kept of {len(rows)}; e.g. {list(reasons.values())[:3]}")
+    assert kept == list(range(90))  # every distinct image, none of the copies
+    for row_id, (original, kind) in planted.items():
+        expected = "exact duplicate" if kind == "png" else "near duplicate"
+        assert reasons[row_id].startswith(f"ImageDeduplicator: {expected} of row {original}"), (kind, reasons[row_id])

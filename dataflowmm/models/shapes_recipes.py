@@ -51,7 +51,7 @@ class CaptionerRecipe:
 
     train_images: int = 20_000
     held_out_images: int = 500
-    steps: int = 900
+    steps: int = 1500
     batch_size: int = 128
     learning_rate: float = 2e-3
     warmup_steps: int = 50
