@@ -16,7 +16,12 @@ from pathlib import Path
 from dataflowmm import FileStorage
 from dataflowmm.execution.options import add_runner_arguments, runner_from_args
 from dataflowmm.models.tiny import tiny_model_path
-from dataflowmm.operators import ClipScoreEvaluator, ClipScoreFilter, ImageCaptioner, PromptedImageGenerator
+from dataflowmm.operators import (
+    ClipScoreEvaluator,
+    ClipScoreFilter,
+    ImageCaptioner,
+    PromptedImageGenerator,
+)
 from dataflowmm.serving import ClipServing, LocalCaptionServing, LocalImageGenServing
 
 HERE = Path(__file__).resolve().parent

@@ -78,7 +78,7 @@ ROWS = [
     {"id": 2, "images": [], "text": "no images"},                                # kept, as Data-Juicer
     {"id": 3, "images": ["pics/red.png", "pics/blue.png"], "text": "red"},       # one of two right
     {"id": 4, "images": ["pics/corrupt.png"], "text": "a red square"},           # error, kept
-    {"id": 5, "images": [f"pics/red.png", "pics/green.png"], "text": f"{IMG} red {EOC} {IMG} red {EOC}"},
+    {"id": 5, "images": ["pics/red.png", "pics/green.png"], "text": f"{IMG} red {EOC} {IMG} red {EOC}"},
 ]
 
 

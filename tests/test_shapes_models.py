@@ -19,7 +19,14 @@ from dataflowmm.models import shapes_models, shapes_recipes
 from dataflowmm.models.shapes_models import judge_generated, parse_caption, read_training_report
 from dataflowmm.models.tiny import tiny_model_path
 from dataflowmm.serving import ClipServing, LocalCaptionServing, LocalImageGenServing
-from dataflowmm.shapes import COLOUR_NAMES, HELD_OUT_SEED, SHAPES, ShapesWorld, all_captions, caption_for
+from dataflowmm.shapes import (
+    COLOUR_NAMES,
+    HELD_OUT_SEED,
+    SHAPES,
+    ShapesWorld,
+    all_captions,
+    caption_for,
+)
 
 # Held-out images the trainings never saw (their own evaluation uses the first 500).
 EVAL_START = 10_000
@@ -118,9 +125,9 @@ def test_captioner_names_colour_and_shape(tiny_model):
     serving = LocalCaptionServing(folder, device="cpu", gpu_batch_size=50)
     captions = [candidates[0] for candidates in serving.caption([s.image for s in samples])]
     parsed = [parse_caption(caption) or {} for caption in captions]
-    colour = sum(p.get("colour") == s.attributes["colour"] for p, s in zip(parsed, samples)) / 200
-    shape = sum(p.get("shape") == s.attributes["shape"] for p, s in zip(parsed, samples)) / 200
-    exact = sum(c == s.caption for c, s in zip(captions, samples)) / 200
+    colour = sum(p.get("colour") == s.attributes["colour"] for p, s in zip(parsed, samples, strict=True)) / 200
+    shape = sum(p.get("shape") == s.attributes["shape"] for p, s in zip(parsed, samples, strict=True)) / 200
+    exact = sum(c == s.caption for c, s in zip(captions, samples, strict=True)) / 200
     print(f"shapes-captioner via LocalCaptionServing: exact {exact:.1%}, colour {colour:.1%}, "
           f"shape {shape:.1%}; training report {report['held_out']}")
     assert colour >= 0.95 and shape >= 0.95
@@ -133,7 +140,7 @@ def test_clip_zero_shot_and_swapped_colours(tiny_model):
     images = serving.embed_images([s.image for s in samples])
     captions = all_captions()
     predicted = (images @ serving.embed_texts(captions).T).argmax(dim=1)
-    accuracy = sum(captions[i] == s.caption for i, s in zip(predicted.tolist(), samples)) / len(samples)
+    accuracy = sum(captions[i] == s.caption for i, s in zip(predicted.tolist(), samples, strict=True)) / len(samples)
 
     swapped = [caption_for(s.attributes["shape"], s.attributes["background"], s.attributes["colour"])
                for s in samples]

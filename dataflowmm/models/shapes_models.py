@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataflowmm.models import shapes_recipes
 from dataflowmm.models.offline_tokenizers import make_clip_tokenizer
 from dataflowmm.models.shapes_recipes import (
-    RECIPES,
     CaptionerRecipe,
     ClipRecipe,
     DiffusionRecipe,
@@ -185,7 +185,8 @@ def read_training_report(folder: str | Path) -> dict:
 
 
 def _recipe(name: str, recipe: object | None, kind: type) -> object:
-    recipe = RECIPES[name] if recipe is None else recipe
+    # Looked up at call time, so a recipe registered (or patched) later is the one trained.
+    recipe = shapes_recipes.RECIPES[name] if recipe is None else recipe
     if not isinstance(recipe, kind):
         raise TypeError(f"{name} needs a {kind.__name__}, got {type(recipe).__name__}")
     return recipe

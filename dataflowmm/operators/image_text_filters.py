@@ -22,7 +22,12 @@ from PIL import Image, ImageOps
 
 from dataflowmm.contract import Operator, OperatorSettings, StepContext
 from dataflowmm.operators.image_captioner import load_row_images
-from dataflowmm.operators.sample_format import EOC_TOKEN, IMAGE_TOKEN, SpecialTokens, row_image_paths
+from dataflowmm.operators.sample_format import (
+    EOC_TOKEN,
+    IMAGE_TOKEN,
+    SpecialTokens,
+    row_image_paths,
+)
 from dataflowmm.serving.common import build_serving
 
 if TYPE_CHECKING:
