@@ -14,8 +14,8 @@ import argparse
 from pathlib import Path
 
 from dataflowmm import FileStorage
+from dataflowmm.console import run_script
 from dataflowmm.execution.options import add_runner_arguments, runner_from_args
-from dataflowmm.models.tiny import tiny_model_path
 from dataflowmm.operators import (
     ClipScoreEvaluator,
     ClipScoreFilter,
@@ -26,17 +26,18 @@ from dataflowmm.serving import ClipServing, LocalCaptionServing, LocalImageGenSe
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_INPUT = HERE.parent / "example_data" / "shapes_world" / "prompts.jsonl"
+DEFAULT_CACHE = HERE.parent / "cache_local" / "shapes_world"  # beside example_data, wherever you run from
 
 
 class ShapesWorldPipeline:
     def __init__(
         self,
         runner=None,
-        sd_model: str | None = None,
-        caption_model: str | None = None,
-        clip_model: str | None = None,
+        sd_model: str = "tiny:shapes-sd",
+        caption_model: str = "tiny:shapes-captioner",
+        clip_model: str = "tiny:shapes-clip",
         input_file: str | Path = DEFAULT_INPUT,
-        cache_path: str | Path = "./cache_local/shapes_world",
+        cache_path: str | Path = DEFAULT_CACHE,
         min_score: float = 0.75,
         save_interval: int = 16,
         seed: int = 0,
@@ -48,11 +49,11 @@ class ShapesWorldPipeline:
             cache_type="jsonl",
             runner=runner,
         )
-        sd = LocalImageGenServing(sd_model or tiny_model_path("shapes-sd"), task="text2image", batch_size=8,
+        sd = LocalImageGenServing(sd_model, task="text2image", batch_size=8,
                                   num_inference_steps=25, guidance_scale=4.0)
-        captioner = LocalCaptionServing(caption_model or tiny_model_path("shapes-captioner"), batch_size=8,
+        captioner = LocalCaptionServing(caption_model, batch_size=8,
                                         max_new_tokens=12)
-        clip = ClipServing(clip_model or tiny_model_path("shapes-clip"), batch_size=32)
+        clip = ClipServing(clip_model, batch_size=32)
         self.generator = PromptedImageGenerator(t2i_serving=sd, save_interval=save_interval, seed=seed)
         self.captioner = ImageCaptioner(captioner, keep_original_sample=False, save_interval=save_interval)
         self.scorer = ClipScoreEvaluator(clip, save_interval=save_interval)
@@ -70,11 +71,11 @@ class ShapesWorldPipeline:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="accepted for symmetry: the shapes models are the default")
-    parser.add_argument("--sd-model", default=None, help="text-to-image model (default: shapes-sd)")
-    parser.add_argument("--caption-model", default=None, help="captioning model (default: shapes-captioner)")
-    parser.add_argument("--clip-model", default=None, help="CLIP model (default: shapes-clip)")
+    parser.add_argument("--sd-model", default="tiny:shapes-sd", help="text-to-image model")
+    parser.add_argument("--caption-model", default="tiny:shapes-captioner", help="captioning model")
+    parser.add_argument("--clip-model", default="tiny:shapes-clip", help="CLIP model")
     parser.add_argument("--input", default=str(DEFAULT_INPUT), help="jsonl with a `prompt` per row")
-    parser.add_argument("--cache-path", default="./cache_local/shapes_world")
+    parser.add_argument("--cache-path", default=str(DEFAULT_CACHE))
     parser.add_argument("--min-score", type=float, default=0.75, help="lowest image-prompt CLIP score kept")
     parser.add_argument("--seed", type=int, default=0)
     add_runner_arguments(parser)
@@ -97,4 +98,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a mistake prints one line; --debug shows the traceback
