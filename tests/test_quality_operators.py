@@ -17,7 +17,6 @@ from dataflowmm.operators import (
     ImageDeduplicator,
     ImageTextMatchingFilter,
 )
-from dataflowmm.serving import BlipItmServing
 
 IMG, EOC = "<__dj__image>", "<|__dj__eoc|>"
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -38,7 +37,8 @@ class ScriptedScores:
         self.calls.append(len(images))
         return torch.tensor([0.9 if self.colour(i) in t else 0.2 for i, t in zip(images, texts, strict=True)])
 
-    image_text_matching = image_text_similarity
+    def score(self, images, texts):  # the image-text matching serving's method
+        return self.image_text_similarity(images, texts).tolist()
 
     def embed_images(self, images):
         self.calls.append(len(images))
@@ -137,7 +137,7 @@ def test_filter_arguments_fail_fast():
         ClipScoreFilter(ScriptedScores(), reduce_mode="median")
     with pytest.raises(ValueError, match="min_score"):
         ClipScoreFilter(ScriptedScores(), min_score=0.8, max_score=0.2)
-    with pytest.raises(ValueError, match="itm_serving .* has no image_text_matching"):
+    with pytest.raises(ValueError, match="itm_serving .* has no score"):
         ImageTextMatchingFilter(object())
 
 
@@ -250,17 +250,19 @@ def test_filter_and_deduplicator_on_ray_match_local(tmp_path, near_copies, ray_c
         assert side[0] == side[1]
 
 
-def test_blip_itm_serving_scores_pairs(tmp_path, tiny_model):
+def test_matching_filter_on_a_tiny_blip_itm_model(tmp_path, pictures, tiny_model):
     from transformers import AutoProcessor, BlipConfig, BlipForImageTextRetrieval
+
+    from dataflowmm.serving import ImageTextMatchingServing
 
     folder = tiny_model("tiny-blip")
     torch.manual_seed(0)
     BlipForImageTextRetrieval(BlipConfig.from_pretrained(folder)).save_pretrained(tmp_path / "itm")
     AutoProcessor.from_pretrained(folder).save_pretrained(tmp_path / "itm")
-    serving = BlipItmServing(tmp_path / "itm", device="cpu", batch_size=2)
-    images = [Image.new("RGB", (32, 32), colour) for colour in COLOURS.values()]
-    scores = serving.image_text_matching(images, ["a red square", "green", "blue"])
-    assert scores.shape == (3,) and bool(((scores >= 0) & (scores <= 1)).all())
-    assert serving.config()["serving"] == "BlipItmServing"
-    with pytest.raises(ValueError, match="pairs"):
-        serving.image_text_matching(images, ["one text"])
+    serving = ImageTextMatchingServing(tmp_path / "itm", device="cpu", batch_size=2)
+    summary, rows = run(tmp_path, ROWS, ImageTextMatchingFilter(serving, min_score=0.0, max_score=1.0),
+                        output_score_key="itm")
+    # Random weights: every probability is in [0, 1], so every row is kept, with its scores.
+    assert summary.rows_dropped == 0 and len(rows) == 6 and summary.errors == 1
+    assert all(0.0 <= score <= 1.0 for row in rows if row["itm"] for score in row["itm"])
+    assert [len(row["itm"]) for row in rows if row["error"] is None] == [1, 1, 0, 2, 2]

@@ -33,7 +33,7 @@ from dataflowmm.serving.common import build_serving
 if TYPE_CHECKING:
     from dataflowmm.execution.step import StepSummary
     from dataflowmm.serving.clip import ClipServing
-    from dataflowmm.serving.itm import BlipItmServing
+    from dataflowmm.serving.itm import ImageTextMatchingServing
     from dataflowmm.storage import FileStorage
 
 REDUCE_MODES = ("avg", "max", "min")
@@ -351,8 +351,8 @@ class ImageTextMatchingFilter(_ScoreFilter):
     the text describes the image.
 
     Args:
-        itm_serving: a `BlipItmServing` (or any serving with `image_text_matching(images,
-            texts)`, `batch_size` and `config()`), or a model id/folder to build one from.
+        itm_serving: an `ImageTextMatchingServing` (or any serving with `score(images, texts)`,
+            `batch_size` and `config()`), or a model id/folder to build one from.
         hf_blip: model id/folder used when `itm_serving` is not given.
         min_score, max_score: the kept range of matching probabilities.
         horizontal_flip, vertical_flip, any_or_all, reduce_mode, keep_dropped, batch_size,
@@ -362,7 +362,7 @@ class ImageTextMatchingFilter(_ScoreFilter):
 
     def __init__(
         self,
-        itm_serving: BlipItmServing | str | os.PathLike | None = None,
+        itm_serving: ImageTextMatchingServing | str | os.PathLike | None = None,
         *,
         hf_blip: str | os.PathLike = "Salesforce/blip-itm-base-coco",
         min_score: float = 0.003,
@@ -384,16 +384,16 @@ class ImageTextMatchingFilter(_ScoreFilter):
                          keep_dropped=keep_dropped, horizontal_flip=horizontal_flip,
                          vertical_flip=vertical_flip, reduce_mode=reduce_mode, image_token=image_token,
                          eoc_token=eoc_token, save_interval=save_interval, strict=strict)
-        from dataflowmm.serving.itm import BlipItmServing
+        from dataflowmm.serving.itm import ImageTextMatchingServing
 
         self.serving = build_serving(
-            itm_serving or hf_blip, BlipItmServing, argument="itm_serving",
+            itm_serving or hf_blip, ImageTextMatchingServing, argument="itm_serving",
             settings={"batch_size": batch_size, "torch_dtype": torch_dtype,
                       "trust_remote_code": trust_remote_code},
-            methods=("image_text_matching", "config"))
+            methods=("score", "config"))
 
     def _score_pairs(self, images: list[Image.Image], texts: list[str]) -> list[float]:
-        return self.serving.image_text_matching(images, texts).tolist()
+        return list(self.serving.score(images, texts))
 
 
 def _clip_serving(model: Any, batch_size: int | None, torch_dtype: str | None,
