@@ -125,7 +125,7 @@ def test_captioner_names_colour_and_shape(tiny_model):
     folder = tiny_model("shapes-captioner")
     report = read_training_report(folder)
     samples = _held_out(200)
-    serving = LocalCaptionServing(folder, device="cpu", gpu_batch_size=50)
+    serving = LocalCaptionServing(folder, device="cpu", batch_size=50, max_new_tokens=12)
     captions = [candidates[0] for candidates in serving.caption([s.image for s in samples])]
     parsed = [parse_caption(caption) or {} for caption in captions]
     colour = sum(p.get("colour") == s.attributes["colour"] for p, s in zip(parsed, samples, strict=True)) / 200
