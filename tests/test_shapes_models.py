@@ -111,7 +111,8 @@ def test_cli_lists_and_builds_the_trained_models(tiny_model, tiny_models_dir):
     listed = CliRunner().invoke(main, ["models", "list"])
     assert listed.exit_code == 0
     lines = {line.split()[0]: line for line in listed.output.splitlines()}
-    assert "trained" in lines["shapes-clip"] and "trained" not in lines["tiny-clip"]
+    assert lines["tiny:shapes-clip"].split()[1] == "trained" and lines["tiny:tiny-clip"].split()[1] == "random"
+    assert shapes_recipes.folder_name("shapes-clip") in lines["tiny:shapes-clip"]
     folder = tiny_model("shapes-clip")
     built = CliRunner().invoke(main, ["models", "tiny", str(tiny_models_dir), "--name", "shapes-clip"])
     assert built.exit_code == 0, built.output
