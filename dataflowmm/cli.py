@@ -95,10 +95,10 @@ def _show_shapes_world(summaries: list, rows_shown: int = 8) -> None:
     """prompt -> what the captioner saw in the generated image, and the image-prompt score."""
     scored = [json.loads(line) for line in open(summaries[2].output_path, encoding="utf-8")]
     kept = {row["id"] for row in map(json.loads, open(summaries[3].output_path, encoding="utf-8"))}
-    click.echo(f"   {'prompt':38s} {'caption of the generated image':38s} score  kept")
+    click.echo(f"   {'prompt':40s} {'caption of the generated image':40s} score  kept")
     for row in scored[:rows_shown]:
         score = row["clip_score"][0] if row.get("clip_score") else float("nan")
-        click.echo(f"   {row['prompt']:38s} {row.get('caption') or '':38s} {score:5.2f}  "
+        click.echo(f"   {row['prompt']:40s} {row.get('caption') or '':40s} {score:5.2f}  "
                    f"{'yes' if row['id'] in kept else 'no'}")
     click.echo(f"   images: {Path(summaries[0].output_path).parent}; kept rows: {summaries[3].output_path}")
 
