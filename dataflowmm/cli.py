@@ -8,11 +8,19 @@ from pathlib import Path
 import click
 
 from dataflowmm.console import DEBUG_FLAG, quiet_model_libraries, run_script
-from dataflowmm.models.tiny import TINY_MODELS, build_tiny_models, default_models_dir, is_built
+from dataflowmm.models.tiny import (
+    TINY_MODELS,
+    TRAINED_MODELS,
+    build_tiny_models,
+    default_models_dir,
+    is_built,
+    model_folder_name,
+)
 from dataflowmm.scaffold import init_project, load_pipeline_module
 
 # The demo runs each scaffolded pipeline with --tiny, in this order.
 DEMO_PIPELINES = [
+    ("shapes_world_pipeline.py", "shapes_world"),
     ("text_to_image_generation_pipeline.py", "text_to_image"),
     ("image_captioning_pipeline.py", "image_captioning"),
     ("image_augmentation_pipeline.py", "image_augmentation"),
@@ -74,10 +82,25 @@ def demo(out: Path) -> None:
         click.echo(f"== {script} --tiny")
         module = load_pipeline_module(out / "gpu_pipelines" / script)
         summaries = module.main(["--tiny", "--cache-path", str(out / "cache_local" / name)])
+        if name == "shapes_world":
+            _show_shapes_world(summaries)
+            continue
         for summary in summaries if isinstance(summaries, list) else [summaries]:
             _show_output(summary.output_path)
     click.echo(f"demo finished: outputs under {out.resolve() / 'cache_local'}")
     click.echo(f"gallery: {out.resolve() / 'cache_local' / DEMO_GALLERY / 'gallery.html'}")
+
+
+def _show_shapes_world(summaries: list, rows_shown: int = 8) -> None:
+    """prompt -> what the captioner saw in the generated image, and the image-prompt score."""
+    scored = [json.loads(line) for line in open(summaries[2].output_path, encoding="utf-8")]
+    kept = {row["id"] for row in map(json.loads, open(summaries[3].output_path, encoding="utf-8"))}
+    click.echo(f"   {'prompt':40s} {'caption of the generated image':40s} score  kept")
+    for row in scored[:rows_shown]:
+        score = row["clip_score"][0] if row.get("clip_score") else float("nan")
+        click.echo(f"   {row['prompt']:40s} {row.get('caption') or '':40s} {score:5.2f}  "
+                   f"{'yes' if row['id'] in kept else 'no'}")
+    click.echo(f"   images: {Path(summaries[0].output_path).parent}; kept rows: {summaries[3].output_path}")
 
 
 def _show_output(output_path: str, rows_shown: int = 2) -> None:
@@ -89,29 +112,47 @@ def _show_output(output_path: str, rows_shown: int = 2) -> None:
 
 @main.group()
 def models() -> None:
-    """Tiny random-weight models for offline use."""
+    """Tiny models for offline use: random weights, or trained on the shapes world."""
 
 
 @models.command("tiny")
 @click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", "names", multiple=True, type=click.Choice(list(TINY_MODELS)),
-              help="build only these (repeatable); default: all")
+              help="build only these (repeatable); default: every random-weight model "
+                   "(the trained shapes-* models take minutes: name them)")
 def models_tiny(directory: Path | None, names: tuple[str, ...]) -> None:
     """Build tiny models into DIRECTORY (default: $DATAFLOWMM_MODELS_DIR or ~/.cache/dataflowmm/models)."""
     built = build_tiny_models(directory or default_models_dir(), list(names) or None)
     for name, path in built.items():
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         click.echo(f"{name:30s} {size / 1e6:6.1f} MB  {path}")
+        if name in TRAINED_MODELS:
+            from dataflowmm.models.shapes_models import read_training_report
+
+            held_out = read_training_report(path)["held_out"]
+            figures = ", ".join(f"{key} {value:.1%}" for key, value in held_out.items()
+                                if isinstance(value, float))
+            click.echo(f"{'':30s} held-out: {figures}")
 
 
 @models.command("list")
 def models_list() -> None:
-    """Tiny models by name (use them as tiny:NAME), where each is, and whether it is built."""
+    """Tiny models by name (use them as tiny:NAME), where each is, and whether it is built.
+
+    The shapes-* models are trained on the shapes world on first use (minutes); their
+    folder's name carries a hash of the training recipe.
+    """
     root = default_models_dir()
     for name in TINY_MODELS:
-        folder = root / name
-        state = "built" if is_built(folder) else "not built (built on first use)"
-        click.echo(f"tiny:{name:28s} {state:32s} {folder}")
+        folder = root / model_folder_name(name)
+        if is_built(folder):
+            state = "built"
+        elif name in TRAINED_MODELS:
+            state = "not built (trained on first use)"
+        else:
+            state = "not built (built on first use)"
+        kind = "trained" if name in TRAINED_MODELS else "random"
+        click.echo(f"tiny:{name:28s} {kind:8s} {state:34s} {folder}")
 
 
 @main.command("export")

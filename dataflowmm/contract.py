@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from dataflowmm.storage import FileStorage
 
 ERROR_KEY = "error"
+# A row returned with this key set is dropped from the step's output (a filter's verdict);
+# its value says why. Dropped rows are counted in the step summary and, when the operator's
+# `keep_dropped_rows()` says so, written to a side file beside the output instead.
+DROPPED_KEY = "dropped_by"
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,21 @@ class Operator(ABC):
         """Keys where this operator writes paths of the images it generates (counted per step)."""
         return []
 
+    def keep_dropped_rows(self) -> bool:
+        """Whether rows this operator drops go to `{output}.dropped.jsonl` beside the step's
+        output (with `dropped_by` saying why) instead of vanishing."""
+        return False
+
+    # Operators whose verdict needs every row of the step (deduplication) set this and
+    # implement `final_pass`; others are purely per batch.
+    has_final_pass: bool = False
+
+    def final_pass(self, rows: Iterator[dict]) -> Iterator[dict]:
+        """The step's output rows, in order, once all batches are done: rows may be marked
+        dropped (`drop_row`) or changed. Runs in the driver, on rows read back from the
+        checkpoint, so a resumed or distributed step gets the same result."""
+        return rows
+
     @abstractmethod
     def process_batch(self, rows: list[dict], row_ids: Sequence[str], context: StepContext) -> list[dict]:
         """Output rows for a batch of input rows (may emit more or fewer rows than it got).
@@ -144,6 +163,10 @@ class Operator(ABC):
         if self.settings.strict:
             raise RowError(message, row_offset)
         return {**row, **empty_outputs, ERROR_KEY: f"{self.name}: {message}"}
+
+    def drop_row(self, row: dict, reason: str) -> dict:
+        """The row marked to be dropped from the step's output, with the reason."""
+        return {**row, DROPPED_KEY: f"{self.name}: {reason}"}
 
     def bind(self, keys: Any) -> Operator:
         """A copy of this operator reading and writing `keys`; servings are shared, not copied."""

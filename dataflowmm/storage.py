@@ -121,6 +121,12 @@ class FileStorage:
         return self._step_file(self.operator_step, ".manifest.json")
 
     @property
+    def dropped_path(self) -> Path:
+        """Side file of the rows this step's filter dropped, when it keeps them (JSON Lines)."""
+        self._require_step()
+        return self._step_file(self.operator_step, ".dropped.jsonl")
+
+    @property
     def checkpoint_dir(self) -> Path:
         """Finished chunks of an unfinished step are kept here until the step completes."""
         self._require_step()

@@ -94,6 +94,13 @@ def test_demo_runs_every_pipeline_on_tiny_models(tmp_path):
     assert sum(row["error"] is not None for row in illustrations) == 1
     differences = [json.loads(line) for line in open(cache / "image_difference" / "dataflow_cache_step_step2.jsonl")]
     assert len(differences) == 6 and all(row["error"] is None and row["bbox_tag"] for row in differences)
+    scored = [json.loads(line) for line in open(cache / "shapes_world" / "dataflow_cache_step_step3.jsonl")]
+    assert len(scored) == 8 and all(row["caption"] and len(row["clip_score"]) == 1 for row in scored)
+    # The shapes models mean something: most captions of the generated images name the
+    # prompt's colour, and the table the demo prints shows them.
+    colour = sum(row["prompt"].split()[1] == row["caption"].split()[1] for row in scored)
+    assert colour >= 6, [(row["prompt"], row["caption"]) for row in scored]
+    assert "caption of the generated image" in result.output and scored[0]["prompt"] in result.output
     assert "demo finished" in result.output
     gallery = cache / "image_generation_task" / "gallery.html"
     assert result.stdout.strip().splitlines()[-1] == f"gallery: {gallery.resolve()}" and gallery.is_file()

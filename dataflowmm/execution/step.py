@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from tqdm.auto import tqdm
 
-from dataflowmm.contract import Operator, StepContext
+from dataflowmm.contract import DROPPED_KEY, Operator, StepContext
 from dataflowmm.execution.batch import OutputCounts
 from dataflowmm.execution.checkpoints import StepCheckpoint
-from dataflowmm.io.records import dumps_rows, iter_records
+from dataflowmm.io.atomic import atomic_file
+from dataflowmm.io.records import dumps_row, dumps_rows, iter_records
 from dataflowmm.storage import fingerprint
 
 if TYPE_CHECKING:
@@ -44,14 +46,21 @@ class StepSummary:
     output_path: str
     reused: bool = False
     chunks_resumed: int = 0
+    rows_dropped: int = 0
+    dropped_path: str | None = None
 
     def line(self) -> str:
         if self.reused:
             return (f"[dataflowmm] step {self.step} {self.operator}: reused finished output "
                     f"({self.rows_out} rows) -> {self.output_path}")
         resumed = f", {self.chunks_resumed} chunks resumed" if self.chunks_resumed else ""
+        dropped = ""
+        if self.rows_dropped or self.dropped_path:
+            dropped = f", {self.rows_dropped} rows dropped"
+            if self.dropped_path:
+                dropped += f" (kept in {self.dropped_path})"
         return (f"[dataflowmm] step {self.step} {self.operator}: {self.rows_in} rows in, "
-                f"{self.rows_out} rows out, {self.images_written} images written, "
+                f"{self.rows_out} rows out{dropped}, {self.images_written} images written, "
                 f"{self.errors} errors, {self.seconds:.1f} s{resumed} -> {self.output_path}")
 
 
@@ -124,7 +133,8 @@ def prepare_step(storage: FileStorage, operator: Operator) -> PreparedStep | Ste
             manifest = storage.manifest()
             summary = StepSummary(storage.operator_step, operator.name, manifest.get("rows_in", manifest["rows"]),
                                   manifest["rows"], 0, 0, time.perf_counter() - started,
-                                  str(storage.output_path), reused=True)
+                                  str(storage.output_path), reused=True,
+                                  rows_dropped=manifest.get("rows_dropped", 0))
             tqdm.write(summary.line(), file=sys.stderr)
             return summary
         tqdm.write(f"[dataflowmm] step {storage.operator_step} {operator.name}: recomputing the "
@@ -183,10 +193,13 @@ class StepOutput:
                                    step.context.save_dir)
         _remove_stale_temp_files(step)
         self.rows_out = 0
+        self.dropped_in_chunks = False
         for chunk in self.checkpoint.chunks:
             self.rows_out += chunk["rows_out"]
         if self.chunks_resumed:
-            self.counts.add(list(self.checkpoint.finished_rows()))
+            resumed = list(self.checkpoint.finished_rows())
+            self.counts.add(resumed)
+            self.dropped_in_chunks = any(DROPPED_KEY in row for row in resumed)
 
     @property
     def rows_done(self) -> int:
@@ -207,31 +220,38 @@ class StepOutput:
     def add_chunk(self, rows_in: int, rows: list[dict]) -> None:
         """One more finished chunk (its output rows in order), checkpointed at once."""
         self.checkpoint.append(rows_in, dumps_rows(rows), len(rows))
-        self.counts.add(rows)
-        self.rows_out += len(rows)
+        self._count(rows)
 
     def add_serialized_chunk(self, rows_in: int, payload: bytes) -> None:
         """One more finished chunk given as JSON Lines bytes (from another process)."""
         rows = [orjson.loads(line) for line in payload.splitlines()]
         self.checkpoint.append(rows_in, payload, len(rows))
+        self._count(rows)
+
+    def _count(self, rows: list[dict]) -> None:
         self.counts.add(rows)
         self.rows_out += len(rows)
+        self.dropped_in_chunks = self.dropped_in_chunks or any(DROPPED_KEY in row for row in rows)
 
     def publish(self) -> StepSummary:
         """Make the checkpointed rows the step's cache file, write the manifest, report."""
         step, storage = self.step, self.step.storage
         rows_in = self.checkpoint.rows_read
         self.checkpoint.close()
-        output_path = storage.publish(self.checkpoint.rows_path)
+        rows_path, dropped = self._split_dropped_rows()
+        output_path = storage.publish(rows_path)
         storage.write_manifest(operator=step.operator.name, params=step.params,
                                input_fingerprint=step.input_fingerprint, step_fingerprint=step.fingerprint,
                                rows=self.rows_out, extra={"rows_in": rows_in, "errors": self.counts.errors,
-                                                         "images_written": self.counts.images})
+                                                         "images_written": self.counts.images,
+                                                         "rows_dropped": dropped})
         self.checkpoint.remove()
         self._remove_unreferenced_images()
+        kept_in = str(storage.dropped_path) if step.operator.keep_dropped_rows() else None
         summary = StepSummary(storage.operator_step, step.operator.name, rows_in, self.rows_out,
                               self.counts.images, self.counts.errors, time.perf_counter() - step.started,
-                              output_path, chunks_resumed=self.chunks_resumed)
+                              output_path, chunks_resumed=self.chunks_resumed, rows_dropped=dropped,
+                              dropped_path=kept_in)
         tqdm.write(summary.line(), file=sys.stderr)
         return summary
 
@@ -280,6 +300,35 @@ class StepOutput:
             if path.is_file() and str(path) not in self.counts.referenced:
                 path.unlink()
         _remove_empty_folders(folder)
+
+    def _split_dropped_rows(self) -> tuple[Path, int]:
+        """The checkpointed rows without the dropped ones (after the operator's final pass),
+        and how many were dropped; those go to the side file when the operator keeps them.
+
+        Rows are rewritten only when something may be dropped, so other steps publish the
+        checkpoint file as it is.
+        """
+        operator, storage = self.step.operator, self.step.storage
+        side_path = storage.dropped_path
+        keep = operator.keep_dropped_rows()
+        if not keep:
+            side_path.unlink(missing_ok=True)  # a stale side file from a run with other settings
+        if not (operator.has_final_pass or self.dropped_in_chunks or keep):
+            return self.checkpoint.rows_path, 0
+        kept_path = self.checkpoint.folder / "kept.jsonl"
+        dropped = 0
+        rows = operator.final_pass(iter_records(self.checkpoint.rows_path))
+        with open(kept_path, "wb") as kept, atomic_file(side_path) if keep else nullcontext() as side:
+            for row in rows:
+                if row.get(DROPPED_KEY) is None:
+                    row.pop(DROPPED_KEY, None)
+                    kept.write(dumps_row(row))
+                    continue
+                dropped += 1
+                if side is not None:
+                    side.write(dumps_row(row))
+        self.rows_out -= dropped
+        return kept_path, dropped
 
 
 def _remove_stale_temp_files(step: PreparedStep) -> None:

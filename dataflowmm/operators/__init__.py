@@ -1,17 +1,35 @@
 """Operators: batch functions over rows, run step by step on a FileStorage."""
 
-from dataflowmm.contract import ERROR_KEY, Operator, OperatorSettings, RowError, StepContext
+from dataflowmm.contract import (
+    DROPPED_KEY,
+    ERROR_KEY,
+    Operator,
+    OperatorSettings,
+    RowError,
+    StepContext,
+)
 from dataflowmm.operators.difference_captioner import DifferenceCaptioner
 from dataflowmm.operators.image_captioner import ImageCaptioner
+from dataflowmm.operators.image_deduplicator import ImageDeduplicator
 from dataflowmm.operators.image_difference_regions import ImageDifferenceRegions
 from dataflowmm.operators.image_diffusion_augmenter import ImageDiffusionAugmenter
 from dataflowmm.operators.image_task import ImageGeneration, ImageTask
+from dataflowmm.operators.image_text_filters import (
+    ClipScoreEvaluator,
+    ClipScoreFilter,
+    ImageTextMatchingFilter,
+)
 from dataflowmm.operators.prompt_template import PromptTemplate
 from dataflowmm.operators.prompted_image_generator import PromptedImageGenerator
 
 __all__ = [
+    "DROPPED_KEY",
     "DifferenceCaptioner",
     "ERROR_KEY",
+    "ClipScoreEvaluator",
+    "ClipScoreFilter",
+    "ImageDeduplicator",
+    "ImageTextMatchingFilter",
     "ImageCaptioner",
     "ImageDiffusionAugmenter",
     "ImageGeneration",

@@ -1,0 +1,140 @@
+"""Training recipes of the tiny models trained on the shapes world, and their cache names.
+
+A trained model is cached under its name plus a hash of everything that decides its
+weights: the recipe (sizes, steps, learning rate, seed, thread count), the world it is
+trained on, the recipes of the models it reuses, and the version of the training code.
+Changing any of them names a new folder, so old weights are never reused by mistake.
+
+This module imports no torch: resolving a cached model's folder stays instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+from dataflowmm.seeds import canonical_json
+from dataflowmm.shapes import ShapesWorld
+
+# Bump when the training code changes in a way that changes weights.
+TRAINING_CODE_VERSION = 1
+# Torch threads while training: float reductions are ordered by the thread count, so a
+# fixed count makes the weights repeatable (see README, "Shapes-world models").
+TRAINING_THREADS = 2
+
+
+@dataclass(frozen=True)
+class ClipRecipe:
+    """A `CLIPModel` trained contrastively on shapes-world image-caption pairs."""
+
+    train_images: int = 20_000
+    held_out_images: int = 500
+    steps: int = 700
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    patch_size: int = 4
+    projection_dim: int = 64
+    max_text_tokens: int = 16
+    seed: int = 0
+    threads: int = TRAINING_THREADS
+    world: ShapesWorld = field(default_factory=ShapesWorld)
+
+
+@dataclass(frozen=True)
+class CaptionerRecipe:
+    """A `VisionEncoderDecoderModel` (ViT encoder, BERT-style decoder) trained on captions."""
+
+    train_images: int = 20_000
+    held_out_images: int = 500
+    steps: int = 1500
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    hidden_size: int = 64
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    heads: int = 4
+    patch_size: int = 4
+    seed: int = 0
+    threads: int = TRAINING_THREADS
+    world: ShapesWorld = field(default_factory=ShapesWorld)
+
+
+@dataclass(frozen=True)
+class DiffusionRecipe:
+    """A Stable-Diffusion-layout pipeline: a tiny KL autoencoder and a conditional UNet,
+    conditioned on the trained shapes-clip text encoder (frozen)."""
+
+    train_images: int = 10_000
+    held_out_prompts: int = 90
+    vae_channels: tuple[int, ...] = (16, 32)
+    latent_channels: int = 4
+    unet_channels: tuple[int, ...] = (32, 64)
+    attention_head_dim: int = 8
+    vae_steps: int = 1000
+    vae_batch_size: int = 16
+    vae_learning_rate: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 900
+    unet_batch_size: int = 64
+    unet_learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    ema_decay: float = 0.995
+    min_snr_gamma: float = 5.0
+    prompt_dropout: float = 0.1
+    # A cosine schedule ends in pure noise, so generation starts where training did: with
+    # Stable Diffusion's schedule, 32x32 images keep their mean colour at the last step,
+    # which the model learns to read from noise that has none (wrong background colours).
+    # Pure noise needs v-prediction (epsilon says nothing about the image there).
+    beta_schedule: str = "squaredcos_cap_v2"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "v_prediction"
+    timestep_spacing: str = "trailing"
+    inference_steps: int = 25
+    guidance_scale: float = 4.0
+    seed: int = 0
+    threads: int = TRAINING_THREADS
+    world: ShapesWorld = field(default_factory=ShapesWorld)
+
+
+RECIPES: dict[str, object] = {
+    "shapes-clip": ClipRecipe(),
+    "shapes-captioner": CaptionerRecipe(),
+    "shapes-sd": DiffusionRecipe(),
+}
+# Models whose trained parts another model reuses (their recipes are part of its hash).
+DEPENDENCIES: dict[str, tuple[str, ...]] = {"shapes-sd": ("shapes-clip",)}
+
+
+def recipe_hash(name: str, recipe: object | None = None) -> str:
+    """8 hex digits naming everything that decides model `name`'s weights.
+
+    `recipe` defaults to the registered one (`RECIPES[name]`).
+    """
+    recipe = RECIPES[_known(name)] if recipe is None else recipe
+    content = {
+        "name": name,
+        "recipe_type": type(recipe).__name__,
+        "recipe": asdict(recipe),
+        "training_code_version": TRAINING_CODE_VERSION,
+        "dependencies": {dep: recipe_hash(dep) for dep in DEPENDENCIES.get(name, ())},
+    }
+    return hashlib.sha256(canonical_json(content).encode()).hexdigest()[:8]
+
+
+def folder_name(name: str, recipe: object | None = None) -> str:
+    """Cache folder of trained model `name`: e.g. "shapes-clip-1a2b3c4d"."""
+    return f"{name}-{recipe_hash(name, recipe)}"
+
+
+def _known(name: str) -> str:
+    if name not in RECIPES:
+        raise ValueError(f"no shapes-world recipe for {name!r}; choose from {', '.join(RECIPES)}")
+    return name
