@@ -14,10 +14,10 @@ from dataflowmm.serving.common import (
     TravellingServing,
     check_model_reference,
     jsonable,
-    model_load_error,
+    load_processor_and_model,
 )
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
-from dataflowmm.serving.model_source import model_content, model_source
+from dataflowmm.serving.model_source import model_content
 
 
 class ClipServing(TravellingServing):
@@ -76,15 +76,10 @@ class ClipServing(TravellingServing):
         """Load the model and its processor (does nothing when already loaded)."""
         if self._model is not None:
             return
-        from transformers import AutoModel, AutoProcessor
+        from transformers import AutoModel
 
-        try:
-            source, options = model_source(self.model)
-            options.update(revision=self.revision, trust_remote_code=self.trust_remote_code)
-            processor = AutoProcessor.from_pretrained(source, **options)
-            model = AutoModel.from_pretrained(source, **{_dtype_keyword(): self.dtype}, **options)
-        except Exception as exc:
-            raise model_load_error(self.model, exc) from exc
+        processor, model = load_processor_and_model(self.model, AutoModel, self.dtype, self.revision,
+                                                     self.trust_remote_code)
         for method in ("get_image_features", "get_text_features"):
             if not hasattr(model, method):
                 raise ValueError(
@@ -200,15 +195,6 @@ class ClipServing(TravellingServing):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r}, device={self.device!r})"
-
-
-def _dtype_keyword() -> str:
-    """transformers >= 4.56 takes `dtype` (and warns on `torch_dtype`); older releases
-    know only `torch_dtype` and would silently ignore `dtype`."""
-    import transformers
-    from packaging.version import Version
-
-    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def _as_list(items: Sequence, name: str) -> list:

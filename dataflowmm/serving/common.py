@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from dataflowmm.serving.model_source import hub_unreachable_hint, tiny_name
+from dataflowmm.serving.model_source import hub_unreachable_hint, model_source, tiny_name
 
 
 def check_model_reference(model: str | os.PathLike) -> str:
@@ -40,6 +40,33 @@ def model_load_error(model: str, exc: BaseException) -> RuntimeError:
         "Without network access give a local model folder (for offline tests and demos, "
         "build tiny ones with `dataflowmm models tiny DIR`)."
     )
+
+
+def load_processor_and_model(model: str, model_class: Any, dtype: Any, revision: str | None,
+                              trust_remote_code: bool) -> tuple[Any, Any]:
+    """`AutoProcessor` and `model_class` loaded from `model` (Hub id, folder or tiny:NAME).
+
+    Any failure becomes `model_load_error`, which says what to do about it.
+    """
+    from transformers import AutoProcessor
+
+    try:
+        source, options = model_source(model)
+        options.update(revision=revision, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(source, **options)
+        loaded = model_class.from_pretrained(source, **{_dtype_keyword(): dtype}, **options)
+    except Exception as exc:
+        raise model_load_error(model, exc) from exc
+    return processor, loaded
+
+
+def _dtype_keyword() -> str:
+    """transformers >= 4.56 takes `dtype` (and warns on `torch_dtype`); older releases
+    know only `torch_dtype` and would silently ignore `dtype`."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def jsonable(value: Any) -> Any:

@@ -15,10 +15,10 @@ from dataflowmm.serving.common import (
     TravellingServing,
     check_model_reference,
     jsonable,
-    model_load_error,
+    load_processor_and_model,
 )
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
-from dataflowmm.serving.model_source import model_content, model_source
+from dataflowmm.serving.model_source import model_content
 
 
 class ImageTextMatchingServing(TravellingServing):
@@ -76,15 +76,10 @@ class ImageTextMatchingServing(TravellingServing):
         """Load the model and its processor (no-op when loaded)."""
         if self._model is not None:
             return
-        from transformers import AutoProcessor, BlipForImageTextRetrieval
+        from transformers import BlipForImageTextRetrieval
 
-        try:
-            source, options = model_source(self.model)
-            options.update(revision=self.revision, trust_remote_code=self.trust_remote_code)
-            processor = AutoProcessor.from_pretrained(source, **options)
-            model = BlipForImageTextRetrieval.from_pretrained(source, dtype=self.dtype, **options)
-        except Exception as exc:
-            raise model_load_error(self.model, exc) from exc
+        processor, model = load_processor_and_model(self.model, BlipForImageTextRetrieval, self.dtype,
+                                                     self.revision, self.trust_remote_code)
         self._processor = processor
         self._model = model.to(self.device).eval()
 

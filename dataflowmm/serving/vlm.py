@@ -22,9 +22,13 @@ from dataflowmm.serving.caption import (
     _check_generate_kwargs,
     _to_device,
 )
-from dataflowmm.serving.common import TravellingServing, check_model_reference, model_load_error
+from dataflowmm.serving.common import (
+    TravellingServing,
+    check_model_reference,
+    load_processor_and_model,
+)
 from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
-from dataflowmm.serving.model_source import model_content, model_source
+from dataflowmm.serving.model_source import model_content
 
 
 @dataclass(frozen=True)
@@ -127,15 +131,10 @@ class LocalVLMServing(TravellingServing):
         """Load the processor and the model (no-op when loaded)."""
         if self._model is not None:
             return
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
-        try:
-            source, options = model_source(self.model)
-            options.update(revision=self.revision, trust_remote_code=self.trust_remote_code)
-            processor = AutoProcessor.from_pretrained(source, **options)
-            model = AutoModelForImageTextToText.from_pretrained(source, dtype=self.dtype, **options)
-        except Exception as exc:
-            raise model_load_error(self.model, exc) from exc
+        processor, model = load_processor_and_model(self.model, AutoModelForImageTextToText, self.dtype,
+                                                     self.revision, self.trust_remote_code)
         if not getattr(processor, "chat_template", None):
             raise ValueError(f"model {self.model!r} has no chat template: LocalVLMServing needs a chat VLM "
                              "(LLaVA, LLaVA-NeXT, Qwen2-VL, ...)")
