@@ -11,16 +11,16 @@ from PIL import Image
 
 from dataflowmm.io.images import to_rgb
 from dataflowmm.serving.common import (
-    TravellingServing,
+    SingleDeviceServing,
     check_model_reference,
     jsonable,
     load_processor_and_model,
 )
-from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
+from dataflowmm.serving.device import free_memory
 from dataflowmm.serving.model_source import model_content
 
 
-class ClipServing(TravellingServing):
+class ClipServing(SingleDeviceServing):
     r"""
     Embed images and texts into CLIP's joint space and score pairs by cosine similarity.
 
@@ -63,13 +63,6 @@ class ClipServing(TravellingServing):
         self.trust_remote_code = trust_remote_code
         self._model: Any = None
         self._processor: Any = None
-
-    _unloaded = {"_model": None, "_processor": None}
-
-    def _place(self, device: str | None) -> None:
-        self._device_request = device
-        self.device = resolve_devices(device)[0]
-        self.dtype = resolve_dtype(self.torch_dtype, self.device)
 
     # ----------------------------------------------------------------- loading
     def load(self) -> None:

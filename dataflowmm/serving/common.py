@@ -159,3 +159,17 @@ class TravellingServing:
     def _place(self, device: str | None) -> None:
         """Choose devices (and dtypes) for `device`, or for this process when None."""
         raise NotImplementedError
+
+
+class SingleDeviceServing(TravellingServing):
+    """A travelling serving with one model and one processor on one device (`self.device`,
+    `self.dtype` from `self.torch_dtype`)."""
+
+    _unloaded = {"_model": None, "_processor": None}
+
+    def _place(self, device: str | None) -> None:
+        from dataflowmm.serving.device import resolve_devices, resolve_dtype
+
+        self._device_request = device
+        self.device = resolve_devices(device)[0]
+        self.dtype = resolve_dtype(self.torch_dtype, self.device)

@@ -12,16 +12,16 @@ from PIL import Image
 from dataflowmm.checks import check_positive_int
 from dataflowmm.io.images import to_rgb
 from dataflowmm.serving.common import (
-    TravellingServing,
+    SingleDeviceServing,
     check_model_reference,
     jsonable,
     load_processor_and_model,
 )
-from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
+from dataflowmm.serving.device import free_memory
 from dataflowmm.serving.model_source import model_content
 
 
-class ImageTextMatchingServing(TravellingServing):
+class ImageTextMatchingServing(SingleDeviceServing):
     r"""
     Score how well each text describes its image with BLIP's image-text matching head.
 
@@ -64,13 +64,6 @@ class ImageTextMatchingServing(TravellingServing):
         self._model: Any = None
         self._processor: Any = None
         self.forward_calls = 0  # for benchmarks and tests: batched forward passes made
-
-    _unloaded = {"_model": None, "_processor": None}
-
-    def _place(self, device: str | None) -> None:
-        self._device_request = device
-        self.device = resolve_devices(device)[0]
-        self.dtype = resolve_dtype(self.torch_dtype, self.device)
 
     def load(self) -> None:
         """Load the model and its processor (no-op when loaded)."""

@@ -23,11 +23,11 @@ from dataflowmm.serving.caption import (
     _to_device,
 )
 from dataflowmm.serving.common import (
-    TravellingServing,
+    SingleDeviceServing,
     check_model_reference,
     load_processor_and_model,
 )
-from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
+from dataflowmm.serving.device import free_memory
 from dataflowmm.serving.model_source import model_content
 
 
@@ -45,7 +45,7 @@ class VLMPrompt:
             raise ValueError("a VLM prompt needs at least one PIL image")
 
 
-class LocalVLMServing(TravellingServing):
+class LocalVLMServing(SingleDeviceServing):
     r"""
     Answer image prompts with a local chat vision-language model, batched.
 
@@ -118,13 +118,6 @@ class LocalVLMServing(TravellingServing):
         self._model: Any = None
         self._processor: Any = None
         self.generate_calls = 0  # for benchmarks and tests: how many batched calls were made
-
-    _unloaded = {"_model": None, "_processor": None}
-
-    def _place(self, device: str | None) -> None:
-        self._device_request = device
-        self.device = resolve_devices(device)[0]
-        self.dtype = resolve_dtype(self.torch_dtype, self.device)
 
     # ------------------------------------------------------------------ loading
     def load(self) -> None:
