@@ -49,8 +49,10 @@ def test_every_misbehaviour_ends_as_the_rules_say(tmp_path, api):
     assert errors["e [hang]"] == "ImageGeneration: request timed out (after 2 retries)"
     assert errors["f [bad-b64]"].startswith("ImageGeneration: malformed base64 image in the response")
     assert "content policy (content_policy_violation)" in errors["g [refuse]"]
-    assert dict(api.requests) == {"fine": 1, "a [429]": 2, "b [500x2]": 3, "c [hang-once]": 2, "d [500]": 3,
-                                  "e [hang]": 3, "f [bad-b64]": 1, "g [refuse]": 1}
+    expected = {"fine": 1, "a [429]": 2, "b [500x2]": 3, "c [hang-once]": 2, "d [500]": 3,
+                "e [hang]": 3, "f [bad-b64]": 1, "g [refuse]": 1}
+    assert api.wait_for_requests(sum(expected.values())) == sum(expected.values())
+    assert dict(api.requests) == expected
     assert len(rows) == len(prompts) and summary.errors == 4 and summary.images_written == 4
     fine = rows[0]
     assert fine["model_name"] == "loopback-image"

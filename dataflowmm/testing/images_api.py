@@ -102,6 +102,17 @@ class LoopbackImagesAPI:
     def total_requests(self) -> int:
         return sum(self.requests.values())
 
+    def wait_for_requests(self, total: int, timeout: float = 10.0) -> int:
+        """Wait until `total` requests have arrived (or `timeout` seconds pass); returns the count.
+
+        A client that timed out has already moved on while its last attempt may still sit in
+        this server's accept queue, so counts are only final once the server has read it.
+        """
+        deadline = time.monotonic() + timeout
+        while self.total_requests < total and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.total_requests
+
     def start(self) -> LoopbackImagesAPI:
         handler = type("Handler", (_Handler,), {"api": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
