@@ -122,6 +122,19 @@ def test_plain_rows_get_the_caption_as_text(tmp_path, pictures):
     assert rows[0]["text"] == "whatever"
 
 
+def test_images_carried_in_rows_as_base64_are_captioned_and_kept_verbatim(tmp_path, pictures):
+    from dataflowmm.io.images import image_to_str
+
+    red = image_to_str(Image.open(pictures / "red.png"))  # what images_in_rows=True writes
+    green_uri = "data:image/png;base64," + image_to_str(Image.open(pictures / "green.png"))
+    rows_in = [{"images": [red, "pics/blue.png"], "text": "two"}, {"images": green_uri, "text": "one"}]
+    _, rows = caption(tmp_path, rows_in, ImageCaptioner(ScriptedCaptions(), keep_original_sample=False),
+                      output_text_key="caption")
+    assert [row["caption"] for row in rows] == ["red thing 0 blue thing 0", "green thing 0"]
+    assert rows[0]["images"] == [red, "../data/pics/blue.png"] and rows[1]["images"] == green_uri
+    assert all(row["error"] is None for row in rows)
+
+
 def test_simhash_helpers_on_hand_made_candidates():
     assert word_bigrams("A Red  circle") == ["a red", "red circle"]
     assert simhash64("one") == 0 and simhash64("a red circle") == simhash64("A  RED circle")

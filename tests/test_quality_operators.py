@@ -130,6 +130,20 @@ def test_dropped_rows_can_be_kept_aside_with_the_reason(tmp_path, pictures):
     assert f"(kept in {side})" in summary.line()
 
 
+def test_a_deleted_side_file_of_dropped_rows_makes_the_step_run_again(tmp_path, pictures, capsys):
+    scores = ScriptedScores()
+    summary, _ = run(tmp_path, ROWS, ImageTextMatchingFilter(scores, min_score=0.5, keep_dropped=True))
+    side = Path(summary.dropped_path)
+    side.unlink()
+    calls = len(scores.calls)
+    again, _ = run(tmp_path, ROWS, ImageTextMatchingFilter(scores, min_score=0.5, keep_dropped=True))
+    assert not again.reused and len(scores.calls) > calls
+    assert "the dropped rows file" in capsys.readouterr().err
+    assert [json.loads(line)["id"] for line in side.read_text().splitlines()] == [1]
+    third, _ = run(tmp_path, ROWS, ImageTextMatchingFilter(scores, min_score=0.5, keep_dropped=True))
+    assert third.reused
+
+
 def test_filter_arguments_fail_fast():
     with pytest.raises(ValueError, match="any_or_all"):
         ClipScoreFilter(ScriptedScores(), any_or_all="most")

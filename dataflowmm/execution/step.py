@@ -156,12 +156,15 @@ def _why_not_reusable(storage: FileStorage, operator: Operator) -> str | None:
     """Why a finished output with the same fingerprint must be recomputed, else None.
 
     The fingerprint covers inputs and parameters, not what happened since: images the
-    output points to may have been deleted, and `strict` (which does not change what a
-    successful step writes) cannot accept an output that recorded failed rows.
+    output points to, or the side file of dropped rows, may have been deleted, and `strict`
+    (which does not change what a successful step writes) cannot accept an output that
+    recorded failed rows.
     """
     manifest = storage.manifest() or {}
     if operator.settings.strict and manifest.get("errors"):
         return f"strict=True and it recorded {manifest['errors']} failed rows"
+    if operator.keep_dropped_rows() and not storage.dropped_path.is_file():
+        return f"the dropped rows file {storage.dropped_path.name} is missing"
     keys = operator.image_output_keys()
     if not keys:
         return None

@@ -23,7 +23,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB, fully decoded (so a truncated file fails here)."""
+    """Open an image as RGB, fully decoded (so a truncated file fails here).
+
+    `path` is a file, or an image carried inline in a row (a base64 string or a
+    `data:image/...;base64,` URI, as `images_in_rows=True` writes them).
+    """
+    if looks_like_base64_image(path):
+        return decode_base64(path)
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"image not found: {path}")

@@ -6,12 +6,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dataflowmm.io.images import looks_like_base64_image
+
 _NOT_PATHS = ("http://", "https://", "s3://", "gs://", "data:")
 
 
 def is_local_path(value: Any) -> bool:
-    """A string that names a local file (not a URL, data URI or empty)."""
-    return isinstance(value, str) and bool(value) and "\n" not in value and not value.startswith(_NOT_PATHS)
+    """A string that names a local file (not a URL, an inline base64 image or empty)."""
+    return (isinstance(value, str) and bool(value) and "\n" not in value
+            and not value.startswith(_NOT_PATHS) and not looks_like_base64_image(value))
 
 
 def _map_paths(value: Any, convert) -> Any:
