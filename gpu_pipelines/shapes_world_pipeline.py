@@ -50,7 +50,7 @@ class ShapesWorldPipeline:
             runner=runner,
         )
         sd = LocalImageGenServing(sd_model, task="text2image", batch_size=8,
-                                  num_inference_steps=25, guidance_scale=4.0)
+                                  num_inference_steps=25, guidance_scale=3.0)
         captioner = LocalCaptionServing(caption_model, batch_size=8,
                                         max_new_tokens=12)
         clip = ClipServing(clip_model, batch_size=32)
