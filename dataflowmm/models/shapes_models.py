@@ -39,6 +39,7 @@ from dataflowmm.models.shapes_recipes import (
     DiffusionRecipe,
     recipe_hash,
 )
+from dataflowmm.models.tiny_diffusion import quiet_saving
 from dataflowmm.shapes import (
     COLOUR_NAMES,
     HELD_OUT_SEED,
@@ -83,20 +84,6 @@ def _training_session(name: str, threads: int, seed: int) -> Iterator[None]:
         torch.set_num_threads(previous_threads)
 
 
-@contextmanager
-def _quiet_saving() -> Iterator[None]:
-    """No "Writing model shards" progress bars while a model is saved."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _optimizer(parameters, learning_rate: float, weight_decay: float, warmup_steps: int,
                steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with a linear warm-up and a cosine decay to a tenth of the rate."""
@@ -109,6 +96,16 @@ def _optimizer(parameters, learning_rate: float, weight_decay: float, warmup_ste
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _descend(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+             schedule: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """One optimisation step on `loss` (then the learning-rate schedule); returns its value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return loss.item()
 
 
 def _train_loop(label: str, steps: int, step_fn: Callable[[int], float]) -> float:
@@ -255,7 +252,7 @@ def build_shapes_clip(out_dir: Path, models_dir: Path | None = None,
         final_loss = _train_clip(model, tokenizer, image_processor, recipe)
         held_out = _evaluate_clip(model, tokenizer, image_processor, recipe)
     model.eval()
-    with _quiet_saving():
+    with quiet_saving():
         model.save_pretrained(out_dir, safe_serialization=True)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
     return _write_report(out_dir, "shapes-clip", recipe, clock, final_loss, held_out)
@@ -286,13 +283,10 @@ def _train_clip(model, tokenizer, image_processor, recipe: ClipRecipe) -> float:
         same = (batch_captions[:, None] == batch_captions[None, :]).float()
         targets = same / same.sum(dim=1, keepdim=True)
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        loss_value = _descend(loss, optimizer, schedule)
         with torch.no_grad():
             model.logit_scale.clamp_(max=math.log(100.0))
-        return loss.item()
+        return loss_value
 
     return _train_loop("shapes-clip", recipe.steps, step)
 
@@ -400,7 +394,7 @@ def build_shapes_captioner(out_dir: Path, models_dir: Path | None = None,
         final_loss = _train_captioner(model, tokenizer, image_processor, recipe)
         held_out = _evaluate_captioner(model, tokenizer, image_processor, recipe)
     model.eval()
-    with _quiet_saving():
+    with quiet_saving():
         model.save_pretrained(out_dir, safe_serialization=True)
     image_processor.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -424,11 +418,7 @@ def _train_captioner(model, tokenizer, image_processor, recipe: CaptionerRecipe)
         logits = model(pixel_values=images[chosen], decoder_input_ids=tokens[:, :-1]).logits
         targets = tokens[:, 1:].masked_fill(tokens[:, 1:] == tokenizer.pad_token_id, -100)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        return loss.item()
+        return _descend(loss, optimizer, schedule)
 
     return _train_loop("shapes-captioner", recipe.steps, step)
 
@@ -485,7 +475,7 @@ def build_shapes_sd(out_dir: Path, models_dir: Path | None = None,
         )
         pipeline.set_progress_bar_config(disable=True)
         held_out = _evaluate_sd(pipeline, clip_folder, recipe)
-    with _quiet_saving():
+    with quiet_saving():
         pipeline.save_pretrained(out_dir, safe_serialization=True)
     return _write_report(out_dir, "shapes-sd", recipe, clock, final_loss, held_out)
 
@@ -542,11 +532,7 @@ def _train_vae(images: torch.Tensor, recipe: DiffusionRecipe):
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample(generator=noise)).sample
         loss = F.mse_loss(reconstruction, batch) + recipe.vae_kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        return loss.item()
+        return _descend(loss, optimizer, schedule)
 
     _train_loop("shapes-sd (autoencoder)", recipe.vae_steps, step)
     vae.eval()
@@ -643,16 +629,13 @@ def _train_unet(latents: torch.Tensor, prompt_ids: torch.Tensor, prompts: torch.
             target = noise
         per_sample = F.mse_loss(predicted, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[timesteps]).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        loss_value = _descend(loss, optimizer, schedule)
         with torch.no_grad():
             # Warm-up of the average: early weights are forgotten quickly.
             decay = min(recipe.ema_decay, (1 + number) / (10 + number))
             for kept, current in zip(average.parameters(), unet.parameters(), strict=True):
                 kept.lerp_(current, 1.0 - decay)
-        return loss.item()
+        return loss_value
 
     final_loss = _train_loop("shapes-sd (unet)", steps, step)
     return average.to(memory_format=torch.contiguous_format), final_loss

@@ -172,14 +172,10 @@ def _blip_image_processor():
     return BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
-# --------------------------------------------------------------------------- builders
+def blip_config(tokenizer):
+    """A tiny `BlipConfig` (captioning and image-text matching share it) for a BERT tokenizer."""
+    from transformers import BlipConfig
 
-
-def build_tiny_blip(out_dir: Path) -> None:
-    """A tiny `BlipForConditionalGeneration` with a BERT WordPiece tokenizer ([DEC] bos)."""
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
-
-    tokenizer = make_bert_tokenizer()
     text_config = _small(
         vocab_size=_vocab_size(tokenizer),
         max_position_embeddings=64,
@@ -190,12 +186,23 @@ def build_tiny_blip(out_dir: Path) -> None:
         initializer_range=0.02,
     )
     # BLIP's vision default initializer_range (1e-10) would leave the weights near zero.
-    config = BlipConfig(
+    return BlipConfig(
         text_config=text_config,
         vision_config=_vision(initializer_range=0.02),
         projection_dim=HIDDEN,
         image_text_hidden_size=HIDDEN,
     )
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def build_tiny_blip(out_dir: Path) -> None:
+    """A tiny `BlipForConditionalGeneration` with a BERT WordPiece tokenizer ([DEC] bos)."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    tokenizer = make_bert_tokenizer()
+    config = blip_config(tokenizer)
     _seed()
     model = BlipForConditionalGeneration(config).eval()
     model.generation_config.max_length = 20

@@ -32,8 +32,8 @@ _CROSS_DIM = 32
 
 
 @contextmanager
-def _quiet_saving() -> Iterator[None]:
-    """No "Writing model shards" progress bars while a tiny model is saved."""
+def quiet_saving() -> Iterator[None]:
+    """No "Writing model shards" progress bars while a model is saved."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
@@ -127,7 +127,7 @@ def build_tiny_sd(out_dir: Path) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    with _quiet_saving():
+    with quiet_saving():
         pipeline.save_pretrained(out_dir, safe_serialization=True)
 
 
@@ -188,7 +188,7 @@ def build_tiny_flux(out_dir: Path) -> None:
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
-    with _quiet_saving():
+    with quiet_saving():
         pipeline.save_pretrained(out_dir, safe_serialization=True)
 
 
@@ -221,6 +221,6 @@ def build_tiny_clip(out_dir: Path) -> None:
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     )
-    with _quiet_saving():
+    with quiet_saving():
         model.save_pretrained(out_dir, safe_serialization=True)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)

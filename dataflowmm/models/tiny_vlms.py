@@ -19,6 +19,7 @@ from dataflowmm.models.tiny_captioners import (
     _small,
     _vision,
     _vocab_size,
+    blip_config,
     make_bert_tokenizer,
     make_opt_tokenizer,
     unprintable_byte_token_ids,
@@ -78,24 +79,10 @@ def build_tiny_llava_next(out_dir: Path) -> None:
 
 def build_tiny_blip_itm(out_dir: Path) -> None:
     """A tiny `BlipForImageTextRetrieval` (the blip-itm-base-coco layout) with a BERT tokenizer."""
-    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipProcessor
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
 
     tokenizer = make_bert_tokenizer()
-    text_config = _small(
-        vocab_size=_vocab_size(tokenizer),
-        max_position_embeddings=64,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        sep_token_id=tokenizer.sep_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        initializer_range=0.02,
-    )
-    config = BlipConfig(
-        text_config=text_config,
-        vision_config=_vision(initializer_range=0.02),  # BLIP's default 1e-10 leaves ~zero weights
-        projection_dim=HIDDEN,
-        image_text_hidden_size=HIDDEN,
-    )
+    config = blip_config(tokenizer)
     _seed()
     BlipForImageTextRetrieval(config).eval().save_pretrained(out_dir)
     BlipProcessor(image_processor=_blip_image_processor(), tokenizer=tokenizer).save_pretrained(out_dir)

@@ -12,11 +12,9 @@ from PIL import Image
 from dataflowmm.io.images import to_rgb
 from dataflowmm.serving.common import (
     SingleDeviceServing,
-    check_model_reference,
     jsonable,
     load_processor_and_model,
 )
-from dataflowmm.serving.device import free_memory
 from dataflowmm.serving.model_source import model_content
 
 
@@ -53,16 +51,7 @@ class ClipServing(SingleDeviceServing):
         revision: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        self.model = check_model_reference(model)
-        self.batch_size = batch_size
-        self.torch_dtype = torch_dtype
-        self._place(device)
-        self.revision = revision
-        self.trust_remote_code = trust_remote_code
-        self._model: Any = None
-        self._processor: Any = None
+        self._set_model_settings(model, batch_size, torch_dtype, device, revision, trust_remote_code)
 
     # ----------------------------------------------------------------- loading
     def load(self) -> None:
@@ -81,16 +70,6 @@ class ClipServing(SingleDeviceServing):
                 )
         self._model = model.to(self.device).eval()
         self._processor = processor
-
-    def cleanup(self) -> None:
-        """Drop the model and free its memory; a later call reloads it."""
-        self._model = None
-        self._processor = None
-        free_memory()
-
-    @property
-    def loaded(self) -> bool:
-        return self._model is not None
 
     # -------------------------------------------------------------- embeddings
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:

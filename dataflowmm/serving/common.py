@@ -167,9 +167,36 @@ class SingleDeviceServing(TravellingServing):
 
     _unloaded = {"_model": None, "_processor": None}
 
+    def _set_model_settings(self, model: str | os.PathLike, batch_size: int, torch_dtype: str,
+                            device: str | None, revision: str | None, trust_remote_code: bool) -> None:
+        """Check and keep the settings every single-device serving takes; nothing is loaded."""
+        from dataflowmm.checks import check_positive_int
+
+        check_positive_int("batch_size", batch_size)
+        self.model = check_model_reference(model)
+        self.batch_size = batch_size
+        self.torch_dtype = torch_dtype
+        self._place(device)
+        self.revision = revision
+        self.trust_remote_code = trust_remote_code
+        self._model: Any = None
+        self._processor: Any = None
+
     def _place(self, device: str | None) -> None:
         from dataflowmm.serving.device import resolve_devices, resolve_dtype
 
         self._device_request = device
         self.device = resolve_devices(device)[0]
         self.dtype = resolve_dtype(self.torch_dtype, self.device)
+
+    def cleanup(self) -> None:
+        """Drop the model and free its memory; a later call reloads it."""
+        from dataflowmm.serving.device import free_memory
+
+        self._model = None
+        self._processor = None
+        free_memory()
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None

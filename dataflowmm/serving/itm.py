@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from PIL import Image
 
-from dataflowmm.checks import check_positive_int
 from dataflowmm.io.images import to_rgb
 from dataflowmm.serving.common import (
     SingleDeviceServing,
-    check_model_reference,
     jsonable,
     load_processor_and_model,
 )
-from dataflowmm.serving.device import free_memory
 from dataflowmm.serving.model_source import model_content
 
 
@@ -54,15 +50,7 @@ class ImageTextMatchingServing(SingleDeviceServing):
         revision: str | None = None,
         trust_remote_code: bool = False,
     ):
-        check_positive_int("batch_size", batch_size)
-        self.model = check_model_reference(model)
-        self.batch_size = batch_size
-        self.torch_dtype = torch_dtype
-        self._place(device)
-        self.revision = revision
-        self.trust_remote_code = trust_remote_code
-        self._model: Any = None
-        self._processor: Any = None
+        self._set_model_settings(model, batch_size, torch_dtype, device, revision, trust_remote_code)
         self.forward_calls = 0  # for benchmarks and tests: batched forward passes made
 
     def load(self) -> None:
@@ -75,16 +63,6 @@ class ImageTextMatchingServing(SingleDeviceServing):
                                                      self.revision, self.trust_remote_code)
         self._processor = processor
         self._model = model.to(self.device).eval()
-
-    def cleanup(self) -> None:
-        """Drop the model and free its memory; a later call reloads it."""
-        self._model = None
-        self._processor = None
-        free_memory()
-
-    @property
-    def loaded(self) -> bool:
-        return self._model is not None
 
     def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[float]:
         """The matching probability of `images[i]` and `texts[i]`, one float per pair."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from PIL import Image
@@ -24,10 +23,8 @@ from dataflowmm.serving.caption import (
 )
 from dataflowmm.serving.common import (
     SingleDeviceServing,
-    check_model_reference,
     load_processor_and_model,
 )
-from dataflowmm.serving.device import free_memory
 from dataflowmm.serving.model_source import model_content
 
 
@@ -96,7 +93,6 @@ class LocalVLMServing(SingleDeviceServing):
     ):
         check_positive_int("max_new_tokens", max_new_tokens)
         check_positive_int("num_beams", num_beams)
-        check_positive_int("batch_size", batch_size)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -104,19 +100,12 @@ class LocalVLMServing(SingleDeviceServing):
         self.generate_kwargs = _check_generate_kwargs(generate_kwargs)
         if "num_beams" in self.generate_kwargs:
             raise ValueError("generate_kwargs may not set num_beams: use the constructor's argument")
-        self.model = check_model_reference(model)
         self.max_new_tokens = max_new_tokens
         self.temperature = float(temperature)
         self.top_p = None if top_p is None else float(top_p)
         self.num_beams = num_beams
         self.do_sample = bool(do_sample)
-        self.batch_size = batch_size
-        self.torch_dtype = torch_dtype
-        self._place(device)
-        self.revision = revision
-        self.trust_remote_code = trust_remote_code
-        self._model: Any = None
-        self._processor: Any = None
+        self._set_model_settings(model, batch_size, torch_dtype, device, revision, trust_remote_code)
         self.generate_calls = 0  # for benchmarks and tests: how many batched calls were made
 
     # ------------------------------------------------------------------ loading
@@ -134,16 +123,6 @@ class LocalVLMServing(SingleDeviceServing):
         processor.tokenizer.padding_side = "left"  # prompts end where the answer starts
         self._processor = processor
         self._model = model.to(self.device).eval()
-
-    def cleanup(self) -> None:
-        """Drop the model and free its memory; a later call reloads it."""
-        self._model = None
-        self._processor = None
-        free_memory()
-
-    @property
-    def loaded(self) -> bool:
-        return self._model is not None
 
     # --------------------------------------------------------------- generation
     def generate(self, prompts: Sequence[VLMPrompt], seeds: Sequence[int] | None = None) -> list[str]:
