@@ -163,14 +163,14 @@ def _check_rows(actual_text: str, expected_text: str, text_keys: list[str], scor
     expected, expected_texts, expected_scores = _split_model_values(expected_rows, text_keys, score_keys)
     assert actual == expected  # everything the framework wrote, exactly
     assert len(actual_texts) == len(expected_texts)
-    assert all(isinstance(text, type(golden)) for text, golden in zip(actual_texts, expected_texts))
+    assert all(isinstance(text, type(golden)) for text, golden in zip(actual_texts, expected_texts, strict=True))
     if expected_texts:
-        agreement = sum(a == e for a, e in zip(actual_texts, expected_texts)) / len(expected_texts)
+        agreement = sum(a == e for a, e in zip(actual_texts, expected_texts, strict=True)) / len(expected_texts)
         assert agreement >= MIN_TEXT_AGREEMENT, (
             f"only {agreement:.0%} of generated texts match the golden: {actual_texts} vs {expected_texts}")
     got, want = _flat_floats(actual_scores), _flat_floats(expected_scores)
     assert len(got) == len(want) and [g is None for g in got] == [w is None for w in want]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         if w is not None:
             assert abs(g - w) <= SCORE_TOLERANCE, f"score {g} vs golden {w}"
 

@@ -52,7 +52,7 @@ def compare(reference: dict, other: dict) -> dict:
                 texts += 1
                 texts_same += value == b[key]
             elif isinstance(value, (float, list)):
-                floats = [(x, y) for x, y in zip(_flat_floats([value]), _flat_floats([b[key]]))
+                floats = [(x, y) for x, y in zip(_flat_floats([value]), _flat_floats([b[key]]), strict=True)
                           if isinstance(x, float)]
                 score_diff = max([score_diff] + [abs(x - y) for x, y in floats])
     return {"max_pixel": largest, "mean_pixel": round(mean, 3), "score": score_diff,
