@@ -125,7 +125,7 @@ def main() -> None:
         cache = work / f"ours{runs['count']}"
         op = DifferenceCaptioner(image_text_matching_filter_args=OPEN_ITM,
                                  text_pair_similarity_filter_args=OPEN_SIMILARITY, vlm_serving=vlm, itm_serving=itm,
-                                 clip_serving=clip, batch_size=args.batch_size)
+                                 clip_serving=clip, input_batch_size=args.batch_size)
         op.run(FileStorage(entry, cache_path=cache).step())
         shutil.rmtree(cache)
 

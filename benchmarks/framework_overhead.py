@@ -26,29 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import alternate_rounds  # noqa: E402
 
 from dataflowmm import FileStorage  # noqa: E402
-from dataflowmm.contract import Operator, OperatorSettings  # noqa: E402
+from dataflowmm.contract import Input, Operator, Output  # noqa: E402
 
 
 class PassThrough(Operator):
     """Adds `"tag": "seen"` to every row."""
 
-    batch_size = 1024
+    columns = [Input("prompt", "input_key", "prompt"), Output("tag", "output_key", "tag")]
+    default_input_batch_size = 1024
 
     def __init__(self, save_interval: int = 10_000):
-        self.settings = OperatorSettings(save_interval=save_interval)
-        self.keys = "tag"
-
-    def run(self, storage):
-        return self.run_bound(storage, "tag")
-
-    def params(self):
-        return {"key": self.keys}
-
-    def required_keys(self):
-        return ["prompt"]
+        pass
 
     def process_batch(self, rows, row_ids, context):
-        return [{**row, self.keys: "seen"} for row in rows]
+        return [{**row, self.keys.tag: "seen"} for row in rows]
 
 
 def write_input(path: Path, rows: int) -> None:

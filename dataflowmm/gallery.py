@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from dataflowmm.contract import ERROR_KEY
+from dataflowmm.execution.protocol import ERROR_KEY
 from dataflowmm.io.atomic import atomic_file
 from dataflowmm.io.images import ImageReadError, image_from_str, load_image, looks_like_base64_image
 from dataflowmm.io.records import iter_records

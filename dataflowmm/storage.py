@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import pandas as pd
 
@@ -34,9 +34,6 @@ from dataflowmm.io.records import (
     to_records,
 )
 from dataflowmm.seeds import canonical_json
-
-if TYPE_CHECKING:
-    from dataflowmm.contract import Runner
 
 __all__ = ["CACHE_TYPES", "FileStorage", "Records", "StorageError", "fingerprint", "plain_value",
            "read_records", "to_records"]
@@ -66,6 +63,7 @@ class FileStorage:
         runner: where operators run their batches: `None` or `"local"` for this process
             (`LocalRunner`), or any runner object (e.g. `RayRunner` from `dataflowmm[ray]`).
             Every `step()` of this storage uses it; outputs do not depend on the runner.
+            `runner` is then `None` or that object: the storage only keeps it for execution.
     """
 
     def __init__(
@@ -74,7 +72,7 @@ class FileStorage:
         cache_path: str | os.PathLike = "./cache",
         file_name_prefix: str = "dataflow_cache_step",
         cache_type: Literal["jsonl", "json", "csv", "parquet"] = "jsonl",
-        runner: Runner | Literal["local"] | None = None,
+        runner: Any = None,
     ):
         if cache_type not in CACHE_TYPES:
             raise ValueError(f"cache_type must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
@@ -240,11 +238,10 @@ class FileStorage:
         )
 
 
-def _resolve_runner(runner: Any) -> Runner:
+def _resolve_runner(runner: Any) -> Any:
+    """`None` for the local runner (execution's default), else a runner object, checked."""
     if runner is None or runner == "local":
-        from dataflowmm.execution.local_runner import LocalRunner
-
-        return LocalRunner()
+        return None
     if isinstance(runner, str):
         raise ValueError(f"runner must be 'local' or a runner object (e.g. RayRunner()), got {runner!r}")
     if not callable(getattr(runner, "run", None)):

@@ -58,7 +58,7 @@ class ImageDifferenceCaptionPipeline:
             vlm_serving=LocalVLMServing(vlm_model, max_new_tokens=max_new_tokens, batch_size=2 * batch_size),
             itm_serving=ImageTextMatchingServing(itm_model),
             clip_serving=ClipServing(clip_model),
-            batch_size=batch_size,
+            input_batch_size=batch_size,
             save_marked_pairs=save_marked_pairs,
             save_interval=save_interval,
             seed=seed,

@@ -218,14 +218,14 @@ def test_difference_question_shows_the_marked_pair_as_one_image(data, tmp_path):
 def test_every_region_of_a_batch_goes_to_the_models_together_and_seeds_follow_rows(data, tmp_path):
     vlm, itm, clip = ScriptedVLM(), ScriptedITM(), ScriptedClip()
     rows = [pair_row([CHANGED, SAME], id=i) for i in range(4)]
-    _, out = run_rows(data, tmp_path, rows, captioner(vlm, itm, clip, batch_size=4))
+    _, out = run_rows(data, tmp_path, rows, captioner(vlm, itm, clip, input_batch_size=4))
     assert len(vlm.calls) == 2 and len(itm.calls) == 1 and len(clip.calls) == 1
     assert len(vlm.calls[0]["texts"]) == 16 and len(vlm.calls[1]["texts"]) == 4
     assert len(set(vlm.calls[0]["seeds"])) == 16
     assert all(row["bbox_tag"] == [CHANGED] for row in out)
 
     again = ScriptedVLM()
-    run_rows(data, tmp_path, rows, captioner(again, batch_size=1), cache="other")
+    run_rows(data, tmp_path, rows, captioner(again, input_batch_size=1), cache="other")
     assert sorted(seed for call in again.calls for seed in call["seeds"]) == \
         sorted(seed for call in vlm.calls for seed in call["seeds"])  # seeds do not depend on batching
 

@@ -45,7 +45,7 @@ def captioner(vlm, itm, clip, **kwargs):
         image_text_matching_filter_args=OPEN_ITM, text_pair_similarity_filter_args=OPEN_SIMILARITY,
         vlm_serving=LocalVLMServing(vlm, max_new_tokens=6, batch_size=8),
         itm_serving=ImageTextMatchingServing(itm), clip_serving=ClipServing(clip),
-        batch_size=2, save_interval=2, save_marked_pairs=True, **kwargs)
+        input_batch_size=2, save_interval=2, save_marked_pairs=True, **kwargs)
 
 
 def run_pipeline(models_dir, entry, cache, runner=None):

@@ -371,7 +371,7 @@ def test_servings_are_built_lazily_with_the_recipe_settings(tiny_model):
     assert augmenter.diffusion.task == "image2image" and augmenter.diffusion.batch_size == 3
     assert (augmenter.diffusion.strength, augmenter.diffusion.guidance_scale,
             augmenter.diffusion.num_inference_steps) == (0.5, 3.0, 7)
-    assert augmenter.candidate_num == 4 and augmenter.batch_size == 3
+    assert augmenter.candidate_num == 4 and augmenter.input_batch_size == 3
     assert not augmenter.diffusion.loaded and not augmenter.clip.loaded
     assert augmenter.captioner._components is None  # LocalCaptionServing has no `loaded`
     default = ImageDiffusionAugmenter(caption_key="t")  # Data-Juicer's defaults, nothing loaded

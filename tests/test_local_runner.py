@@ -7,11 +7,11 @@ import pytest
 from PIL import Image
 
 from dataflowmm import FileStorage
+from dataflowmm.contract import Input, Operator, Output, RowError
 from dataflowmm.execution.checkpoints import finished_chunks
 from dataflowmm.execution.local_runner import run_step
 from dataflowmm.execution.step import chunk_size
 from dataflowmm.io.images import image_file_name, save_png
-from dataflowmm.operators.base import Operator, OperatorSettings, RowError
 from dataflowmm.seeds import derive_seed
 
 
@@ -22,26 +22,14 @@ class Crash(RuntimeError):
 class NoiseImageOperator(Operator):
     """Writes one deterministic noise image per row; fails rows whose text is empty."""
 
-    def __init__(self, batch=2, save_interval=3, crash_after_batches=None, tag="a", **settings):
-        self.settings = OperatorSettings(save_interval=save_interval, **settings)
-        self.batch, self.tag, self.crash_after = batch, tag, crash_after_batches
+    columns = [Input("text", "input_text_key", "text"),
+               Input("source", "input_source_key", "source", images=True, required=False),
+               Output("images", "output_image_key", "images", images=True, empty=[])]
+    execution_arguments = frozenset({"crash_after_batches", "at"})  # test hooks, not parameters
+
+    def __init__(self, input_batch_size=2, save_interval=3, crash_after_batches=None, tag="a", **settings):
+        self.tag, self.crash_after = tag, crash_after_batches
         self.batches_seen = []
-
-    def params(self):
-        return {"tag": self.tag, "batch": self.batch, **self.settings.output_params()}
-
-    @property
-    def batch_size(self):
-        return self.batch
-
-    def required_keys(self):
-        return ["text"]
-
-    def path_keys(self):
-        return ["images", "source"]
-
-    def image_output_keys(self):
-        return ["images"]
 
     def process_batch(self, rows, row_ids, context):
         if self.crash_after is not None and len(self.batches_seen) == self.crash_after:
@@ -50,7 +38,7 @@ class NoiseImageOperator(Operator):
         out = []
         for offset, (row, row_id) in enumerate(zip(rows, row_ids, strict=True)):
             if not row["text"]:
-                out.append(self.row_failed(row, "key 'text': empty prompt", offset, {"images": []}))
+                out.append(self.row_failed(row, "key 'text': empty prompt", offset))
                 continue
             pixels = np.random.default_rng(derive_seed(self.settings.seed, row_id)).integers(0, 255, (8, 8, 3))
             path = save_png(Image.fromarray(pixels.astype("uint8")), context.save_dir / image_file_name(row_id, 0))
@@ -100,7 +88,7 @@ def test_absolute_paths_on_request(tmp_path):
 
 def test_batches_start_at_multiples_of_batch_rows_whatever_save_interval(tmp_path):
     for save_interval in (1, 3, 5):
-        op = NoiseImageOperator(batch=2, save_interval=save_interval)
+        op = NoiseImageOperator(input_batch_size=2, save_interval=save_interval)
         run_once(make_entry(tmp_path, n=7), tmp_path / f"cache{save_interval}", op)
         assert op.batches_seen == [["prompt 0", "prompt 1"], ["prompt 2", "prompt 3"],
                                    ["prompt 4", "prompt 5"], ["prompt 6"]]

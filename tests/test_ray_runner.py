@@ -18,7 +18,7 @@ from PIL import Image
 pytest.importorskip("ray")
 
 from dataflowmm import FileStorage  # noqa: E402
-from dataflowmm.contract import Operator, OperatorSettings, RowError, StepContext  # noqa: E402
+from dataflowmm.contract import Input, Operator, Output, RowError, StepContext  # noqa: E402
 from dataflowmm.execution import LocalRunner  # noqa: E402
 from dataflowmm.execution.checkpoints import finished_chunks  # noqa: E402
 from dataflowmm.execution.ray_runner import RayRunner, StorageNotShared, _storage_problem  # noqa: E402
@@ -35,29 +35,15 @@ class NoiseImages(Operator):
     `die_marker` kills the worker process once, at row `die_at`; `block_marker` makes rows from
     `block_at` on wait while that file exists."""
 
-    batch_size = 2
+    columns = [Input("text", "input_text_key", "text"),
+               Output("images", "output_image_key", "images", images=True, empty=[])]
+    default_input_batch_size = 2
+    execution_arguments = frozenset({"die_marker", "die_at", "block_marker", "block_at"})
 
     def __init__(self, save_interval=3, strict=False, die_marker=None, die_at=None,
                  block_marker=None, block_at=None):
-        self.settings = OperatorSettings(save_interval=save_interval, strict=strict)
-        self.keys = "images"
         self.die_marker, self.die_at = die_marker, die_at
         self.block_marker, self.block_at = block_marker, block_at
-
-    def run(self, storage):
-        return self.run_bound(storage, "images")
-
-    def params(self):
-        return {"kind": "noise"}
-
-    def required_keys(self):
-        return ["text"]
-
-    def path_keys(self):
-        return ["images"]
-
-    def image_output_keys(self):
-        return ["images"]
 
     def process_batch(self, rows, row_ids, context: StepContext):
         out = []
@@ -65,7 +51,7 @@ class NoiseImages(Operator):
             index = int(row["text"].split()[-1]) if row["text"] else -1
             self._test_hooks(index)
             if not row["text"]:
-                out.append(self.row_failed(row, "key 'text': empty", offset, {"images": []}))
+                out.append(self.row_failed(row, "key 'text': empty", offset))
                 continue
             pixels = np.random.default_rng(derive_seed(0, row_id)).integers(0, 255, (8, 8, 3), dtype=np.uint8)
             path = save_png(Image.fromarray(pixels), context.save_dir / image_file_name(row_id, 0))

@@ -25,7 +25,7 @@ def test_every_serving_follows_the_protocol_and_loads_lazily(servings):
 
 def test_one_name_for_the_batch_size(tiny_model):
     caption = LocalCaptionServing(str(tiny_model("tiny-blip")), batch_size=3)
-    assert caption.batch_size == 3 and ImageCaptioner(caption).batch_size == 3
+    assert caption.batch_size == 3 and ImageCaptioner(caption).input_batch_size == 3
     with pytest.raises(TypeError):
         LocalCaptionServing(str(tiny_model("tiny-blip")), gpu_batch_size=3)
 

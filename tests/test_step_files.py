@@ -24,9 +24,6 @@ class ManyImages(NoiseImageOperator):
         super().__init__(**kwargs)
         self.count = count
 
-    def params(self):
-        return {**super().params(), "count": self.count}
-
     def process_batch(self, rows, row_ids, context):
         out = []
         for row, row_id in zip(rows, row_ids, strict=True):

@@ -12,13 +12,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dataflowmm.contract import ERROR_KEY, Operator, RowError, StepContext
+from dataflowmm.execution.protocol import ERROR_KEY, RowError, StepContext, StepOperator
 from dataflowmm.io.paths import relative_paths, resolve_paths
 from dataflowmm.seeds import RowIdentities
 
 
 def apply_batch(
-    operator: Operator,
+    operator: StepOperator,
     rows: list[dict],
     row_ids: Sequence[str],
     context: StepContext,
@@ -57,7 +57,7 @@ def apply_batch(
 
 
 def apply_chunk(
-    operator: Operator,
+    operator: StepOperator,
     rows: list[dict],
     context: StepContext,
     *,

@@ -13,7 +13,7 @@ from dataflowmm.execution.step import (
 )
 
 if TYPE_CHECKING:
-    from dataflowmm.contract import Operator
+    from dataflowmm.execution.protocol import StepOperator
     from dataflowmm.storage import FileStorage
 
 
@@ -25,7 +25,7 @@ class LocalRunner:
     the row count and a killed run resumes after the last finished chunk.
     """
 
-    def run(self, storage: FileStorage, operator: Operator) -> StepSummary:
+    def run(self, storage: FileStorage, operator: StepOperator) -> StepSummary:
         """Run `operator` (keys bound) on `storage`'s current step, reusing or resuming what is done."""
         step = prepare_step(storage, operator)
         if isinstance(step, StepSummary):
@@ -42,6 +42,8 @@ class LocalRunner:
         return "LocalRunner()"
 
 
-def run_step(storage: FileStorage, operator: Operator) -> StepSummary:
-    """Run a bound operator on `storage`'s step with the local runner (tests and scripts)."""
-    return LocalRunner().run(storage, operator)
+def run_step(storage: FileStorage, operator: StepOperator) -> StepSummary:
+    """Run a bound operator on `storage`'s step with the storage's runner (`LocalRunner` when
+    the storage names none): where every operator's `run()` ends."""
+    runner = storage.runner if storage.runner is not None else LocalRunner()
+    return runner.run(storage, operator)

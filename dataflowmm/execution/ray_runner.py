@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.contract import RowError, StepContext
 from dataflowmm.execution.batch import apply_chunk
+from dataflowmm.execution.protocol import RowError, StepContext
 from dataflowmm.execution.step import (
     PreparedStep,
     StepOutput,
@@ -33,7 +33,7 @@ from dataflowmm.execution.step import (
 from dataflowmm.io.records import JsonlSpan, StorageError, dumps_rows, jsonl_spans, read_jsonl_span
 
 if TYPE_CHECKING:
-    from dataflowmm.contract import Operator
+    from dataflowmm.execution.protocol import StepOperator
     from dataflowmm.storage import FileStorage
 
 # Passed to the cluster's workers so they find the same models, offline, as the driver.
@@ -112,7 +112,7 @@ class RayRunner:
 
     # -- a step ---------------------------------------------------------------------------
 
-    def run(self, storage: FileStorage, operator: Operator) -> StepSummary:
+    def run(self, storage: FileStorage, operator: StepOperator) -> StepSummary:
         """Run `operator` (keys bound) on `storage`'s current step, reusing or resuming what is done."""
         step = prepare_step(storage, operator)
         if isinstance(step, StepSummary):
@@ -192,7 +192,7 @@ class RayRunner:
 class _ChunkWorker:
     """A Ray Data actor: one copy of the operator and its serving, processing whole chunks."""
 
-    def __init__(self, operator: Operator, context: StepContext, source: str, batch_size: int,
+    def __init__(self, operator: StepOperator, context: StepContext, source: str, batch_size: int,
                  torch_threads: int | None):
         self.torch_threads = torch_threads
         self.problem = _storage_problem(context, source)

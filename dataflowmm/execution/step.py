@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from tqdm.auto import tqdm
 
-from dataflowmm.contract import DROPPED_KEY, Operator, StepContext
 from dataflowmm.execution.batch import OutputCounts
 from dataflowmm.execution.checkpoints import StepCheckpoint
+from dataflowmm.execution.protocol import DROPPED_KEY, StepContext, StepOperator
 from dataflowmm.io.atomic import atomic_file
 from dataflowmm.io.records import dumps_row, dumps_rows, iter_records
 from dataflowmm.storage import fingerprint
@@ -106,7 +106,7 @@ class PreparedStep:
     """A step about to compute: its operator, fingerprints, folders and chunking."""
 
     storage: FileStorage
-    operator: Operator
+    operator: StepOperator
     params: dict[str, Any]
     input_fingerprint: str
     fingerprint: str
@@ -120,7 +120,7 @@ class PreparedStep:
         return self.storage.input_path
 
 
-def prepare_step(storage: FileStorage, operator: Operator) -> PreparedStep | StepSummary:
+def prepare_step(storage: FileStorage, operator: StepOperator) -> PreparedStep | StepSummary:
     """Check the step before any model loads; a `StepSummary` when a finished output is reused."""
     started = time.perf_counter()
     check_required_keys(storage.input_path, operator.required_keys())
@@ -147,12 +147,12 @@ def prepare_step(storage: FileStorage, operator: Operator) -> PreparedStep | Ste
     )
     if operator.image_output_keys():  # a captioning step gets no empty images folder
         context.save_dir.mkdir(parents=True, exist_ok=True)
-    batch_size = max(1, int(operator.batch_size))
+    batch_size = max(1, int(operator.input_batch_size))
     return PreparedStep(storage, operator, params, input_fp, step_fp, context, batch_size,
                         chunk_size(int(operator.settings.save_interval), batch_size), started)
 
 
-def _why_not_reusable(storage: FileStorage, operator: Operator) -> str | None:
+def _why_not_reusable(storage: FileStorage, operator: StepOperator) -> str | None:
     """Why a finished output with the same fingerprint must be recomputed, else None.
 
     The fingerprint covers inputs and parameters, not what happened since: images the

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageDraw
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.contract import Operator, OperatorSettings, StepContext
+from dataflowmm.contract import Input, Operator, Output, StepContext
 from dataflowmm.io.images import image_file_name, save_png
 from dataflowmm.operators.boxes import (
     Box,
@@ -33,11 +33,9 @@ from dataflowmm.seeds import derive_seed
 from dataflowmm.serving.common import build_serving
 
 if TYPE_CHECKING:
-    from dataflowmm.execution.step import StepSummary
     from dataflowmm.serving.clip import ClipServing
     from dataflowmm.serving.itm import ImageTextMatchingServing
     from dataflowmm.serving.vlm import LocalVLMServing
-    from dataflowmm.storage import FileStorage
 
 REGION_PROMPT = "Please provide a clear description for this region: {box}."
 DIFFERENCE_PROMPT = (
@@ -59,21 +57,6 @@ DATA_JUICER_RUNTIME_KEYS = ("num_proc", "accelerator", "text_key_second", "any_o
                             "mem_required", "cpu_required")
 RED = (255, 0, 0)
 LINE_WIDTH, BOX_MARGIN, GAP_WIDTH = 3, 5, 20
-
-
-@dataclass(frozen=True)
-class _Keys:
-    image1: str = "image_path1"
-    image2: str = "image_path2"
-    bbox: str = "bbox_tag"
-    output_bbox: str = "bbox_tag"
-    caption1: str = "region_caption1"
-    caption2: str = "region_caption2"
-    difference: str = "bbox_difference_captions"
-    itm_score1: str = "region_itm_scores1"
-    itm_score2: str = "region_itm_scores2"
-    similarity: str = "region_caption_similarities"
-    marked_pair: str = "marked_pair_images"
 
 
 @dataclass
@@ -192,8 +175,9 @@ class DifferenceCaptioner(Operator):
             Instead of `text_pair_similarity_filter_args["hf_clip"]`.
         max_area_ratio (`float`, *optional*, defaults to 0.1):
             Boxes covering more than this fraction of image 1 are skipped.
-        batch_size (`int`, *optional*, defaults to 8):
-            Rows per batch; all their regions go to each model together.
+        input_batch_size (`int`, *optional*, defaults to 8):
+            Rows per batch; all their regions go to each model together (each serving's own
+            `batch_size` sets the items per model call).
         save_marked_pairs (`bool`, *optional*, defaults to `False`):
             Keep each kept box's marked pair as a PNG named by row identity and box index.
         save_dir (`str` or `os.PathLike`, *optional*):
@@ -208,6 +192,26 @@ class DifferenceCaptioner(Operator):
             Raise on the first row that cannot be processed.
     """
 
+    columns = [
+        Input("image1", "input_image1_key", "image_path1", "column with the pair's first image path", images=True),
+        Input("image2", "input_image2_key", "image_path2", "column with the pair's second image path", images=True),
+        Input("bbox", "input_bbox_key", "bbox_tag", "column with the boxes, `[[cx, cy, w, h], ...]` in pixels "
+              "of image 1"),
+        Output("output_bbox", "output_bbox_key", None, "column receiving the kept boxes (Data-Juicer replaces "
+               "the boxes with the kept ones)", default_from="bbox"),
+        Output("caption1", "output_region_caption1_key", "region_caption1", "per kept box, image 1's caption"),
+        Output("caption2", "output_region_caption2_key", "region_caption2", "per kept box, image 2's caption"),
+        Output("difference", "output_difference_caption_key", "bbox_difference_captions",
+               "per kept box, the difference caption"),
+        Output("itm_score1", "output_itm_score1_key", "region_itm_scores1", "per kept box, image 1's ITM score"),
+        Output("itm_score2", "output_itm_score2_key", "region_itm_scores2", "per kept box, image 2's ITM score"),
+        Output("similarity", "output_similarity_key", "region_caption_similarities",
+               "per kept box, the two captions' CLIP similarity"),
+        Output("marked_pair", "output_marked_pair_key", "marked_pair_images",
+               "per kept box, the marked pair image (with `save_marked_pairs`)", images=True,
+               only_if=lambda op: op.save_marked_pairs),
+    ]
+
     def __init__(
         self,
         mllm_mapper_args: dict | None = None,
@@ -218,7 +222,7 @@ class DifferenceCaptioner(Operator):
         itm_serving: ImageTextMatchingServing | str | os.PathLike | None = None,
         clip_serving: ClipServing | str | os.PathLike | None = None,
         max_area_ratio: float = 0.1,
-        batch_size: int = 8,
+        input_batch_size: int = 8,
         save_marked_pairs: bool = False,
         save_dir: str | os.PathLike | None = None,
         save_interval: int = 50,
@@ -239,7 +243,7 @@ class DifferenceCaptioner(Operator):
         self.similarity_range = _thresholds(similarity, "text_pair_similarity_filter_args")
         if not 0 < max_area_ratio <= 1:
             raise ValueError(f"max_area_ratio must be in (0, 1], got {max_area_ratio!r}")
-        check_positive_int("batch_size", batch_size)
+        check_positive_int("input_batch_size", input_batch_size)
         generation = ("max_new_tokens", "temperature", "top_p", "num_beams")
         self.vlm = _build(vlm_serving, mllm, "mllm_mapper_args", "vlm_serving", LocalVLMServing,
                           ("generate", "config"), generation + SERVING_KEYS,
@@ -249,69 +253,7 @@ class DifferenceCaptioner(Operator):
         self.clip = _build(clip_serving, similarity, "text_pair_similarity_filter_args", "clip_serving",
                            ClipServing, ("text_text_similarity", "config"), SERVING_KEYS, {})
         self.max_area_ratio = float(max_area_ratio)
-        self._batch_size = batch_size
         self.save_marked_pairs = bool(save_marked_pairs)
-        self.settings = OperatorSettings(save_interval, seed, save_dir, absolute_paths, strict)
-        self.keys = _Keys()
-
-    def run(
-        self,
-        storage: FileStorage,
-        input_image1_key: str = "image_path1",
-        input_image2_key: str = "image_path2",
-        input_bbox_key: str = "bbox_tag",
-        output_bbox_key: str | None = None,
-        output_region_caption1_key: str = "region_caption1",
-        output_region_caption2_key: str = "region_caption2",
-        output_difference_caption_key: str = "bbox_difference_captions",
-        output_itm_score1_key: str = "region_itm_scores1",
-        output_itm_score2_key: str = "region_itm_scores2",
-        output_similarity_key: str = "region_caption_similarities",
-        output_marked_pair_key: str = "marked_pair_images",
-    ) -> StepSummary:
-        """Caption the differences of every pair in `storage`'s step.
-
-        Args:
-            storage: the step (`storage.step()`).
-            input_image1_key, input_image2_key: columns with the pair's image paths.
-            input_bbox_key: column with the boxes, `[[cx, cy, w, h], ...]` in pixels of image 1.
-            output_bbox_key: column receiving the kept boxes; defaults to `input_bbox_key`
-                (Data-Juicer replaces the boxes with the kept ones).
-            output_*_key: columns receiving the per-kept-box lists.
-        """
-        return self.run_bound(storage, _Keys(
-            input_image1_key, input_image2_key, input_bbox_key, output_bbox_key or input_bbox_key,
-            output_region_caption1_key, output_region_caption2_key, output_difference_caption_key,
-            output_itm_score1_key, output_itm_score2_key, output_similarity_key, output_marked_pair_key))
-
-    # ------------------------------------------------------------- operator contract
-    def params(self) -> dict[str, Any]:
-        return {
-            "keys": vars(self.keys),
-            "vlm": self.vlm.config(),
-            "itm": self.itm.config(),
-            "clip": self.clip.config(),
-            "itm_range": list(self.itm_range),
-            "similarity_range": list(self.similarity_range),
-            "max_area_ratio": self.max_area_ratio,
-            "prompts": [REGION_PROMPT, DIFFERENCE_PROMPT],
-            "save_marked_pairs": self.save_marked_pairs,
-            **self.settings.output_params(),
-        }
-
-    @property
-    def batch_size(self) -> int:
-        return self._batch_size
-
-    def required_keys(self) -> list[str]:
-        return [self.keys.image1, self.keys.image2, self.keys.bbox]
-
-    def path_keys(self) -> list[str]:
-        marked = [self.keys.marked_pair] if self.save_marked_pairs else []
-        return [self.keys.image1, self.keys.image2, *marked]
-
-    def image_output_keys(self) -> list[str]:
-        return [self.keys.marked_pair] if self.save_marked_pairs else []
 
     # ------------------------------------------------------------------ a batch
     def process_batch(self, rows: list[dict], row_ids: list[str], context: StepContext) -> list[dict]:

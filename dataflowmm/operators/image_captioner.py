@@ -10,12 +10,12 @@ import os
 import random
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.contract import Operator, OperatorSettings, StepContext
+from dataflowmm.contract import Input, Operator, Output, StepContext
 from dataflowmm.io.images import ImageReadError, load_image
 from dataflowmm.operators.sample_format import (
     EOC_TOKEN,
@@ -29,18 +29,9 @@ from dataflowmm.seeds import derive_seed
 from dataflowmm.serving.common import build_serving
 
 if TYPE_CHECKING:
-    from dataflowmm.execution.step import StepSummary
     from dataflowmm.serving.caption import LocalCaptionServing
-    from dataflowmm.storage import FileStorage
 
 KEEP_CANDIDATE_MODES = ("random_any", "similar_one_simhash", "all")
-
-
-@dataclass(frozen=True)
-class _Keys:
-    image: str
-    text: str
-    output: str
 
 
 @dataclass
@@ -95,6 +86,13 @@ class ImageCaptioner(Operator):
         strict: raise on the first row that cannot be captioned.
     """
 
+    columns = [
+        Input("image", "input_image_key", "images", "column with each row's list of image paths", images=True),
+        Input("text", "input_text_key", "text", "column with the original text (Data-Juicer tokens optional)",
+              required=False),
+        Output("output", "output_text_key", "text", "column of the generated rows receiving the captions"),
+    ]
+
     def __init__(
         self,
         caption_serving: LocalCaptionServing | str | os.PathLike | None = None,
@@ -122,7 +120,7 @@ class ImageCaptioner(Operator):
             check_positive_int("batch_size", batch_size)
         if prompt and prompt_key:
             warnings.warn("both `prompt` and `prompt_key` are set: `prompt_key` is used where the row "
-                          "has a string there", stacklevel=2)
+                          "has a string there", stacklevel=3)
         from dataflowmm.serving.caption import LocalCaptionServing
 
         self.serving = build_serving(
@@ -135,52 +133,10 @@ class ImageCaptioner(Operator):
         self.prompt = prompt
         self.prompt_key = prompt_key
         self.tokens = SpecialTokens(image_token, eoc_token)
-        self.settings = OperatorSettings(save_interval=save_interval, seed=seed, strict=strict)
-        self.keys = _Keys("images", "text", "text")
 
     @property
     def generated_per_row(self) -> int:
         return self.caption_num if self.keep_candidate_mode == "all" else 1
-
-    def run(
-        self,
-        storage: FileStorage,
-        input_image_key: str = "images",
-        input_text_key: str = "text",
-        output_text_key: str = "text",
-    ) -> StepSummary:
-        """Caption the images of `storage`'s step.
-
-        Args:
-            storage: the step (`storage.step()`).
-            input_image_key: column with each row's list of image paths.
-            input_text_key: column with the original text (Data-Juicer tokens optional).
-            output_text_key: column of the generated rows receiving the captions.
-        """
-        return self.run_bound(storage, _Keys(input_image_key, input_text_key, output_text_key))
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "keys": vars(self.keys),
-            "serving": self.serving.config(),
-            "caption_num": self.caption_num,
-            "keep_candidate_mode": self.keep_candidate_mode,
-            "keep_original_sample": self.keep_original_sample,
-            "prompt": self.prompt,
-            "prompt_key": self.prompt_key,
-            "tokens": vars(self.tokens),
-            **self.settings.output_params(),
-        }
-
-    @property
-    def batch_size(self) -> int:
-        return self.serving.batch_size
-
-    def required_keys(self) -> list[str]:
-        return [self.keys.image]
-
-    def path_keys(self) -> list[str]:
-        return [self.keys.image]
 
     # -- one row -------------------------------------------------------------------------
 
@@ -251,7 +207,7 @@ class ImageCaptioner(Operator):
         out_rows = []
         for offset, row in enumerate(rows):
             if offset in failed:
-                out_rows.append(self.row_failed(row, failed[offset], offset, {}))
+                out_rows.append(self.row_failed(row, failed[offset], offset))
                 continue
             if self.keep_original_sample:
                 out_rows.append(row)

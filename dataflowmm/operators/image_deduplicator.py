@@ -16,30 +16,22 @@ import base64
 import hashlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from dataflowmm.contract import Operator, OperatorSettings, StepContext
+from dataflowmm.contract import Input, Operator, StepContext
 from dataflowmm.io.images import to_rgb
 from dataflowmm.operators.image_captioner import load_row_images
 from dataflowmm.operators.image_text_filters import _clip_serving
 from dataflowmm.operators.sample_format import row_image_paths
 
 if TYPE_CHECKING:
-    from dataflowmm.execution.step import StepSummary
     from dataflowmm.serving.clip import ClipServing
-    from dataflowmm.storage import FileStorage
 
 # Checkpointed rows carry their images' hash and embeddings here until the final pass.
 FINGERPRINT_KEY = "__image_dedup__"
-
-
-@dataclass(frozen=True)
-class _Keys:
-    image: str
 
 
 def pixel_hash(image: Image.Image) -> str:
@@ -71,7 +63,10 @@ class ImageDeduplicator(Operator):
         strict: raise on the first row whose images cannot be read.
     """
 
+    columns = [Input("image", "input_image_key", "images", "column with each row's list of image paths",
+                     images=True)]
     has_final_pass = True
+    default_input_batch_size = 32  # rows per batch when no model is used
 
     def __init__(
         self,
@@ -91,41 +86,6 @@ class ImageDeduplicator(Operator):
         self.similarity_threshold = similarity_threshold
         self.serving = (None if similarity_threshold is None else
                         _clip_serving(clip_serving or hf_clip, batch_size, torch_dtype, trust_remote_code))
-        self._rows_per_batch = batch_size or 32
-        self.keep_dropped = keep_dropped
-        self.settings = OperatorSettings(save_interval=save_interval, strict=strict)
-        self.keys = _Keys("images")
-
-    def run(self, storage: FileStorage, input_image_key: str = "images") -> StepSummary:
-        """Deduplicate the rows of `storage`'s step by their images.
-
-        Args:
-            storage: the step (`storage.step()`).
-            input_image_key: column with each row's list of image paths.
-        """
-        return self.run_bound(storage, _Keys(input_image_key))
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "keys": vars(self.keys),
-            "serving": self.serving.config() if self.serving is not None else None,
-            "similarity_threshold": self.similarity_threshold,
-            "keep_dropped": self.keep_dropped,
-            **self.settings.output_params(),
-        }
-
-    @property
-    def batch_size(self) -> int:
-        return self.serving.batch_size if self.serving is not None else self._rows_per_batch
-
-    def required_keys(self) -> list[str]:
-        return [self.keys.image]
-
-    def path_keys(self) -> list[str]:
-        return [self.keys.image]
-
-    def keep_dropped_rows(self) -> bool:
-        return self.keep_dropped
 
     # -- a batch: hashes and embeddings ----------------------------------------------------
 
@@ -137,7 +97,7 @@ class ImageDeduplicator(Operator):
                 paths = row_image_paths(row.get(self.keys.image), self.keys.image)
                 loaded = load_row_images(paths, self.keys.image)
             except ValueError as error:
-                out[offset] = self.row_failed(row, str(error), offset, {})
+                out[offset] = self.row_failed(row, str(error), offset)
                 continue
             if paths:
                 images[offset] = [loaded[path] for path in paths]

@@ -8,27 +8,13 @@ pixels already say where: this operator proposes those boxes, in the captioner's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
 import numpy as np
 from PIL import Image
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.contract import Operator, OperatorSettings, StepContext
+from dataflowmm.contract import Input, Operator, Output, StepContext
 from dataflowmm.io.images import ImageReadError, load_image
 from dataflowmm.operators.boxes import Box, corners_to_box
-
-if TYPE_CHECKING:
-    from dataflowmm.execution.step import StepSummary
-    from dataflowmm.storage import FileStorage
-
-
-@dataclass(frozen=True)
-class _Keys:
-    image1: str
-    image2: str
-    output: str
 
 
 def load_pair(row: dict, key1: str, key2: str) -> tuple[Image.Image, Image.Image]:
@@ -135,13 +121,22 @@ class ImageDifferenceRegions(Operator):
             Boxes covering less than this fraction of the image are dropped.
         max_regions (`int`, *optional*):
             Keep only the largest this many boxes.
-        batch_size (`int`, *optional*, defaults to 16):
+        input_batch_size (`int`, *optional*, defaults to 16):
             Rows per batch (no model: it only sets how often progress is reported).
         save_interval (`int`, *optional*, defaults to 50):
             Rows between checkpoints.
         strict (`bool`, *optional*, defaults to `False`):
             Raise on the first row that cannot be processed.
     """
+
+    columns = [
+        Input("image1", "input_image1_key", "image_path1", "column with the first image path of a pair",
+              images=True),
+        Input("image2", "input_image2_key", "image_path2", "column with the second image path of a pair",
+              images=True),
+        Output("output", "output_bbox_key", "bbox_tag", "column receiving the boxes (`[[cx, cy, w, h], ...]`, "
+               "pixels of image 1)", empty=[]),
+    ]
 
     def __init__(
         self,
@@ -151,7 +146,7 @@ class ImageDifferenceRegions(Operator):
         merge_distance: int = 2,
         min_area_ratio: float = 0.0005,
         max_regions: int | None = None,
-        batch_size: int = 16,
+        input_batch_size: int = 16,
         save_interval: int = 50,
         strict: bool = False,
     ):
@@ -164,52 +159,12 @@ class ImageDifferenceRegions(Operator):
             raise ValueError(f"min_area_ratio must be in [0, 1), got {min_area_ratio!r}")
         if max_regions is not None:
             check_positive_int("max_regions", max_regions)
-        check_positive_int("batch_size", batch_size)
+        check_positive_int("input_batch_size", input_batch_size)
         self.threshold = float(threshold)
         self.blur_size = blur_size
         self.merge_distance = merge_distance
         self.min_area_ratio = float(min_area_ratio)
         self.max_regions = max_regions
-        self._batch_size = batch_size
-        self.settings = OperatorSettings(save_interval=save_interval, strict=strict)
-        self.keys = _Keys("image_path1", "image_path2", "bbox_tag")
-
-    def run(
-        self,
-        storage: FileStorage,
-        input_image1_key: str = "image_path1",
-        input_image2_key: str = "image_path2",
-        output_bbox_key: str = "bbox_tag",
-    ) -> StepSummary:
-        """Write the difference boxes of every pair in `storage`'s step.
-
-        Args:
-            storage: the step (`storage.step()`).
-            input_image1_key, input_image2_key: columns with the two image paths of a pair.
-            output_bbox_key: column receiving the boxes (`[[cx, cy, w, h], ...]`, pixels of image 1).
-        """
-        return self.run_bound(storage, _Keys(input_image1_key, input_image2_key, output_bbox_key))
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "keys": vars(self.keys),
-            "threshold": self.threshold,
-            "blur_size": self.blur_size,
-            "merge_distance": self.merge_distance,
-            "min_area_ratio": self.min_area_ratio,
-            "max_regions": self.max_regions,
-            **self.settings.output_params(),
-        }
-
-    @property
-    def batch_size(self) -> int:
-        return self._batch_size
-
-    def required_keys(self) -> list[str]:
-        return [self.keys.image1, self.keys.image2]
-
-    def path_keys(self) -> list[str]:
-        return [self.keys.image1, self.keys.image2]
 
     def regions(self, first: Image.Image, second: Image.Image) -> list[Box]:
         """The difference boxes of one pair (`second` already at `first`'s size), largest first."""
@@ -226,7 +181,7 @@ class ImageDifferenceRegions(Operator):
             try:
                 first, second = load_pair(row, self.keys.image1, self.keys.image2)
             except ValueError as error:
-                out.append(self.row_failed(row, str(error), offset, {self.keys.output: []}))
+                out.append(self.row_failed(row, str(error), offset))
                 continue
             out.append({**row, self.keys.output: self.regions(first, second)})
         return out

@@ -16,18 +16,16 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.contract import Operator, OperatorSettings, StepContext
+from dataflowmm.contract import Input, Operator, Output, StepContext
 from dataflowmm.io.images import ImageReadError, image_file_name, load_image, save_png
 from dataflowmm.operators.sample_format import SpecialTokens, row_image_paths
 from dataflowmm.seeds import derive_seed
 from dataflowmm.serving.common import build_serving
 
 if TYPE_CHECKING:
-    from dataflowmm.execution.step import StepSummary
     from dataflowmm.serving.caption import LocalCaptionServing
     from dataflowmm.serving.clip import ClipServing
     from dataflowmm.serving.image_gen import LocalImageGenServing
-    from dataflowmm.storage import FileStorage
 
 KEEP_CANDIDATE_MODES = ("random_any", "similar_one", "all")
 # Captions made by the caption model are conditioned on, and prefixed with, this text.
@@ -59,14 +57,6 @@ def row_captions(row: dict, key: str, count: int) -> list[str]:
 def resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """`image` resized (bilinear) to `size`, or itself when it already has that size."""
     return image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
-
-
-@dataclass(frozen=True)
-class _Keys:
-    image: str
-    text: str
-    output: str
-    caption: str | None
 
 
 @dataclass
@@ -156,6 +146,16 @@ class ImageDiffusionAugmenter(Operator):
             Raise on the first row that cannot be processed instead of keeping it with an error.
     """
 
+    columns = [
+        Input("image", "input_image_key", "images", "column with each row's image paths (a list, or one path)",
+              images=True),
+        Input("text", "input_text_key", "text", "Data-Juicer's text column; accepted for recipe compatibility, "
+              "not read", required=False),
+        Output("output", "output_image_key", None, "column receiving the generated rows' image paths (the "
+               "generated rows' images replace the originals)", images=True, default_from="image"),
+    ]
+    batching_serving = "diffusion"
+
     def __init__(
         self,
         hf_diffusion: str | os.PathLike | LocalImageGenServing = "CompVis/stable-diffusion-v1-4",
@@ -183,7 +183,6 @@ class ImageDiffusionAugmenter(Operator):
     ) -> None:
         _check_arguments(strength, aug_num, keep_candidate_mode, candidate_num, image_size,
                          batch_size, caption_key)
-        self.settings = OperatorSettings(save_interval, seed, save_dir, absolute_paths, strict)
         self.aug_num = aug_num
         self.keep_original_sample = bool(keep_original_sample)
         self.keep_candidate_mode = keep_candidate_mode
@@ -199,63 +198,13 @@ class ImageDiffusionAugmenter(Operator):
         self.captioner = None if caption_key else _caption_serving(hf_img2seq, shared, shared_defaults)
         self.clip = _clip_serving(hf_clip, shared, shared_defaults) \
             if keep_candidate_mode == "similar_one" else None
-        self.keys = _Keys("images", "text", "images", caption_key)
-
-    def run(
-        self,
-        storage: FileStorage,
-        input_image_key: str = "images",
-        input_text_key: str = "text",
-        output_image_key: str | None = None,
-    ) -> StepSummary:
-        """Augment the rows of `storage`'s step.
-
-        Args:
-            storage: the step (`storage.step()`).
-            input_image_key: column with each row's image paths (a list, or one path).
-            input_text_key: Data-Juicer's text column; accepted for recipe compatibility, not read.
-            output_image_key: column receiving the generated rows' image paths; defaults to
-                `input_image_key` (the generated rows' images replace the originals).
-        """
-        return self.run_bound(storage, _Keys(input_image_key, input_text_key,
-                                             output_image_key or input_image_key, self.caption_key))
 
     # ------------------------------------------------------------- operator contract
-    def params(self) -> dict[str, Any]:
-        configured = self._configured_save_dir()
-        return {
-            "keys": vars(self.keys),
-            "diffusion": self.diffusion.config(),
-            "captioner": self.captioner.config() if self.captioner is not None else None,
-            "caption_prompt": CAPTION_PROMPT if self.captioner is not None else None,
-            "clip": self.clip.config() if self.clip is not None else None,
-            "aug_num": self.aug_num,
-            "keep_original_sample": self.keep_original_sample,
-            "keep_candidate_mode": self.keep_candidate_mode,
-            "candidate_num": self.candidate_num,
-            "image_size": self.image_size,
-            "resolved_save_dir": str(configured.resolve()) if configured else None,
-            **self.settings.output_params(),
-        }
-
-    @property
-    def batch_size(self) -> int:
-        return self.diffusion.batch_size
-
     def required_keys(self) -> list[str]:
         return [self.keys.image] + ([self.caption_key] if self.caption_key else [])
 
-    def path_keys(self) -> list[str]:
-        return list(dict.fromkeys([self.keys.image, self.keys.output]))
-
-    def image_output_keys(self) -> list[str]:
-        return [self.keys.output]
-
-    def resolve_save_dir(self, default: Path) -> Path:
-        """`save_dir`, else `$DATAFLOWMM_PRODUCED_DATA_DIR`, else `$DJ_PRODUCED_DATA_DIR`, else `default`."""
-        return self._configured_save_dir() or default
-
-    def _configured_save_dir(self) -> Path | None:
+    def configured_save_dir(self) -> Path | None:
+        """`save_dir`, else `$DATAFLOWMM_PRODUCED_DATA_DIR`, else `$DJ_PRODUCED_DATA_DIR`."""
         if self.settings.save_dir:
             return Path(self.settings.save_dir)
         for variable in SAVE_DIR_ENV_VARS:

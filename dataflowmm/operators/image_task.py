@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import os
 from abc import abstractmethod
 from dataclasses import dataclass, field
@@ -12,11 +10,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from PIL import Image
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.contract import Operator, OperatorSettings, StepContext
+from dataflowmm.contract import Operator, StepContext
 from dataflowmm.io.images import ImageOutput
 from dataflowmm.operators.prompted_image_generator import column_prompt
 from dataflowmm.seeds import derive_seed
-from dataflowmm.serving.common import build_serving, jsonable
+from dataflowmm.serving.common import build_serving
 
 if TYPE_CHECKING:
     from dataflowmm.execution.step import StepSummary
@@ -79,7 +77,7 @@ class ImageTask(Operator):
     and returns the output columns; a PIL image (or list of them) may go only into the columns
     listed in `image_outputs` (default: `["image"]` when `"image"` is an output). An output
     named `<image column>_path` receives the written file's path (`None` when images travel
-    in rows). A subclass's public attributes and its source code are part of the step's
+    in rows). A subclass's constructor arguments and its source code are part of the step's
     fingerprint: changing them recomputes the step instead of reusing a stale one.
 
     Args:
@@ -97,6 +95,8 @@ class ImageTask(Operator):
         absolute_paths: write absolute paths instead of paths relative to the dataset file.
         strict: raise on the first failed row instead of keeping it with an error.
     """
+
+    default_input_batch_size = 1  # for a serving that does not say its batch size
 
     def __init__(
         self,
@@ -118,8 +118,7 @@ class ImageTask(Operator):
         self.num_generations = num_generations
         self.group_generations = bool(group_generations)
         self.image_output = ImageOutput(image_format, images_in_rows)
-        self.settings = OperatorSettings(save_interval, seed, save_dir, absolute_paths, strict)
-        self.keys = _Mappings()
+        self._keys = _Mappings()
         self._check_columns()
 
     # -- what a subclass defines ----------------------------------------------------------
@@ -168,7 +167,7 @@ class ImageTask(Operator):
         if unknown:
             raise ValueError(f"{self.name}: mapping of unknown column {unknown[0]!r}; inputs are "
                              f"{list(self.input_columns)}, outputs {list(self.output_columns)}")
-        return self.run_bound(storage, mappings)
+        return self.run_bound(storage, self._bound_to(mappings))
 
     @property
     def input_columns(self) -> dict[str, bool]:
@@ -184,26 +183,6 @@ class ImageTask(Operator):
     def model_name(self) -> str:
         serving = self.serving
         return str(getattr(serving, "model_name", None) or getattr(serving, "model", None) or type(serving).__name__)
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "task": f"{type(self).__module__}.{type(self).__qualname__}",
-            "task_source": _source_digest(type(self)),
-            "task_attributes": jsonable(self._user_attributes()),
-            "inputs": self.input_columns,
-            "outputs": self.output_columns,
-            "image_outputs": self.image_outputs,
-            "mappings": vars(self.keys),
-            "serving": self.serving.config(),
-            "num_generations": self.num_generations,
-            "group_generations": self.group_generations,
-            **self.image_output.params(),
-            **self.settings.output_params(),
-        }
-
-    @property
-    def batch_size(self) -> int:
-        return int(getattr(self.serving, "batch_size", 1))
 
     def required_keys(self) -> list[str]:
         return [self._dataset_column(name) for name, required in self.input_columns.items() if required]
@@ -330,12 +309,6 @@ class ImageTask(Operator):
             return self.row_failed(self._with_outputs(row, grouped), "; ".join(errors), offset, {})
         return self._with_outputs(row, grouped)
 
-    def _user_attributes(self) -> dict[str, Any]:
-        """Public attributes a subclass added (they may change what `format_*` produce)."""
-        own = {"serving", "num_generations", "group_generations", "image_output", "settings", "keys"}
-        return {name: value for name, value in sorted(vars(self).items())
-                if not name.startswith("_") and name not in own}
-
     def __repr__(self) -> str:
         return f"{self.name}(image_generation_model={self.serving!r}, num_generations={self.num_generations})"
 
@@ -347,15 +320,6 @@ def _local_serving_class(model: Any) -> type:
 
         return LocalImageGenServing
     return ImageGenerationServing
-
-
-def _source_digest(cls: type) -> str:
-    """A digest of the task class's source (its formatting code), or its name when unavailable."""
-    try:
-        text = inspect.getsource(cls)
-    except (OSError, TypeError):
-        text = f"{cls.__module__}.{cls.__qualname__}"
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 class ImageGeneration(ImageTask):

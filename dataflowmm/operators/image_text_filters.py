@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from PIL import Image, ImageOps
 
-from dataflowmm.contract import Operator, OperatorSettings, StepContext
+from dataflowmm.contract import Input, Operator, Output, StepContext
 from dataflowmm.operators.image_captioner import load_row_images
 from dataflowmm.operators.sample_format import (
     EOC_TOKEN,
@@ -31,10 +31,10 @@ from dataflowmm.operators.sample_format import (
 from dataflowmm.serving.common import build_serving
 
 if TYPE_CHECKING:
-    from dataflowmm.execution.step import StepSummary
+    from typing_extensions import Unpack
+
     from dataflowmm.serving.clip import ClipServing
     from dataflowmm.serving.itm import ImageTextMatchingServing
-    from dataflowmm.storage import FileStorage
 
 REDUCE_MODES = ("avg", "max", "min")
 STRATEGIES = ("any", "all")
@@ -42,11 +42,40 @@ STRATEGIES = ("any", "all")
 SCORE_DECIMALS = 4
 
 
-@dataclass(frozen=True)
-class _Keys:
-    image: str
-    text: str
-    score: str | None
+class ScoringOptions(TypedDict, total=False):
+    """Options every image-text scoring operator takes (defaults in `_ImageTextScoring`).
+
+    horizontal_flip, vertical_flip: flip each image before scoring it.
+    batch_size: images per forward pass of the serving built here (default 32), and rows per
+        batch. With a serving passed in, its own `batch_size` applies.
+    save_interval: rows between checkpoints; a killed run resumes from the last one.
+    image_token, eoc_token: Data-Juicer's special tokens in the text field.
+    torch_dtype, trust_remote_code: for the serving built here.
+    strict: raise on the first row that cannot be scored.
+    """
+
+    horizontal_flip: bool
+    vertical_flip: bool
+    batch_size: int | None
+    save_interval: int
+    image_token: str
+    eoc_token: str
+    torch_dtype: str | None
+    trust_remote_code: bool | None
+    strict: bool
+
+
+class FilterOptions(ScoringOptions, total=False):
+    """`ScoringOptions`, and how a filter reads and keeps scores (defaults in `_ScoreFilter`).
+
+    any_or_all: `"any"` or `"all"` of a row's images (chunks) must be in range.
+    reduce_mode: `"avg"`, `"max"` or `"min"` over the images of one Data-Juicer chunk.
+    keep_dropped: write dropped rows, with the reason, to `{output}.dropped.jsonl`.
+    """
+
+    any_or_all: str
+    reduce_mode: str
+    keep_dropped: bool
 
 
 @dataclass
@@ -69,50 +98,39 @@ def _reduce(scores: list[float], mode: str) -> float:
 class _ImageTextScoring(Operator):
     """Pairs a row's images with its text and scores every pair of a batch in one call.
 
-    Subclasses say how a list of pairs is scored (`_score_pairs`) and what a scored row
-    becomes (`_scored_row`).
+    Subclasses say how their serving is built (`_build_serving`), how a list of pairs is
+    scored (`_score_pairs`) and what a scored row becomes (`_scored_row`).
     """
 
-    def __init__(self, *, horizontal_flip: bool, vertical_flip: bool, reduce_mode: str,
-                 image_token: str, eoc_token: str, save_interval: int, strict: bool):
+    columns = [
+        Input("image", "input_image_key", "images", "column with each row's list of image paths", images=True),
+        Input("text", "input_text_key", "text", "column with the text the images should show"),
+        Output("score", "output_score_key", "clip_score", "column receiving the list of per-image scores",
+               empty=None),
+    ]
+
+    def __init__(self, model: Any, *, horizontal_flip: bool = False, vertical_flip: bool = False,
+                 reduce_mode: str = "avg", batch_size: int | None = None, save_interval: int = 50,
+                 image_token: str = IMAGE_TOKEN, eoc_token: str = EOC_TOKEN, torch_dtype: str | None = None,
+                 trust_remote_code: bool | None = None, strict: bool = False):
         if reduce_mode not in REDUCE_MODES:
             raise ValueError(f"reduce_mode must be one of {', '.join(REDUCE_MODES)}, got {reduce_mode!r}")
         self.horizontal_flip = horizontal_flip
         self.vertical_flip = vertical_flip
         self.reduce_mode = reduce_mode
         self.tokens = SpecialTokens(image_token, eoc_token)
-        self.settings = OperatorSettings(save_interval=save_interval, strict=strict)
+        self.serving = self._build_serving(model, {"batch_size": batch_size, "torch_dtype": torch_dtype,
+                                                   "trust_remote_code": trust_remote_code})
 
-    serving: Any
+    def _build_serving(self, model: Any, settings: dict[str, Any]) -> Any:
+        return build_serving(model, _clip_class(), argument="clip_serving", settings=settings,
+                             methods=("image_text_similarity", "config"))
 
     def _score_pairs(self, images: list[Image.Image], texts: list[str]) -> list[float]:
-        raise NotImplementedError
+        return self.serving.image_text_similarity(images, texts).tolist()
 
     def _scored_row(self, row: dict, scores: list[float], chunk_scores: list[float]) -> dict:
         raise NotImplementedError
-
-    # -- what execution asks ------------------------------------------------------------
-
-    def _scoring_params(self) -> dict[str, Any]:
-        return {
-            "keys": vars(self.keys),
-            "serving": self.serving.config(),
-            "horizontal_flip": self.horizontal_flip,
-            "vertical_flip": self.vertical_flip,
-            "reduce_mode": self.reduce_mode,
-            "tokens": vars(self.tokens),
-            **self.settings.output_params(),
-        }
-
-    @property
-    def batch_size(self) -> int:
-        return self.serving.batch_size
-
-    def required_keys(self) -> list[str]:
-        return [self.keys.image, self.keys.text]
-
-    def path_keys(self) -> list[str]:
-        return [self.keys.image]
 
     # -- one row -------------------------------------------------------------------------
 
@@ -173,8 +191,7 @@ class _ImageTextScoring(Operator):
         out = []
         for offset, row in enumerate(rows):
             if offset in failed:
-                empty = {self.keys.score: None} if self.keys.score else {}
-                out.append(self.row_failed(row, failed[offset], offset, empty))
+                out.append(self.row_failed(row, failed[offset], offset))
                 continue
             row_scores = per_row[offset]
             chunk_scores = [_reduce([row_scores[i] for i in chunk], self.reduce_mode)
@@ -193,53 +210,13 @@ class ClipScoreEvaluator(_ImageTextScoring):
     Args:
         clip_serving: a `ClipServing`, or a model id/folder to build one from.
         hf_clip: model id/folder used when `clip_serving` is not given.
-        horizontal_flip, vertical_flip: flip each image before scoring it.
-        batch_size: images per forward pass of the serving built here (default 32), and rows
-            per batch. With a serving passed in, its own `batch_size` applies.
-        save_interval: rows between checkpoints; a killed run resumes from the last one.
-        image_token, eoc_token: Data-Juicer's special tokens in the text field.
-        torch_dtype, trust_remote_code: for the serving built here.
-        strict: raise on the first row that cannot be scored.
+        **options: `ScoringOptions` (flips, batch_size, save_interval, special tokens,
+            torch_dtype, trust_remote_code, strict).
     """
 
-    def __init__(
-        self,
-        clip_serving: ClipServing | str | os.PathLike | None = None,
-        *,
-        hf_clip: str | os.PathLike = "openai/clip-vit-base-patch32",
-        horizontal_flip: bool = False,
-        vertical_flip: bool = False,
-        batch_size: int | None = None,
-        save_interval: int = 50,
-        image_token: str = IMAGE_TOKEN,
-        eoc_token: str = EOC_TOKEN,
-        torch_dtype: str | None = None,
-        trust_remote_code: bool | None = None,
-        strict: bool = False,
-    ):
-        super().__init__(horizontal_flip=horizontal_flip, vertical_flip=vertical_flip, reduce_mode="avg",
-                         image_token=image_token, eoc_token=eoc_token, save_interval=save_interval,
-                         strict=strict)
-        self.serving = _clip_serving(clip_serving or hf_clip, batch_size, torch_dtype, trust_remote_code)
-        self.keys = _Keys("images", "text", "clip_score")
-
-    def run(self, storage: FileStorage, input_image_key: str = "images", input_text_key: str = "text",
-            output_score_key: str = "clip_score") -> StepSummary:
-        """Score the rows of `storage`'s step.
-
-        Args:
-            storage: the step (`storage.step()`).
-            input_image_key: column with each row's list of image paths.
-            input_text_key: column with the text the images should show.
-            output_score_key: column receiving the list of per-image scores.
-        """
-        return self.run_bound(storage, _Keys(input_image_key, input_text_key, output_score_key))
-
-    def params(self) -> dict[str, Any]:
-        return self._scoring_params()
-
-    def _score_pairs(self, images: list[Image.Image], texts: list[str]) -> list[float]:
-        return self.serving.image_text_similarity(images, texts).tolist()
+    def __init__(self, clip_serving: ClipServing | str | os.PathLike | None = None, *,
+                 hf_clip: str | os.PathLike = "openai/clip-vit-base-patch32", **options: Unpack[ScoringOptions]):
+        super().__init__(clip_serving or hf_clip, **options)
 
     def _scored_row(self, row: dict, scores: list[float], chunk_scores: list[float]) -> dict:
         return {**row, self.keys.score: scores}
@@ -248,9 +225,13 @@ class ClipScoreEvaluator(_ImageTextScoring):
 class _ScoreFilter(_ImageTextScoring):
     """Keeps rows whose chunk scores lie in [min_score, max_score] for any/all chunks."""
 
-    def __init__(self, *, min_score: float, max_score: float, any_or_all: str, keep_dropped: bool,
-                 **scoring: Any):
-        super().__init__(**scoring)
+    columns = [*_ImageTextScoring.columns[:2],
+               Output("score", "output_score_key", None, "if set, kept (and dropped) rows also get their "
+                      "per-image scores here", empty=None)]
+
+    def __init__(self, model: Any, *, min_score: float, max_score: float, any_or_all: str = "any",
+                 keep_dropped: bool = False, **options: Unpack[ScoringOptions]):
+        super().__init__(model, **options)
         if any_or_all not in STRATEGIES:
             raise ValueError(f"any_or_all must be 'any' or 'all', got {any_or_all!r}")
         if min_score > max_score:
@@ -258,28 +239,6 @@ class _ScoreFilter(_ImageTextScoring):
         self.min_score = float(min_score)
         self.max_score = float(max_score)
         self.any_or_all = any_or_all
-        self.keep_dropped = keep_dropped
-        self.keys = _Keys("images", "text", None)
-
-    def run(self, storage: FileStorage, input_image_key: str = "images", input_text_key: str = "text",
-            output_score_key: str | None = None) -> StepSummary:
-        """Filter the rows of `storage`'s step.
-
-        Args:
-            storage: the step (`storage.step()`).
-            input_image_key: column with each row's list of image paths.
-            input_text_key: column with the text the images should show.
-            output_score_key: if set, kept (and dropped) rows also get their per-image scores here.
-        """
-        return self.run_bound(storage, _Keys(input_image_key, input_text_key, output_score_key))
-
-    def params(self) -> dict[str, Any]:
-        # keep_dropped only decides the side file, but a reused step must have written it.
-        return {**self._scoring_params(), "min_score": self.min_score, "max_score": self.max_score,
-                "any_or_all": self.any_or_all, "keep_dropped": self.keep_dropped}
-
-    def keep_dropped_rows(self) -> bool:
-        return self.keep_dropped
 
     def _scored_row(self, row: dict, scores: list[float], chunk_scores: list[float]) -> dict:
         if self.keys.score:
@@ -305,42 +264,14 @@ class ClipScoreFilter(_ScoreFilter):
         clip_serving: a `ClipServing`, or a model id/folder to build one from.
         hf_clip: model id/folder used when `clip_serving` is not given.
         min_score, max_score: the kept range of cosine similarities.
-        horizontal_flip, vertical_flip: flip each image before scoring it.
-        any_or_all: `"any"` or `"all"` of a row's images (chunks) must be in range.
-        reduce_mode: `"avg"`, `"max"` or `"min"` over the images of one Data-Juicer chunk.
-        keep_dropped: write dropped rows, with the reason, to `{output}.dropped.jsonl`.
-        batch_size, save_interval, image_token, eoc_token, torch_dtype, trust_remote_code,
-        strict: as for `ClipScoreEvaluator`.
+        **options: `FilterOptions` (any_or_all, reduce_mode, keep_dropped, flips, batch_size,
+            save_interval, special tokens, torch_dtype, trust_remote_code, strict).
     """
 
-    def __init__(
-        self,
-        clip_serving: ClipServing | str | os.PathLike | None = None,
-        *,
-        hf_clip: str | os.PathLike = "openai/clip-vit-base-patch32",
-        min_score: float = 0.1,
-        max_score: float = 1.0,
-        horizontal_flip: bool = False,
-        vertical_flip: bool = False,
-        any_or_all: str = "any",
-        reduce_mode: str = "avg",
-        keep_dropped: bool = False,
-        batch_size: int | None = None,
-        save_interval: int = 50,
-        image_token: str = IMAGE_TOKEN,
-        eoc_token: str = EOC_TOKEN,
-        torch_dtype: str | None = None,
-        trust_remote_code: bool | None = None,
-        strict: bool = False,
-    ):
-        super().__init__(min_score=min_score, max_score=max_score, any_or_all=any_or_all,
-                         keep_dropped=keep_dropped, horizontal_flip=horizontal_flip,
-                         vertical_flip=vertical_flip, reduce_mode=reduce_mode, image_token=image_token,
-                         eoc_token=eoc_token, save_interval=save_interval, strict=strict)
-        self.serving = _clip_serving(clip_serving or hf_clip, batch_size, torch_dtype, trust_remote_code)
-
-    def _score_pairs(self, images: list[Image.Image], texts: list[str]) -> list[float]:
-        return self.serving.image_text_similarity(images, texts).tolist()
+    def __init__(self, clip_serving: ClipServing | str | os.PathLike | None = None, *,
+                 hf_clip: str | os.PathLike = "openai/clip-vit-base-patch32", min_score: float = 0.1,
+                 max_score: float = 1.0, **options: Unpack[FilterOptions]):
+        super().__init__(clip_serving or hf_clip, min_score=min_score, max_score=max_score, **options)
 
 
 class ImageTextMatchingFilter(_ScoreFilter):
@@ -355,52 +286,33 @@ class ImageTextMatchingFilter(_ScoreFilter):
             `batch_size` and `config()`), or a model id/folder to build one from.
         hf_blip: model id/folder used when `itm_serving` is not given.
         min_score, max_score: the kept range of matching probabilities.
-        horizontal_flip, vertical_flip, any_or_all, reduce_mode, keep_dropped, batch_size,
-        save_interval, image_token, eoc_token, torch_dtype, trust_remote_code, strict:
-            as for `ClipScoreFilter`.
+        **options: `FilterOptions`, as for `ClipScoreFilter`.
     """
 
-    def __init__(
-        self,
-        itm_serving: ImageTextMatchingServing | str | os.PathLike | None = None,
-        *,
-        hf_blip: str | os.PathLike = "Salesforce/blip-itm-base-coco",
-        min_score: float = 0.003,
-        max_score: float = 1.0,
-        horizontal_flip: bool = False,
-        vertical_flip: bool = False,
-        any_or_all: str = "any",
-        reduce_mode: str = "avg",
-        keep_dropped: bool = False,
-        batch_size: int | None = None,
-        save_interval: int = 50,
-        image_token: str = IMAGE_TOKEN,
-        eoc_token: str = EOC_TOKEN,
-        torch_dtype: str | None = None,
-        trust_remote_code: bool | None = None,
-        strict: bool = False,
-    ):
-        super().__init__(min_score=min_score, max_score=max_score, any_or_all=any_or_all,
-                         keep_dropped=keep_dropped, horizontal_flip=horizontal_flip,
-                         vertical_flip=vertical_flip, reduce_mode=reduce_mode, image_token=image_token,
-                         eoc_token=eoc_token, save_interval=save_interval, strict=strict)
+    def __init__(self, itm_serving: ImageTextMatchingServing | str | os.PathLike | None = None, *,
+                 hf_blip: str | os.PathLike = "Salesforce/blip-itm-base-coco", min_score: float = 0.003,
+                 max_score: float = 1.0, **options: Unpack[FilterOptions]):
+        super().__init__(itm_serving or hf_blip, min_score=min_score, max_score=max_score, **options)
+
+    def _build_serving(self, model: Any, settings: dict[str, Any]) -> Any:
         from dataflowmm.serving.itm import ImageTextMatchingServing
 
-        self.serving = build_serving(
-            itm_serving or hf_blip, ImageTextMatchingServing, argument="itm_serving",
-            settings={"batch_size": batch_size, "torch_dtype": torch_dtype,
-                      "trust_remote_code": trust_remote_code},
-            methods=("score", "config"))
+        return build_serving(model, ImageTextMatchingServing, argument="itm_serving", settings=settings,
+                             methods=("score", "config"))
 
     def _score_pairs(self, images: list[Image.Image], texts: list[str]) -> list[float]:
         return list(self.serving.score(images, texts))
 
 
-def _clip_serving(model: Any, batch_size: int | None, torch_dtype: str | None,
-                  trust_remote_code: bool | None) -> ClipServing:
+def _clip_class() -> type[ClipServing]:
     from dataflowmm.serving.clip import ClipServing
 
-    return build_serving(model, ClipServing, argument="clip_serving",
+    return ClipServing
+
+
+def _clip_serving(model: Any, batch_size: int | None, torch_dtype: str | None,
+                  trust_remote_code: bool | None) -> ClipServing:
+    return build_serving(model, _clip_class(), argument="clip_serving",
                          settings={"batch_size": batch_size, "torch_dtype": torch_dtype,
                                    "trust_remote_code": trust_remote_code},
                          methods=("image_text_similarity", "config"))

@@ -1,27 +1,16 @@
 """PromptTemplate: build a text column from other columns, e.g. prompts for text-to-image.
 
-Also the example to copy when writing your own operator: no model, one `run()` that binds
-keys, `params()` for the cache fingerprint, a batch size, the keys it needs, and a
-`process_batch` that keeps a row it cannot handle with its error instead of dropping it.
-Resume, caching, progress, error counts and the Ray runner come from the framework.
+Also the example to copy when writing your own operator: a subclass, its declared
+`columns`, a `process_batch`, and `row_failed` for a row it cannot handle. Constructor
+arguments are recorded for the cache fingerprint; resume, caching, progress, error counts
+and the Ray runner come from the framework.
 """
 
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
-from dataflowmm.contract import Operator, OperatorSettings, StepContext
-
-if TYPE_CHECKING:
-    from dataflowmm.execution.step import StepSummary
-    from dataflowmm.storage import FileStorage
-
-
-@dataclass(frozen=True)
-class _Keys:
-    output: str
+from dataflowmm.contract import Operator, Output
 
 
 class PromptTemplate(Operator):
@@ -37,32 +26,24 @@ class PromptTemplate(Operator):
         strict: raise on the first row missing a field instead of recording its error.
     """
 
+    columns = [Output("output", "output_key", "prompt", "column receiving the filled template", empty="")]
+    default_input_batch_size = 1024  # no model: a batch is just a unit of work
+
     def __init__(self, template: str, *, save_interval: int = 10_000, strict: bool = False):
         self.fields = sorted({_root(name) for _, name, _, _ in string.Formatter().parse(template) if name})
         if not self.fields:
             raise ValueError(f"template {template!r} names no {{field}}")
         self.template = template
-        self.settings = OperatorSettings(save_interval=save_interval, strict=strict)
-        self.keys = _Keys("prompt")
-
-    def run(self, storage: FileStorage, output_key: str = "prompt") -> StepSummary:
-        """Write the filled template of every row of `storage`'s step into `output_key`."""
-        return self.run_bound(storage, _Keys(output_key))
-
-    def params(self) -> dict[str, Any]:
-        return {"template": self.template, "keys": vars(self.keys)}
-
-    batch_size = 1024  # no model: a batch is just a unit of work
 
     def required_keys(self) -> list[str]:
         return self.fields
 
-    def process_batch(self, rows: list[dict], row_ids: list[str], context: StepContext) -> list[dict]:
+    def process_batch(self, rows: list[dict], row_ids: list[str], context) -> list[dict]:
         out = []
         for offset, row in enumerate(rows):
             missing = [field for field in self.fields if row.get(field) is None]
             if missing:
-                out.append(self.row_failed(row, f"key {missing[0]!r}: missing", offset, {self.keys.output: ""}))
+                out.append(self.row_failed(row, f"key {missing[0]!r}: missing", offset))
             else:
                 out.append({**row, self.keys.output: self.template.format(**row)})
         return out

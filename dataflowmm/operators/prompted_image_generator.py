@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dataflowmm.contract import Operator, OperatorSettings, RowError, StepContext
+from dataflowmm.contract import Input, Operator, Output, RowError, StepContext
 from dataflowmm.io.images import ImageOutput
 from dataflowmm.seeds import derive_seed
 from dataflowmm.serving.common import build_serving
 
 if TYPE_CHECKING:
-    from dataflowmm.execution.step import StepSummary
     from dataflowmm.serving.image_gen import LocalImageGenServing
-    from dataflowmm.storage import FileStorage
 
 _USER_ROLES = ("user", "human")
-
-
-@dataclass(frozen=True)
-class _Keys:
-    conversation: str
-    prompt: str | None
-    output: str
 
 
 def conversation_prompts(conversation: Any, key: str) -> list[str]:
@@ -76,6 +66,16 @@ class PromptedImageGenerator(Operator):
         images_in_rows: put base64 strings into the rows instead of writing files.
     """
 
+    columns = [
+        Input("conversation", "input_conversation_key", "conversations",
+              "column of conversations; every user turn with text is a prompt"),
+        Output("output", "output_image_key", "images", "column receiving the list of image paths "
+               "(num_images_per_prompt per prompt, in prompt order)", images=True, empty=[],
+               only_if=lambda op: not op.image_output.images_in_rows),
+        Input("prompt", "input_prompt_key", None,
+              "read one plain-string prompt per row from this column instead"),
+    ]
+
     def __init__(
         self,
         t2i_serving: LocalImageGenServing | str | os.PathLike,
@@ -92,48 +92,10 @@ class PromptedImageGenerator(Operator):
 
         self.serving = build_serving(t2i_serving, LocalImageGenServing, argument="t2i_serving",
                                      methods=("generate", "config"))
-        self.settings = OperatorSettings(save_interval, seed, save_dir, absolute_paths, strict)
         self.image_output = ImageOutput(image_format, images_in_rows)
-        self.keys = _Keys("conversations", None, "images")
-
-    def run(
-        self,
-        storage: FileStorage,
-        input_conversation_key: str = "conversations",
-        output_image_key: str = "images",
-        input_prompt_key: str | None = None,
-    ) -> StepSummary:
-        """Generate images for `storage`'s step.
-
-        Args:
-            storage: the step (`storage.step()`).
-            input_conversation_key: column of conversations; every user turn with text is a prompt.
-            output_image_key: column receiving the list of image paths (num_images_per_prompt
-                per prompt, in prompt order).
-            input_prompt_key: read one plain-string prompt per row from this column instead.
-        """
-        return self.run_bound(storage, _Keys(input_conversation_key, input_prompt_key, output_image_key))
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "keys": vars(self.keys),
-            "serving": self.serving.config(),
-            **self.image_output.params(),
-            **self.settings.output_params(),
-        }
-
-    @property
-    def batch_size(self) -> int:
-        return self.serving.batch_size
 
     def required_keys(self) -> list[str]:
         return [self.keys.prompt or self.keys.conversation]
-
-    def path_keys(self) -> list[str]:
-        return [] if self.image_output.images_in_rows else [self.keys.output]
-
-    def image_output_keys(self) -> list[str]:
-        return self.path_keys()
 
     def _row_prompts(self, row: dict) -> list[str]:
         key = self.keys.prompt or self.keys.conversation
@@ -171,7 +133,7 @@ class PromptedImageGenerator(Operator):
         out_rows = []
         for offset, row in enumerate(rows):
             if offset in failed:
-                out_rows.append(self.row_failed(row, failed[offset], offset, {self.keys.output: []}))
+                out_rows.append(self.row_failed(row, failed[offset], offset))
             else:
                 out_rows.append({**row, self.keys.output: images_by_row[offset]})
         return out_rows

@@ -1,0 +1,107 @@
+"""What a runner gets: the operator protocol execution relies on, and the values it shares.
+
+Execution runs anything that satisfies `StepOperator`; it never imports the `Operator`
+base class (`dataflowmm.contract`) or the built-in operators, which import this module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+ERROR_KEY = "error"
+# A row returned with this key set is dropped from the step's output (a filter's verdict);
+# its value says why. Dropped rows are counted in the step summary and, when the operator's
+# `keep_dropped_rows()` says so, written to a side file beside the output instead.
+DROPPED_KEY = "dropped_by"
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where a step reads and writes; handed to every batch call.
+
+    Image paths in the rows an operator receives are absolute; paths it returns may be
+    absolute too: execution writes them relative to `output_dir`.
+    """
+
+    step: int
+    input_dir: Path
+    output_dir: Path
+    save_dir: Path
+
+
+class RowError(ValueError):
+    """A row that cannot be processed; `row_offset` is its position in the batch."""
+
+    def __init__(self, message: str, row_offset: int):
+        super().__init__(message)
+        self.row_offset = row_offset
+
+    def __reduce__(self):  # picklable with its offset (errors cross process boundaries)
+        return (type(self), (str(self), self.row_offset))
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Settings every operator shares, taken from its constructor arguments of these names.
+
+    Args:
+        save_interval: rows between checkpoints (rounded up to whole batches).
+        seed: global seed; each row's randomness derives from it and the row's identity.
+        save_dir: folder for generated images; default inside the step's cache folder.
+        absolute_paths: write absolute image paths instead of paths relative to the dataset file.
+        strict: raise on the first row that cannot be processed instead of recording its error.
+    """
+
+    save_interval: int = 50
+    seed: int = 0
+    save_dir: str | os.PathLike | None = None
+    absolute_paths: bool = False
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.save_interval, bool) or int(self.save_interval) < 1:
+            raise ValueError(f"save_interval must be >= 1, got {self.save_interval}")
+
+
+# Constructor arguments that decide how a step runs, not what it writes: never fingerprinted.
+EXECUTION_ARGUMENTS = frozenset({"save_interval", "strict"})
+
+
+class StepOperator(Protocol):
+    """An operator with its columns bound, as a runner sees it (`dataflowmm.contract.Operator`)."""
+
+    name: str
+    settings: OperatorSettings
+    has_final_pass: bool
+
+    def params(self) -> dict[str, Any]:
+        """Everything that changes the output, JSON-able: it fingerprints the cached step."""
+
+    @property
+    def input_batch_size(self) -> int:
+        """Rows per `process_batch` call."""
+
+    def required_keys(self) -> list[str]: ...
+
+    def path_keys(self) -> list[str]: ...
+
+    def image_output_keys(self) -> list[str]: ...
+
+    def keep_dropped_rows(self) -> bool: ...
+
+    def resolve_save_dir(self, default: Path) -> Path: ...
+
+    def final_pass(self, rows: Iterator[dict]) -> Iterator[dict]: ...
+
+    def process_batch(self, rows: list[dict], row_ids: Sequence[str], context: StepContext) -> list[dict]: ...
+
+
+class Runner(Protocol):
+    """Runs one bound operator over one storage step; `LocalRunner` and `RayRunner` are runners."""
+
+    def run(self, storage: Any, operator: StepOperator) -> Any:
+        ...
