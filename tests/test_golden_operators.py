@@ -1,0 +1,123 @@
+"""Golden files of the other built-in operators (continues `test_golden_outputs.py`).
+
+One small pipeline per operator on tiny models (or none), each with a failed row and a
+save_interval that does not divide the row count; compared as `golden_files.py` says.
+Filters and the deduplicator decide by model scores: their thresholds sit far (>= 0.01)
+from every score they judge, measured once, so no CPU moves a verdict; the scores they
+print into a dropped row's reason are compared as scores (`scored_text_keys`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from golden_files import check_golden
+from PIL import Image
+from test_golden_outputs import write_jsonl
+
+from dataflowmm import FileStorage
+from dataflowmm.contract import DROPPED_KEY
+from dataflowmm.operators import (
+    ClipScoreEvaluator,
+    ClipScoreFilter,
+    DifferenceCaptioner,
+    ImageDeduplicator,
+    ImageDifferenceRegions,
+    ImageGeneration,
+    ImageTask,
+    ImageTextMatchingFilter,
+    PromptTemplate,
+)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "example_data"
+IMG, EOC = "<__dj__image>", "<|__dj__eoc|>"
+
+
+def rows_of(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def make_scenes(folder: Path) -> None:
+    """Solid colours, a gradient, a lossless copy, a near copy (one pixel) and a corrupt file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, colour in {"red": (220, 30, 30), "white": (255, 255, 255), "black": (0, 0, 0),
+                         "green": (30, 200, 30)}.items():
+        Image.new("RGB", (16, 16), colour).save(folder / f"{name}.png")
+    ramp = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (32, 1))
+    Image.fromarray(np.stack([ramp, ramp.T, 255 - ramp], axis=-1)).save(folder / "gradient.png")
+    shutil.copy(folder / "red.png", folder / "red-copy.png")
+    near = Image.new("RGB", (16, 16), (220, 30, 30))
+    near.putpixel((15, 15), (250, 60, 30))
+    near.save(folder / "red-near.png")
+    (folder / "corrupt.png").write_bytes(b"not a png")
+
+
+def test_prompt_template_golden(tmp_path):
+    entry = write_jsonl(tmp_path / "data" / "rows.jsonl", [
+        {"subject": "a red fox", "style": "watercolour", "meta": {"lang": "en"}},
+        {"subject": "a tower", "style": None, "meta": {"lang": "en"}},  # null field: error row
+        {"subject": "两只猫", "style": "ink", "meta": {"lang": "zh"}},
+        {"subject": "a boat", "meta": {"lang": "en"}},  # missing field: error row
+        {"subject": "{braces} stay", "style": "plain", "meta": {"lang": "en"}, "extra": [1, 2]},
+    ])
+    template = PromptTemplate("[{meta[lang]}] a photo of {subject}, {style}", save_interval=2)
+    summary = template.run(FileStorage(entry, cache_path=tmp_path / "cache").step(), output_key="caption_prompt")
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (2, 5, 0, 0)
+    check_golden("prompt_template", summary.output_path, tmp_path)
+
+
+def copy_pairs(data: Path) -> list[dict]:
+    """The example pairs (moved, recoloured, added shapes) copied next to the test's rows."""
+    shutil.copytree(EXAMPLES / "image_difference" / "images", data / "images")
+    return rows_of(EXAMPLES / "image_difference" / "pairs.jsonl")
+
+
+def test_image_difference_regions_golden(tmp_path):
+    pairs = copy_pairs(tmp_path / "data")
+    with Image.open(tmp_path / "data" / pairs[1]["image_path2"]) as image:  # compared at image 1's size
+        image.resize((image.width * 2, image.height * 2), Image.Resampling.NEAREST).save(
+            tmp_path / "data" / "images" / "pair_01_b_large.png")
+    rows = [{key: pair[key] for key in ("id", "image_path1", "image_path2")} for pair in pairs[:4]]
+    rows += [
+        {"id": "same", "image_path1": pairs[0]["image_path1"], "image_path2": pairs[0]["image_path1"]},
+        {"id": "large", "image_path1": pairs[1]["image_path1"], "image_path2": "images/pair_01_b_large.png"},
+        {"id": "gone", "image_path1": pairs[2]["image_path1"], "image_path2": "images/missing.png"},  # error
+    ]
+    entry = write_jsonl(tmp_path / "data" / "pairs.jsonl", rows)
+    regions = ImageDifferenceRegions(batch_size=3, save_interval=4)
+    summary = regions.run(FileStorage(entry, cache_path=tmp_path / "cache").step(), output_bbox_key="boxes")
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (1, 7, 0, 0)
+    check_golden("image_difference_regions", summary.output_path, tmp_path)  # no model: all exact
+
+
+def test_difference_captioner_golden(tmp_path, tiny_model):
+    from dataflowmm.serving import ClipServing, ImageTextMatchingServing, LocalVLMServing
+
+    pairs = copy_pairs(tmp_path / "data")
+    rows = [{key: pair[key] for key in ("id", "image_path1", "image_path2")} | {"bbox_tag": pair["changed_boxes"]}
+            for pair in pairs[:3]]
+    rows[0]["bbox_tag"] = rows[0]["bbox_tag"] + [[64.0, 64.0, 120.0, 120.0]]  # too large: skipped
+    rows.insert(1, {"id": "gone", "image_path1": pairs[0]["image_path1"], "image_path2": "images/missing.png",
+                    "bbox_tag": [[10.0, 10.0, 8.0, 8.0]]})  # error row
+    rows.append({"id": "nothing", "image_path1": pairs[3]["image_path1"], "image_path2": pairs[3]["image_path2"],
+                 "bbox_tag": [[0.0, 0.0, 0.0, 0.0]]})  # no box: Data-Juicer's "nothing differs" shape
+    entry = write_jsonl(tmp_path / "data" / "rows.jsonl", rows)
+    # Open ranges keep every box, so which boxes survive (compared exactly) never hangs on a
+    # score: the caption similarity is of sampled captions, which another CPU may change.
+    captioner = DifferenceCaptioner(
+        image_text_matching_filter_args={"min_score": 0.0, "max_score": 1.0},
+        text_pair_similarity_filter_args={"min_score": -1.0, "max_score": 1.0},
+        vlm_serving=LocalVLMServing(str(tiny_model("tiny-chat-vlm")), max_new_tokens=6, batch_size=8,
+                                    torch_dtype="fp32"),
+        itm_serving=ImageTextMatchingServing(str(tiny_model("tiny-blip-itm")), torch_dtype="fp32"),
+        clip_serving=ClipServing(str(tiny_model("tiny-clip")), torch_dtype="fp32"),
+        batch_size=2, save_interval=3, save_marked_pairs=True, seed=11)
+    summary = captioner.run(FileStorage(entry, cache_path=tmp_path / "cache").step())
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (1, 5, 0, 4)
+    check_golden("difference_captioner", summary.output_path, tmp_path, image_keys=["marked_pair_images"],
+                 model_text_keys=["region_caption1", "region_caption2", "bbox_difference_captions"],
+                 score_keys=["region_itm_scores1", "region_itm_scores2", "region_caption_similarities"])
