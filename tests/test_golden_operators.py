@@ -121,3 +121,82 @@ def test_difference_captioner_golden(tmp_path, tiny_model):
     check_golden("difference_captioner", summary.output_path, tmp_path, image_keys=["marked_pair_images"],
                  model_text_keys=["region_caption1", "region_caption2", "bbox_difference_captions"],
                  score_keys=["region_itm_scores1", "region_itm_scores2", "region_caption_similarities"])
+
+
+@pytest.fixture
+def images_api():
+    pytest.importorskip("openai")
+    from dataflowmm.testing import LoopbackImagesAPI
+
+    with LoopbackImagesAPI(api_key="sk-golden") as server:
+        yield server
+
+
+def api_serving(api, **options):
+    from dataflowmm.serving.api_image_gen import APIImageGenServing
+
+    return APIImageGenServing("loopback-image", base_url=api.base_url, api_key="sk-golden", timeout=5,
+                              max_retries=1, seed_parameter="seed", **options)
+
+
+def test_image_generation_golden(tmp_path, images_api):
+    entry = write_jsonl(tmp_path / "data" / "prompts.jsonl", [
+        {"id": 0, "prompt": "a red circle"},
+        {"id": 1, "prompt": "a forbidden thing [refuse]"},  # the API refuses: error row
+        {"id": 2, "prompt": "  "},  # empty prompt: error row, nothing sent
+        {"id": 3, "prompt": "two cats, 猫 [429]"},  # retried once, then answered
+        {"id": 4, "prompt": "a red circle"},  # same prompt, another row: other seeds, other images
+    ])
+    task = ImageGeneration(api_serving(images_api, batch_size=2), num_generations=2, save_interval=3, seed=5)
+    summary = task.run(FileStorage(entry, cache_path=tmp_path / "cache").step())
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (3, 9, 0, 6)
+    assert len(check_golden("image_generation", summary.output_path, tmp_path,
+                            image_keys=["image"])["images"]) == 6
+
+
+class BrightPortrait(ImageTask):
+    """A task of one's own: a mapped optional input, two output columns and a rejection rule."""
+
+    def __init__(self, *args, style: str = "oil painting", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.style = style
+
+    @property
+    def inputs(self):
+        return {"subject": True, "style": False}
+
+    @property
+    def outputs(self):
+        return ["portrait", "portrait_path", "full_prompt", "brightness"]
+
+    @property
+    def image_outputs(self):
+        return ["portrait"]
+
+    def format_input(self, row):
+        return f"a portrait of {row['subject']}, {row.get('style') or self.style}"
+
+    def format_output(self, output, row):
+        brightness = sum(output["images"][0].convert("L").getdata()) // (16 * 16)
+        if brightness < 60:
+            raise ValueError(f"too dark ({brightness})")
+        return {"portrait": output["images"][0], "full_prompt": self.format_input(row), "brightness": brightness}
+
+
+def test_custom_image_task_golden(tmp_path, images_api):
+    entry = write_jsonl(tmp_path / "data" / "people.jsonl", [
+        {"who": "a knight", "style": "pixel art"},
+        {"who": "a queen"},
+        {"style": "ink"},  # no subject: error row
+        {"who": "a dragon", "style": "watercolour"},
+        {"who": "a jester", "style": "charcoal"},
+    ])
+    task = BrightPortrait(api_serving(images_api, batch_size=3), num_generations=3, group_generations=True,
+                          save_interval=2, seed=1, style="fresco")
+    summary = task.run(FileStorage(entry, cache_path=tmp_path / "cache").step(),
+                       input_mappings={"subject": "who"}, output_mappings={"full_prompt": "prompt_used"})
+    # Grouped: one row per input; the dragon's third image is too dark, so that row keeps its
+    # two other generations and names the failed one in its error.
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (2, 5, 0, 11)
+    assert len(check_golden("custom_image_task", summary.output_path, tmp_path,
+                            image_keys=["portrait"])["images"]) == 11
