@@ -196,7 +196,106 @@ def test_custom_image_task_golden(tmp_path, images_api):
     summary = task.run(FileStorage(entry, cache_path=tmp_path / "cache").step(),
                        input_mappings={"subject": "who"}, output_mappings={"full_prompt": "prompt_used"})
     # Grouped: one row per input; the dragon's third image is too dark, so that row keeps its
-    # two other generations and names the failed one in its error.
-    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (2, 5, 0, 11)
+    # two other generations and names the failed one in its error. Its 2 images are written and
+    # pinned, but a failed row's images are not counted as written.
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (2, 5, 0, 9)
     assert len(check_golden("custom_image_task", summary.output_path, tmp_path,
                             image_keys=["portrait"])["images"]) == 11
+
+
+SCORED_ROWS = [
+    {"id": 0, "images": ["pics/red.png"], "text": "a red square"},
+    {"id": 1, "images": ["pics/white.png"], "text": "a red square"},
+    {"id": 2, "images": ["pics/red.png", "pics/white.png"], "text": "a red square"},
+    {"id": 3, "images": [], "text": "no images"},
+    {"id": 4, "images": ["pics/corrupt.png"], "text": "a red square"},  # unreadable: error row, kept
+    {"id": 5, "images": ["pics/black.png", "pics/red.png"], "text": f"{IMG} a red square {EOC}{IMG} a red square {EOC}"},
+    {"id": 6, "images": ["pics/gradient.png", "pics/green.png"], "text": f"{IMG}{IMG} two squares {EOC}"},
+]
+
+
+def scored_storage(tmp_path):
+    make_scenes(tmp_path / "data" / "pics")
+    return FileStorage(write_jsonl(tmp_path / "data" / "rows.jsonl", SCORED_ROWS), cache_path=tmp_path / "cache")
+
+
+def test_clip_score_evaluator_golden(tmp_path, tiny_model):
+    evaluator = ClipScoreEvaluator(str(tiny_model("tiny-clip")), batch_size=3, save_interval=4, torch_dtype="fp32")
+    summary = evaluator.run(scored_storage(tmp_path).step())
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (1, 7, 0, 0)
+    check_golden("clip_score_evaluator", summary.output_path, tmp_path, score_keys=["clip_score"])
+
+
+def test_clip_score_filter_golden(tmp_path, tiny_model):
+    # tiny-clip's scores here: red -0.244, white -0.008, black -0.251, row 6's chunk (avg) -0.168;
+    # -0.12 is >= 0.048 from each: rows 0, 5 and 6 dropped, row 2 kept by its white image (any).
+    scores = ClipScoreFilter(str(tiny_model("tiny-clip")), min_score=-0.12, max_score=1.0, keep_dropped=True,
+                             batch_size=3, save_interval=4, torch_dtype="fp32")
+    summary = scores.run(scored_storage(tmp_path).step(), output_score_key="clip_score")
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (1, 4, 3, 0)
+    # The reasons print the scores ("score -0.2439 outside [-0.12, 1.0] (any)"): their numbers
+    # are compared as scores, the rest of the text exactly.
+    check_golden("clip_score_filter", summary.output_path, tmp_path, score_keys=["clip_score"])
+    check_golden("clip_score_filter.dropped", summary.dropped_path, tmp_path, score_keys=["clip_score"],
+                 scored_text_keys=[DROPPED_KEY])
+
+
+@pytest.fixture(scope="module")
+def sharp_itm(tiny_model, tmp_path_factory):
+    """tiny-blip-itm with its matching head's weights times 64: the random model's probabilities
+    all lie within 0.003 of 0.49, too close for any threshold to sit far from them all; a sharper
+    head (like a trained one's) spreads them over a wide range."""
+    from transformers import BlipForImageTextRetrieval
+
+    source = Path(tiny_model("tiny-blip-itm"))
+    folder = tmp_path_factory.mktemp("sharp-blip-itm")
+    model = BlipForImageTextRetrieval.from_pretrained(source)
+    model.itm_head.weight.data *= 64  # a power of two: exact
+    model.itm_head.bias.data *= 64
+    model.save_pretrained(folder)
+    for path in source.iterdir():
+        if path.suffix != ".safetensors" and path.name != "config.json" and path.is_file():
+            shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_image_text_matching_filter_golden(tmp_path, sharp_itm):
+    # The sharpened head's scores here: red and black 0.092, white 0.058, row 6's chunk [0.067,
+    # 0.077] (min 0.067); 0.08 is >= 0.012 from each: rows 1, 2 (its white image, all) and 6 dropped.
+    matching = ImageTextMatchingFilter(str(sharp_itm), min_score=0.08, max_score=1.0, keep_dropped=True,
+                                       any_or_all="all", reduce_mode="min", batch_size=3, save_interval=4,
+                                       torch_dtype="fp32")
+    summary = matching.run(scored_storage(tmp_path).step(), output_score_key="itm_score")
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (1, 4, 3, 0)
+    check_golden("image_text_matching_filter", summary.output_path, tmp_path, score_keys=["itm_score"])
+    check_golden("image_text_matching_filter.dropped", summary.dropped_path, tmp_path, score_keys=["itm_score"],
+                 scored_text_keys=[DROPPED_KEY])
+
+
+DEDUP_ROWS = [
+    {"id": 0, "images": ["pics/red.png"]},
+    {"id": 1, "images": ["pics/gradient.png"]},
+    {"id": 2, "images": ["pics/red-copy.png"]},  # the same pixels as row 0: exact duplicate
+    {"id": 3, "images": ["pics/red-near.png"]},  # one pixel changed: near duplicate of row 0
+    {"id": 4, "images": []},  # no images: kept
+    {"id": 5, "images": ["pics/corrupt.png"]},  # unreadable: error row, kept
+    {"id": 6, "images": ["pics/white.png", "pics/red.png"]},
+    {"id": 7, "images": ["pics/white.png", "pics/red-near.png"]},  # near duplicate of row 6
+    {"id": 8, "images": ["pics/red.png", "pics/white.png"]},  # another order: distinct
+    {"id": 9, "images": ["pics/green.png"]},
+    {"id": 10, "images": ["pics/black.png"]},
+]
+
+
+def test_image_deduplicator_golden(tmp_path, tiny_model):
+    make_scenes(tmp_path / "data" / "pics")
+    storage = FileStorage(write_jsonl(tmp_path / "data" / "rows.jsonl", DEDUP_ROWS), cache_path=tmp_path / "cache")
+    # tiny-clip's cosines: the near copies 1.000; any two distinct single images <= 0.92, the two
+    # orders of (white, red) 0.74; 0.97 is >= 0.03 from each.
+    dedup = ImageDeduplicator(str(tiny_model("tiny-clip")), similarity_threshold=0.97, keep_dropped=True,
+                              batch_size=3, save_interval=4, torch_dtype="fp32")
+    summary = dedup.run(storage.step())
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (1, 8, 3, 0)
+    # The near duplicates' reasons print the cosine: compared as a score, the rest exactly.
+    check_golden("image_deduplicator", summary.output_path, tmp_path)
+    check_golden("image_deduplicator.dropped", summary.dropped_path, tmp_path, scored_text_keys=[DROPPED_KEY])
