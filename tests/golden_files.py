@@ -9,7 +9,8 @@ compared in three ways, because not everything a model computes is portable:
   `SCORE_TOLERANCE`, generated text by the share of texts that match exactly
   (`MIN_TEXT_AGREEMENT`). Other instruction sets (AVX2, AVX-512, NEON) and other torch
   thread counts sum floats in another order, which can move a score's last digit or, at a
-  near-tie, one sampled token.
+  near-tie, one sampled token. A score printed into framework text (a dropped row's reason)
+  is compared as a score, the text around it exactly.
 - **Generated images** are compared by decoded pixels, not file hashes, within
   `PIXEL_TOLERANCE` (see its comment for the measurement behind it).
 
@@ -18,7 +19,8 @@ moves whole images by far more than these tolerances and changes most generated 
 the test still fails on it.
 
 Regenerate after an intended change of results with
-`DATAFLOWMM_UPDATE_GOLDEN=1 pytest tests/test_golden_outputs.py` and say why in the commit.
+`DATAFLOWMM_UPDATE_GOLDEN=1 pytest tests/test_golden_outputs.py tests/test_golden_operators.py`
+and say why in the commit.
 `DATAFLOWMM_GOLDEN_DIR` writes or reads the golden files elsewhere (how the tolerances were
 measured: one folder per instruction set and thread count, compared by
 `tests/golden_tolerance.py`).
