@@ -9,7 +9,8 @@ compared in three ways, because not everything a model computes is portable:
   `SCORE_TOLERANCE`, generated text by the share of texts that match exactly
   (`MIN_TEXT_AGREEMENT`). Other instruction sets (AVX2, AVX-512, NEON) and other torch
   thread counts sum floats in another order, which can move a score's last digit or, at a
-  near-tie, one sampled token.
+  near-tie, one sampled token. A score printed into framework text (a dropped row's reason)
+  is compared as a score, the text around it exactly.
 - **Generated images** are compared by decoded pixels, not file hashes, within
   `PIXEL_TOLERANCE` (see its comment for the measurement behind it).
 
@@ -18,7 +19,8 @@ moves whole images by far more than these tolerances and changes most generated 
 the test still fails on it.
 
 Regenerate after an intended change of results with
-`DATAFLOWMM_UPDATE_GOLDEN=1 pytest tests/test_golden_outputs.py` and say why in the commit.
+`DATAFLOWMM_UPDATE_GOLDEN=1 pytest tests/test_golden_outputs.py tests/test_golden_operators.py`
+and say why in the commit.
 `DATAFLOWMM_GOLDEN_DIR` writes or reads the golden files elsewhere (how the tolerances were
 measured: one folder per instruction set and thread count, compared by
 `tests/golden_tolerance.py`).
@@ -30,6 +32,7 @@ import base64
 import io
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +65,9 @@ SCORE_TOLERANCE = 2e-3
 # them matched in every measured configuration; a near-tie may flip a sampled token on some
 # CPU, so one in five may differ. Another seed or prompt changes nearly all of them.
 MIN_TEXT_AGREEMENT = 0.8
+# A model score printed into framework text (a dropped row's reason: "score 0.2031 outside
+# [...]", "cosine 0.9987"): operators print them with 4 decimals, as they round scores.
+SCORE_IN_TEXT = re.compile(r"-?\d+\.\d{4}(?!\d)")
 
 
 def encode_png(path: Path) -> str:
@@ -105,7 +111,8 @@ def snapshot(output_path: str | os.PathLike, root: Path, image_keys: Iterable[st
     return {"cache_file": text, "images": dict(sorted(images.items()))}
 
 
-def _split_model_values(rows: list[dict], text_keys: Iterable[str], score_keys: Iterable[str]):
+def _split_model_values(rows: list[dict], text_keys: Iterable[str], score_keys: Iterable[str],
+                        scored_text_keys: Iterable[str] = ()):
     """Rows with model outputs blanked (compared exactly), and the model outputs apart."""
     texts, scores, framework = [], [], []
     for row in rows:
@@ -116,6 +123,10 @@ def _split_model_values(rows: list[dict], text_keys: Iterable[str], score_keys: 
         for key in score_keys:
             if key in row:
                 scores.append(row.pop(key))
+        for key in scored_text_keys:
+            if isinstance(row.get(key), str):
+                scores.append([float(number) for number in SCORE_IN_TEXT.findall(row[key])])
+                row[key] = SCORE_IN_TEXT.sub("<score>", row[key])
         framework.append(row)
     return framework, texts, scores
 
@@ -131,15 +142,21 @@ def _flat_floats(values: list) -> list[float | None]:
 
 
 def check_golden(name: str, output_path: str | os.PathLike, root: Path, *, image_keys: Iterable[str] = (),
-                 model_text_keys: Iterable[str] = (), score_keys: Iterable[str] = ()) -> dict:
+                 model_text_keys: Iterable[str] = (), score_keys: Iterable[str] = (),
+                 scored_text_keys: Iterable[str] = ()) -> dict:
     """Compare a step's output with `golden/{name}.json` (or write it when updating).
 
     Args:
         image_keys: columns holding paths of generated images (compared by pixels).
         model_text_keys: columns whose text a model generated (compared by agreement).
         score_keys: columns holding model scores, floats or nested lists of them.
+        scored_text_keys: columns of framework text that print model scores (a dropped row's
+            reason): compared exactly with each 4-decimal number masked, the numbers as scores.
+
+    `output_path` may be any jsonl file a step wrote, e.g. its `.dropped.jsonl` side file.
     """
     image_keys, model_text_keys, score_keys = list(image_keys), list(model_text_keys), list(score_keys)
+    scored_text_keys = list(scored_text_keys)
     actual = snapshot(output_path, root, image_keys)
     golden_path = GOLDEN_DIR / f"{name}.json"
     if UPDATE:
@@ -147,20 +164,22 @@ def check_golden(name: str, output_path: str | os.PathLike, root: Path, *, image
         golden_path.write_text(json.dumps(actual, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         return actual
     expected = json.loads(golden_path.read_text(encoding="utf-8"))
-    if not model_text_keys and not score_keys:
+    if not model_text_keys and not score_keys and not scored_text_keys:
         assert actual["cache_file"].splitlines() == expected["cache_file"].splitlines()
     else:
-        _check_rows(actual["cache_file"], expected["cache_file"], model_text_keys, score_keys)
+        _check_rows(actual["cache_file"], expected["cache_file"], model_text_keys, score_keys, scored_text_keys)
     _check_images(actual["images"], expected["images"])
     return actual
 
 
-def _check_rows(actual_text: str, expected_text: str, text_keys: list[str], score_keys: list[str]) -> None:
+def _check_rows(actual_text: str, expected_text: str, text_keys: list[str], score_keys: list[str],
+                scored_text_keys: list[str] = ()) -> None:
     actual_rows = [json.loads(line) for line in actual_text.splitlines()]
     expected_rows = [json.loads(line) for line in expected_text.splitlines()]
     assert len(actual_rows) == len(expected_rows)
-    actual, actual_texts, actual_scores = _split_model_values(actual_rows, text_keys, score_keys)
-    expected, expected_texts, expected_scores = _split_model_values(expected_rows, text_keys, score_keys)
+    actual, actual_texts, actual_scores = _split_model_values(actual_rows, text_keys, score_keys, scored_text_keys)
+    expected, expected_texts, expected_scores = _split_model_values(expected_rows, text_keys, score_keys,
+                                                                    scored_text_keys)
     assert actual == expected  # everything the framework wrote, exactly
     assert len(actual_texts) == len(expected_texts)
     assert all(isinstance(text, type(golden)) for text, golden in zip(actual_texts, expected_texts, strict=True))

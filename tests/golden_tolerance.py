@@ -1,6 +1,6 @@
 """Measure how far the golden tests' outputs move across CPU kernels and thread counts.
 
-Not a test: run by hand (`python tests/golden_tolerance.py`) when the golden pipelines or the
+Not a test: run by hand (`python tests/golden_tolerance.py [test files]`) when the golden pipelines or the
 tolerances in `golden_files.py` change. It records the golden files once per configuration
 (torch's CPU kernel set via ATEN_CPU_CAPABILITY and oneDNN's via ONEDNN_MAX_CPU_ISA, torch
 threads via OMP_NUM_THREADS) into a temporary folder and prints, per golden, the largest
@@ -60,7 +60,8 @@ def compare(reference: dict, other: dict) -> dict:
 
 
 def main() -> None:
-    tests = sys.argv[1:] or [str(Path(__file__).resolve().parent / "test_golden_outputs.py")]
+    here = Path(__file__).resolve().parent
+    tests = sys.argv[1:] or [str(here / "test_golden_outputs.py"), str(here / "test_golden_operators.py")]
     with tempfile.TemporaryDirectory() as tmp:
         folders = {}
         for name, env in CONFIGS.items():

@@ -3,6 +3,7 @@
 One small pipeline per operator on tiny models, with a failed row and a save_interval that
 does not divide the row count. How outputs are compared so that the goldens hold on any CPU
 (framework text exactly, model outputs within measured tolerances) is in `golden_files.py`.
+The other operators' goldens are in `test_golden_operators.py`.
 """
 
 from __future__ import annotations
