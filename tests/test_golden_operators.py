@@ -88,7 +88,7 @@ def test_image_difference_regions_golden(tmp_path):
         {"id": "gone", "image_path1": pairs[2]["image_path1"], "image_path2": "images/missing.png"},  # error
     ]
     entry = write_jsonl(tmp_path / "data" / "pairs.jsonl", rows)
-    regions = ImageDifferenceRegions(batch_size=3, save_interval=4)
+    regions = ImageDifferenceRegions(input_batch_size=3, save_interval=4)
     summary = regions.run(FileStorage(entry, cache_path=tmp_path / "cache").step(), output_bbox_key="boxes")
     assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (1, 7, 0, 0)
     check_golden("image_difference_regions", summary.output_path, tmp_path)  # no model: all exact
@@ -115,7 +115,7 @@ def test_difference_captioner_golden(tmp_path, tiny_model):
                                     torch_dtype="fp32"),
         itm_serving=ImageTextMatchingServing(str(tiny_model("tiny-blip-itm")), torch_dtype="fp32"),
         clip_serving=ClipServing(str(tiny_model("tiny-clip")), torch_dtype="fp32"),
-        batch_size=2, save_interval=3, save_marked_pairs=True, seed=11)
+        input_batch_size=2, save_interval=3, save_marked_pairs=True, seed=11)
     summary = captioner.run(FileStorage(entry, cache_path=tmp_path / "cache").step())
     assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (1, 5, 0, 4)
     check_golden("difference_captioner", summary.output_path, tmp_path, image_keys=["marked_pair_images"],
