@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dataflowmm.execution.batch import apply_chunk
+from dataflowmm.execution.progress import progress_bar
 from dataflowmm.execution.step import (
     StepOutput,
     StepSummary,
     prepare_step,
-    progress_bar,
 )
 
 if TYPE_CHECKING:

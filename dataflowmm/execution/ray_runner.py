@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from dataflowmm.checks import check_positive_int
 from dataflowmm.execution.batch import apply_chunk
+from dataflowmm.execution.progress import progress_bar
 from dataflowmm.execution.protocol import RowError, StepContext
 from dataflowmm.execution.step import (
     PreparedStep,
     StepOutput,
     StepSummary,
     prepare_step,
-    progress_bar,
 )
 from dataflowmm.io.records import JsonlSpan, StorageError, dumps_rows, jsonl_spans, read_jsonl_span
 

@@ -11,23 +11,27 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from dataflowmm.checks import check_positive_int
 from dataflowmm.contract import Input, Operator, Output, StepContext
 from dataflowmm.io.images import ImageReadError, image_file_name, load_image, save_png
+from dataflowmm.operators.diffusion_augmenter_setup import (
+    candidate_count,
+    caption_serving,
+    check_arguments,
+    clip_serving,
+    diffusion_serving,
+)
 from dataflowmm.operators.sample_format import SpecialTokens, row_image_paths
 from dataflowmm.seeds import derive_seed
-from dataflowmm.serving.common import build_serving
 
 if TYPE_CHECKING:
     from dataflowmm.serving.caption import LocalCaptionServing
     from dataflowmm.serving.clip import ClipServing
     from dataflowmm.serving.image_gen import LocalImageGenServing
 
-KEEP_CANDIDATE_MODES = ("random_any", "similar_one", "all")
 # Captions made by the caption model are conditioned on, and prefixed with, this text.
 CAPTION_PROMPT = "A photo of a "
 # Captions given in a row may carry Data-Juicer's special tokens; they are not prompt text.
@@ -181,22 +185,22 @@ class ImageDiffusionAugmenter(Operator):
         absolute_paths: bool = False,
         strict: bool = False,
     ) -> None:
-        _check_arguments(strength, aug_num, keep_candidate_mode, candidate_num, image_size,
+        check_arguments(strength, aug_num, keep_candidate_mode, candidate_num, image_size,
                          batch_size, caption_key)
         self.aug_num = aug_num
         self.keep_original_sample = bool(keep_original_sample)
         self.keep_candidate_mode = keep_candidate_mode
-        self.candidate_num = _candidate_count(keep_candidate_mode, aug_num, candidate_num)
+        self.candidate_num = candidate_count(keep_candidate_mode, aug_num, candidate_num)
         self.image_size = image_size
         self.caption_key = caption_key
         shared = {"torch_dtype": torch_dtype, "trust_remote_code": trust_remote_code}
         shared_defaults = {"torch_dtype": "fp32"}
-        self.diffusion = _diffusion_serving(hf_diffusion, settings={
+        self.diffusion = diffusion_serving(hf_diffusion, settings={
             **shared, "batch_size": batch_size, "strength": strength, "guidance_scale": guidance_scale,
             "num_inference_steps": num_inference_steps, "revision": revision}, defaults={
             **shared_defaults, "batch_size": 8, "strength": 0.8, "guidance_scale": 7.5})
-        self.captioner = None if caption_key else _caption_serving(hf_img2seq, shared, shared_defaults)
-        self.clip = _clip_serving(hf_clip, shared, shared_defaults) \
+        self.captioner = None if caption_key else caption_serving(hf_img2seq, shared, shared_defaults)
+        self.clip = clip_serving(hf_clip, shared, shared_defaults) \
             if keep_candidate_mode == "similar_one" else None
 
     # ------------------------------------------------------------- operator contract
@@ -357,60 +361,4 @@ class ImageDiffusionAugmenter(Operator):
 
 
 # ---------------------------------------------------------------------- construction
-def _check_arguments(strength: float | None, aug_num: int, keep_candidate_mode: str,
-                     candidate_num: int | None, image_size: int | None, batch_size: int | None,
-                     caption_key: str | None) -> None:
-    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
-                                 or not 0 <= strength <= 1):
-        raise ValueError(f"strength must be a number between 0 and 1, got {strength!r}")
-    check_positive_int("aug_num", aug_num)
-    if keep_candidate_mode not in KEEP_CANDIDATE_MODES:
-        raise ValueError(f"keep_candidate_mode must be one of {', '.join(KEEP_CANDIDATE_MODES)}, "
-                         f"got {keep_candidate_mode!r}")
-    if candidate_num is not None:
-        check_positive_int("candidate_num", candidate_num)
-        if candidate_num < aug_num:
-            raise ValueError(f"candidate_num ({candidate_num}) must be >= aug_num ({aug_num})")
-    if image_size is not None:
-        check_positive_int("image_size", image_size)
-    if batch_size is not None:
-        check_positive_int("batch_size", batch_size)
-    if caption_key is not None and (not isinstance(caption_key, str) or not caption_key):
-        raise ValueError(f"caption_key must be a non-empty string or None, got {caption_key!r}")
-
-
-def _candidate_count(mode: str, aug_num: int, candidate_num: int | None) -> int:
-    """Candidates generated per image: aug_num for "all", else candidate_num (default 2 * aug_num)."""
-    if mode == "all":
-        return aug_num
-    return candidate_num if candidate_num is not None else 2 * aug_num
-
-
-def _diffusion_serving(model: Any, settings: dict, defaults: dict) -> LocalImageGenServing:
-    """An image2image serving with one image per prompt: built from an id/folder, or checked."""
-    from dataflowmm.serving.image_gen import LocalImageGenServing
-
-    serving = build_serving(model, LocalImageGenServing, argument="hf_diffusion",
-                            settings=settings, defaults={**defaults, "task": "image2image"},
-                            methods=("generate", "config"), required={"task": "image2image"})
-    if getattr(serving, "num_images_per_prompt", 1) != 1:
-        raise ValueError("hf_diffusion serving must have num_images_per_prompt=1 (candidates are "
-                         f"generated as separate prompts), got {serving.num_images_per_prompt}")
-    return serving
-
-
-def _caption_serving(model: Any, settings: dict, defaults: dict) -> LocalCaptionServing:
-    from dataflowmm.serving.caption import LocalCaptionServing
-
-    return build_serving(model, LocalCaptionServing, argument="hf_img2seq", settings=settings,
-                         defaults=defaults, methods=("caption", "config"))
-
-
-def _clip_serving(model: Any, settings: dict, defaults: dict) -> ClipServing:
-    from dataflowmm.serving.clip import ClipServing
-
-    return build_serving(model, ClipServing, argument="hf_clip", settings=settings, defaults=defaults,
-                         methods=("image_image_similarity", "config"))
-
-
 __all__ = ["ImageDiffusionAugmenter"]
