@@ -158,7 +158,7 @@ def test_captions_come_from_the_caption_serving_when_no_caption_key(tmp_path, sd
                              derive_seed(0, ids[1], 0, "caption")]
     prompts = sd.calls[0]["prompts"]
     assert len(prompts) == 6 and all(p.startswith("A photo of a ") for p in prompts)
-    assert augmenter.params()["captioner"]["model"] == str(tiny_model("tiny-blip"))
+    assert augmenter.params()["servings"]["captioner"]["model"] == str(tiny_model("tiny-blip"))
 
 
 def test_remove_special_tokens():
@@ -379,4 +379,4 @@ def test_servings_are_built_lazily_with_the_recipe_settings(tiny_model):
     assert default.clip is None and default.candidate_num == 1 and default.image_size == 512
     params = default.params()
     json.dumps(params)
-    assert params["diffusion"]["strength"] == 0.8 and params["diffusion"]["guidance_scale"] == 7.5
+    assert params["servings"]["diffusion"]["strength"] == 0.8 and params["servings"]["diffusion"]["guidance_scale"] == 7.5
