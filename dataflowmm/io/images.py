@@ -62,10 +62,11 @@ def check_image_bytes(header: bytes, name: str = "image") -> str:
     found = _format_name(header)
     if found in ALLOWED_IMAGE_FORMATS:
         return found
+    allowed = f"allowed formats: {', '.join(ALLOWED_IMAGE_FORMATS)}"
     if found is None:
         text = header.isascii() and all(32 <= byte < 127 or byte in b"\t\r\n" for byte in header)
-        found = f"unknown (not an image: {'text' if header and text else 'unrecognised bytes'})"
-    return _fail(name, f"format {found} is not read (allowed: {', '.join(ALLOWED_IMAGE_FORMATS)})")
+        return _fail(name, f"not an image ({'text' if header and text else 'unknown bytes'}); {allowed}")
+    return _fail(name, f"format {found} is not read; {allowed}")
 
 
 def check_image_file(path: str | os.PathLike) -> str:
