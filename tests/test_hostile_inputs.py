@@ -56,7 +56,8 @@ def hostile(tmp_path) -> Path:
     folder = tmp_path / "data" / "pics"
     folder.mkdir(parents=True)
     Image.new("RGB", (24, 16), (220, 30, 30)).save(folder / "red.png")
-    (folder / "bomb.png").write_bytes(zero_png(20000))
+    (folder / "bomb.png").write_bytes(zero_png(20000))  # over 2x the limit: Pillow's error
+    (folder / "big.png").write_bytes(zero_png(10000))  # over the limit, under 2x: Pillow only warns
     Image.new("RGB", (8, 8)).save(folder / "eps.png", format="EPS")
     Image.new("RGB", (8, 8)).save(folder / "pdf.png", format="PDF")
     Image.effect_noise((64, 64), 40).convert("RGB").save(buffer := io.BytesIO(), format="PNG")
@@ -69,6 +70,7 @@ def hostile(tmp_path) -> Path:
 
 EXPECTED = {
     "bomb.png": "over the decompression-bomb limit",
+    "big.png": "10000x10000 pixels is over the decompression-bomb limit",
     "eps.png": "format EPS is not read",
     "pdf.png": "format PDF is not read",
     "truncated.png": "truncated",
@@ -76,6 +78,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_each_hostile_file_is_an_image_error_naming_why(hostile):
     for name, reason in EXPECTED.items():
         with pytest.raises(ImageReadError, match=re.escape(reason)):
@@ -104,6 +107,7 @@ def run_step(tmp_path, operator, names, cache):
     return summary, [json.loads(line) for line in open(summary.output_path)]
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("kind", ["captioner", "deduplicator"])
 def test_a_step_ends_each_hostile_file_as_its_rows_error_and_finishes(tmp_path, hostile, kind):
     names = ["red.png", *EXPECTED, "phone.jpg"]
