@@ -3,6 +3,11 @@
 Image columns (file paths or base64 strings, or lists of them) become `Image()` /
 `List(Image())` features holding the image bytes, so the saved dataset needs none of the
 step's files; every other column keeps the type Arrow infers for it.
+
+Only image bytes are exported: a value whose bytes do not start with an allowed image
+format's header (`dataflowmm.io.images.ALLOWED_IMAGE_FORMATS`) stops the export with an
+error naming the row, column and what was found, and nothing is written, so a row pointing
+at `/proc/self/environ` or `~/.aws/credentials` never puts those bytes into a dataset.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dataflowmm.io.images import looks_like_base64_image, looks_like_image_path
+from dataflowmm.io.images import (
+    ImageReadError,
+    check_image_bytes,
+    check_image_file,
+    looks_like_base64_image,
+    looks_like_image_path,
+)
 from dataflowmm.io.records import read_records
 
 if TYPE_CHECKING:
@@ -59,12 +70,21 @@ def _image_cell(value: Any, base_dir: Path, where: str) -> Any:
     if looks_like_base64_image(value):
         text = value.partition(",")[2] if value.startswith("data:") else value
         try:
-            return {"bytes": base64.b64decode(text, validate=True), "path": None}
+            data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as error:
             raise ValueError(f"{where}: malformed base64 image: {error}") from None
+        try:
+            check_image_bytes(data[:64], "base64 image")
+        except ImageReadError as error:
+            raise ValueError(f"{where}: {error}; nothing exported") from None
+        return {"bytes": data, "path": None}
     path = base_dir / os.path.expanduser(value)
     if not path.is_file():
         raise FileNotFoundError(f"{where}: image file {path} not found")
+    try:
+        check_image_file(path)  # the header only: the bytes are exported as they are
+    except ImageReadError as error:
+        raise ValueError(f"{where}: {error}; nothing exported") from None
     return {"bytes": path.read_bytes(), "path": path.name}
 
 
@@ -76,7 +96,8 @@ def to_hf_dataset(step_file: str | os.PathLike, image_columns: list[str] | None 
         image_columns: columns to turn into images; detected from the values when `None`.
 
     Raises:
-        FileNotFoundError / ValueError: an image cannot be read (names the file, row and column).
+        FileNotFoundError / ValueError: an image cannot be read, or a value's bytes are not an
+            allowed image format (names the file, row and column; nothing is exported).
     """
     datasets = _import_datasets()
     import pyarrow as pa

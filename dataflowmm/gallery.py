@@ -6,7 +6,9 @@ you can move or mail; `embed=False` links the image files relative to the page i
 travel as JSON inside the page and a small script shows them a page at a time, with an
 "only errors" filter and a text search; everything from rows is inserted as text, never
 as HTML, so a prompt holding `<script>` is shown, not run. A link opens a filtered view:
-`gallery.html#errors`, `gallery.html#q=boat`.
+`gallery.html#errors`, `gallery.html#q=boat`. Only image files are shown or linked: a
+value that is not an allowed image format (`dataflowmm.io.images.open_image`; links: its
+header) shows as a missing image with the reason, its bytes never in the page.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from PIL import Image
 
 from dataflowmm.execution.protocol import ERROR_KEY
 from dataflowmm.io.atomic import atomic_file
-from dataflowmm.io.images import ImageReadError, image_from_str, load_image, looks_like_base64_image
+from dataflowmm.io.images import (
+    ImageReadError,
+    check_image_file,
+    image_from_str,
+    load_image,
+    looks_like_base64_image,
+)
 from dataflowmm.io.records import iter_records
 
 TEXT_KEYS = ("prompt", "caption", "text", "instruction", "question", "answer", "response")
@@ -64,6 +72,7 @@ class _ImageSources:
                 return {"src": _thumbnail(image_from_str(value), self.size)}
             path = self.data_dir / os.path.expanduser(value)
             if not self.embed:
+                check_image_file(path)  # only image files are linked: a header check
                 return {"src": urllib.parse.quote(os.path.relpath(path, self.page_dir))}
             return {"src": _thumbnail(load_image(path), self.size)}
         except ImageReadError as error:

@@ -8,7 +8,7 @@ import io
 import os
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from dataflowmm.io.atomic import atomic_file
 
@@ -22,8 +22,105 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+# -- the one safe opener: every image dataflowmm reads goes through `open_image` ---------------
+
+# Pillow's names of the formats read. MPO is how Pillow opens many phone JPEGs (JPEG's
+# plugin hands them over). Every other format Pillow knows is refused before its plugin
+# runs: some shell out (EPS runs Ghostscript), others parse rarely used containers.
+ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
+_OPEN_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # the plugins Image.open may try
+_NOT_IMAGES = ((b"%PDF", "PDF"), (b"%!PS", "PostScript"), (b"<?xml", "XML/SVG"), (b"<svg", "SVG"),
+               (b"PK\x03\x04", "ZIP"), (b"\x7fELF", "ELF executable"))
+
+
+def _format_name(header: bytes) -> str | None:
+    """Pillow's name of the format `header` starts with (its plugins' own header checks,
+    which look at bytes only), else a few well-known non-image formats, else None."""
+    Image.init()
+    for name in ALLOWED_IMAGE_FORMATS + tuple(Image.ID):
+        accept = Image.OPEN[name][1] if name in Image.OPEN else None
+        try:
+            accepted = accept is not None and accept(header[:16])
+        except Exception:  # noqa: BLE001 - a header check that trips on odd bytes is a "no"
+            accepted = False
+        if accepted and not isinstance(accepted, str):  # a str is Pillow's "maybe, with a warning"
+            return name
+    stripped = header.lstrip()
+    for magic, name in _NOT_IMAGES:
+        if stripped.startswith(magic):
+            return name
+    return None
+
+
+def _fail(name: str, reason: str):
+    raise ImageReadError(f"cannot read {name}: {reason}")
+
+
+def check_image_bytes(header: bytes, name: str = "image") -> str:
+    """The allowed format `header` (a file's first bytes) starts with; ImageReadError naming
+    what it is otherwise. A header check only: nothing is decoded."""
+    found = _format_name(header)
+    if found in ALLOWED_IMAGE_FORMATS:
+        return found
+    allowed = f"allowed formats: {', '.join(ALLOWED_IMAGE_FORMATS)}"
+    if found is None:
+        text = header.isascii() and all(32 <= byte < 127 or byte in b"\t\r\n" for byte in header)
+        return _fail(name, f"not an image ({'text' if header and text else 'unknown bytes'}); {allowed}")
+    return _fail(name, f"format {found} is not read; {allowed}")
+
+
+def check_image_file(path: str | os.PathLike) -> str:
+    """`check_image_bytes` on a regular file's first bytes; ImageReadError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"image not found: {path}")
+    try:
+        with open(path, "rb") as file:
+            header = file.read(64)
+    except OSError as error:
+        raise ImageReadError(f"cannot read image {path}: {error}") from None
+    return check_image_bytes(header, f"image {path}")
+
+
+def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
+    """An image file (or its bytes) as RGB, fully decoded; ImageReadError (a ValueError) otherwise.
+
+    The one way dataflowmm reads an image. Only `ALLOWED_IMAGE_FORMATS` are read (another
+    format is an error naming it, raised before any plugin of it runs); an image over
+    Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS` pixels) and a truncated
+    or corrupt file are errors too.
+    """
+    data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else None
+    if data is not None:
+        name = name or "image bytes"
+        check_image_bytes(data[:64], name)
+        fp = io.BytesIO(data)
+    else:
+        name = name or f"image {source}"
+        check_image_file(source)
+        fp = source
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with Image.open(fp, formats=_OPEN_FORMATS) as image:
+            if image.format not in ALLOWED_IMAGE_FORMATS:
+                _fail(name, f"format {image.format} is not read")
+            if limit and image.width * image.height > limit:
+                _fail(name, f"{image.width}x{image.height} pixels is over the decompression-bomb limit "
+                            f"of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)")
+            image.load()
+            return to_rgb(image)
+    except ImageReadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        _fail(name, f"over the decompression-bomb limit: {error}")
+    except MemoryError:
+        _fail(name, "out of memory decoding it")
+    except Exception as error:  # noqa: BLE001 - a hostile file may make a plugin raise anything
+        _fail(name, str(error) or type(error).__name__)
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image as RGB, fully decoded (so a truncated file fails here).
+    """Open an image as RGB, fully decoded (so a truncated file fails here), through `open_image`.
 
     `path` is a file, or an image carried inline in a row (a base64 string or a
     `data:image/...;base64,` URI, as `images_in_rows=True` writes them).
@@ -33,12 +130,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ImageReadError(f"cannot read image {path}: {error}") from error
+    return open_image(path)
 
 
 def image_file_name(row_id: str, *indices: int) -> str:
@@ -72,11 +164,9 @@ def decode_base64(text: str) -> Image.Image:
         text = text.partition(",")[2]
     try:
         data = base64.b64decode(text, validate=True)
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return to_rgb(image)
-    except (binascii.Error, UnidentifiedImageError, OSError) as error:
+    except (binascii.Error, ValueError) as error:
         raise ImageReadError(f"cannot decode base64 image: {error}") from error
+    return open_image(data, name="base64 image")
 
 
 def base64_to_files(values: list[str | None], save_dir: str | os.PathLike, stem: str = "image") -> list[str | None]:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.io.images import to_rgb
+from dataflowmm.io.images import ImageReadError, open_image
 from dataflowmm.serving.common import jsonable
+from dataflowmm.serving.downloads import DownloadRefused, download, url_is_internal
 
 RESPONSE_FORMATS = ("b64_json", "url")
 # Error codes an images API gives for a prompt it refuses to draw: never worth a retry.
@@ -59,7 +59,10 @@ class APIImageGenServing:
         n (`int`, *optional*, defaults to 1):
             Images per request (per prompt).
         response_format (`str`, *optional*, defaults to `"b64_json"`):
-            `"b64_json"` (images inside the answer) or `"url"` (downloaded afterwards).
+            `"b64_json"` (images inside the answer) or `"url"` (downloaded afterwards, within
+            bounds: http(s) only, no redirect to another host, no internal address unless
+            `base_url` is one, at most `max_download_bytes`, within `timeout` seconds; see
+            `dataflowmm.serving.downloads`). A refused download is that prompt's error.
         seed_parameter (`str`, *optional*):
             Name of a request field that takes a seed, for compatible servers that accept one
             (e.g. `"seed"`); each request then sends its prompt's seed. OpenAI takes none.
@@ -70,7 +73,9 @@ class APIImageGenServing:
         max_retries (`int`, *optional*, defaults to 4):
             Retries per request on 429, 5xx, time-outs and connection errors.
         timeout (`float`, *optional*, defaults to 120):
-            Seconds one attempt may take.
+            Seconds one attempt may take; also the total deadline of one image's download.
+        max_download_bytes (`int`, *optional*, defaults to 64 MiB):
+            Largest image a `url` answer may download.
         extra_body (`dict`, *optional*):
             Extra JSON fields for every request (server-specific options).
     """
@@ -93,6 +98,7 @@ class APIImageGenServing:
         max_retries: int = 4,
         timeout: float = 120.0,
         extra_body: dict | None = None,
+        max_download_bytes: int = 64 * 2**20,
     ) -> None:
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be a non-empty model name, got {model!r}")
@@ -101,6 +107,7 @@ class APIImageGenServing:
         check_positive_int("n", n)
         check_positive_int("batch_size", batch_size)
         check_positive_int("max_concurrency", max_concurrency)
+        check_positive_int("max_download_bytes", max_download_bytes)
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if not float(timeout) > 0:
@@ -124,9 +131,10 @@ class APIImageGenServing:
         self.max_retries = max_retries
         self.timeout = float(timeout)
         self.extra_body = dict(extra_body or {})
+        self.max_download_bytes = max_download_bytes
         self._api_key = key
         self._client: Any = None
-        self._http: Any = None
+        self._internal_ok = False  # set on load: may `url` answers point at internal addresses?
 
     @property
     def model_name(self) -> str:
@@ -141,23 +149,23 @@ class APIImageGenServing:
             import openai
         except ImportError:
             raise ImportError("APIImageGenServing needs the openai client: pip install 'dataflowmm[api]'") from None
-        # One connection pool for the API calls and for downloading `url` answers.
-        self._http = openai.DefaultHttpxClient(timeout=self.timeout, follow_redirects=True)
-        self._client = openai.OpenAI(api_key=self._api_key, base_url=self.base_url, http_client=self._http,
+        self._client = openai.OpenAI(api_key=self._api_key, base_url=self.base_url,
                                      max_retries=self.max_retries, timeout=self.timeout)
+        # A self-hosted server (base_url on an internal address) may hand out internal URLs.
+        self._internal_ok = url_is_internal(self.base_url)
 
     def cleanup(self) -> None:
         """Close the client's connections; a later `generate` makes a new one."""
         if self._client is not None:
             self._client.close()
-        self._client = self._http = None
+        self._client = None
 
     @property
     def loaded(self) -> bool:
         return self._client is not None
 
     def __getstate__(self) -> dict:  # travels to Ray actors without its open connections
-        return {**self.__dict__, "_client": None, "_http": None}
+        return {**self.__dict__, "_client": None}
 
     # -------------------------------------------------------------- generating
     def generate(self, prompts: list[str], seeds: list[int]) -> list[list[Image.Image] | GenerationFailed]:
@@ -215,17 +223,16 @@ class APIImageGenServing:
         else:
             raise GenerationFailed("the response holds neither b64_json nor url")
         try:
-            with Image.open(io.BytesIO(payload)) as image:
-                image.load()
-                return to_rgb(image)
-        except (UnidentifiedImageError, OSError) as error:
-            raise GenerationFailed(f"the response's image cannot be decoded: {error}") from None
+            return open_image(payload, name="the response's image")
+        except ImageReadError as error:
+            raise GenerationFailed(str(error)) from None
 
     def _download(self, url: str) -> bytes:
-        response = self._http.get(url)
-        if response.status_code != 200:
-            raise GenerationFailed(f"downloading the image URL failed: HTTP {response.status_code}")
-        return response.content
+        try:
+            return download(url, allow_internal=self._internal_ok, max_bytes=self.max_download_bytes,
+                            deadline=self.timeout)
+        except DownloadRefused as error:
+            raise GenerationFailed(f"downloading the image URL failed: {error}") from None
 
     def _redacted(self, text: str) -> str:
         """`text` with the API key blotted out (servers may echo request headers in errors)."""

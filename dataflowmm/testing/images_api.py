@@ -20,6 +20,16 @@ a marker makes the server misbehave for that prompt, one action per request in t
 | `[refuse]`    | 400 `content_policy_violation`                                   |
 | `[echo-auth]` | 401 whose message repeats the request's Authorization header     |
 
+With `response_format="url"`, markers choose the URL answered instead:
+
+| marker               | the image URL                                                  |
+| -------------------- | -------------------------------------------------------------- |
+| `[url-file]`         | `file:///etc/passwd`                                           |
+| `[url-redirect-host]`| redirects to the same file on `localhost` (another host name)  |
+| `[url-redirect-same]`| redirects to the file on the same host                         |
+| `[url-huge]`         | `huge_bytes` bytes without a length, then the connection closes |
+| `[url-trickle]`      | the file one byte per 50 ms (for at most `hang_seconds`)        |
+
 `requests` counts requests per prompt (every attempt, retries included) and `arrivals`
 holds their arrival times.
 """
@@ -71,16 +81,19 @@ class LoopbackImagesAPI:
         hang_seconds: how long a `[hang]` request stays unanswered.
         image_size: side of the square images, in pixels.
         port: port on 127.0.0.1 (0: any free one).
+        huge_bytes: how many bytes a `[url-huge]` download sends.
 
     `python -m dataflowmm.testing.images_api --latency 0.05` serves one from its own process
     and prints its base URL (the API key is `sk-loopback-secret` unless `--api-key` is given).
     """
 
     def __init__(self, latency: float = 0.0, api_key: str = "sk-loopback-secret",
-                 hang_seconds: float = 5.0, image_size: int = 16, port: int = 0):
+                 hang_seconds: float = 5.0, image_size: int = 16, port: int = 0,
+                 huge_bytes: int = 2 * 2**20):
         self.latency = latency
         self.api_key = api_key
         self.hang_seconds = hang_seconds
+        self.huge_bytes = huge_bytes
         self.image_size = image_size
         self.port = port
         self.requests: Counter[str] = Counter()
@@ -152,10 +165,17 @@ class LoopbackImagesAPI:
                 name = hashlib.sha256(f"{prompt}{seed}{index}".encode()).hexdigest()[:16]
                 with self._lock:
                     self._files[name] = base64.b64decode(_png_b64(image))
-                data.append({"url": f"http://{host}/files/{name}.png"})
+                data.append({"url": _image_url(prompt, host, name)})
             else:
                 data.append({"b64_json": _png_b64(image)})
         return {"created": int(time.time()), "data": data}
+
+
+def _image_url(prompt: str, host: str, name: str) -> str:
+    if "[url-file]" in prompt:
+        return "file:///etc/passwd"
+    kinds = [kind for kind in ("redirect-host", "redirect-same", "huge", "trickle") if f"[url-{kind}]" in prompt]
+    return f"http://{host}/{kinds[0] if kinds else 'files'}/{name}.png"
 
 
 def _error(message: str, code: str | None = None, kind: str = "invalid_request_error") -> dict:
@@ -185,12 +205,39 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        name = self.path.rsplit("/", 1)[-1].removesuffix(".png")
-        content = self.api._files.get(name)
+        kind, _, name = self.path.strip("/").rpartition("/")
+        content = self.api._files.get(name.removesuffix(".png"))
         if content is None:
             self._send(404, _error("no such file"))
+        elif kind in ("redirect-host", "redirect-same"):
+            host = f"http://localhost:{self.server.server_address[1]}" if kind == "redirect-host" else ""
+            self._send(302, b"", {"Location": f"{host}/files/{name}"})
+        elif kind in ("huge", "trickle"):
+            self._stream(kind, content)
         else:
             self._send(200, content, content_type="image/png")
+
+    def _stream(self, kind: str, content: bytes) -> None:
+        """`[url-huge]`: huge_bytes bytes, no length; `[url-trickle]`: a byte per 50 ms."""
+        self.close_connection = True
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            if kind == "trickle":
+                self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            if kind == "huge":
+                piece = content + bytes(64 * 1024)
+                for _ in range(self.api.huge_bytes // len(piece) + 1):
+                    self.wfile.write(piece)
+                return
+            deadline = time.monotonic() + self.api.hang_seconds
+            for byte in content:
+                if self.api._stopping.wait(0.05) or time.monotonic() > deadline:
+                    return
+                self.wfile.write(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up
+            pass
 
     def do_POST(self) -> None:  # noqa: N802
         length = int(self.headers.get("Content-Length") or 0)
