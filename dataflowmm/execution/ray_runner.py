@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from dataflowmm.checks import check_positive_int
 from dataflowmm.execution.batch import apply_chunk
+from dataflowmm.execution.cache_lock import cache_lock
 from dataflowmm.execution.progress import progress_bar
 from dataflowmm.execution.protocol import RowError, StepContext
 from dataflowmm.execution.step import (
@@ -113,7 +114,13 @@ class RayRunner:
     # -- a step ---------------------------------------------------------------------------
 
     def run(self, storage: FileStorage, operator: StepOperator) -> StepSummary:
-        """Run `operator` (keys bound) on `storage`'s current step, reusing or resuming what is done."""
+        """Run `operator` (keys bound) on `storage`'s current step, reusing or resuming what is done.
+
+        The driver holds the cache's lock throughout: another process running on it fails at once."""
+        with cache_lock(storage.cache_path, storage.file_name_prefix):
+            return self._run(storage, operator)
+
+    def _run(self, storage: FileStorage, operator: StepOperator) -> StepSummary:
         step = prepare_step(storage, operator)
         if isinstance(step, StepSummary):
             return step
