@@ -72,3 +72,39 @@ def test_the_lock_is_reentrant_within_a_process(tmp_path):
         assert (tmp_path / "cache" / "dataflow_cache_step.lock").read_text().strip() == str(os.getpid())
     assert [row["copy"] for row in read(summary.output_path)] == ["A", "B"]
     assert not (tmp_path / "cache" / "dataflow_cache_step.lock").exists()
+
+
+# -- manifest and data agree -----------------------------------------------------------------
+
+
+def test_a_manifest_write_that_fails_after_publishing_leaves_no_manifest_and_the_rerun_recomputes(
+        tmp_path, monkeypatch):
+    entry = write_rows(tmp_path / "in.jsonl", [{"text": "a"}, {"text": "b"}])
+    first = slow_step.run(entry, tmp_path / "cache")
+    old_manifest = Path(first.output_path).with_name("dataflow_cache_step_step1.manifest.json")
+    assert json.loads(old_manifest.read_text())["sha256"]
+    write_rows(entry, [{"text": "c"}, {"text": "d"}])  # new input: the step is recomputed
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileStorage, "write_manifest", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        slow_step.run(entry, tmp_path / "cache")
+    assert not old_manifest.exists()  # the published file is not described by the old manifest
+    assert [row["copy"] for row in read(first.output_path)] == ["C", "D"]
+    monkeypatch.undo()
+    again = slow_step.run(entry, tmp_path / "cache")
+    assert not again.reused and [row["copy"] for row in read(again.output_path)] == ["C", "D"]
+    assert slow_step.run(entry, tmp_path / "cache").reused
+
+
+def test_a_cache_file_changed_behind_the_manifest_is_recomputed(tmp_path):
+    entry = write_rows(tmp_path / "in.jsonl", [{"text": "a"}, {"text": "b"}])
+    first = slow_step.run(entry, tmp_path / "cache")
+    solo = Path(first.output_path).read_bytes()
+    Path(first.output_path).write_bytes(solo.replace(b'"A"', b'"Z"'))  # same size, other data
+    again = slow_step.run(entry, tmp_path / "cache")
+    assert not again.reused and Path(again.output_path).read_bytes() == solo
+    os.utime(again.output_path)  # touched, same bytes: the digest says it is the same file
+    assert slow_step.run(entry, tmp_path / "cache").reused

@@ -240,6 +240,7 @@ class StepOutput:
         step, storage = self.step, self.step.storage
         rows_in = self.checkpoint.rows_read
         self.checkpoint.close()
+        storage.manifest_path.unlink(missing_ok=True)  # the old one must never describe new files
         rows_path, dropped = self._split_dropped_rows()
         output_path = storage.publish(rows_path)
         storage.write_manifest(operator=step.operator.name, params=step.params,
