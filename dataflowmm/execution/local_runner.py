@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from dataflowmm.execution.batch import apply_chunk
 from dataflowmm.execution.cache_lock import cache_lock
 from dataflowmm.execution.progress import progress_bar
+from dataflowmm.execution.retry import retry_rows
 from dataflowmm.execution.step import (
     StepOutput,
     StepSummary,
@@ -37,6 +38,8 @@ class LocalRunner:
         step = prepare_step(storage, operator)
         if isinstance(step, StepSummary):
             return step
+        if step.retry:  # a finished step with failed rows to recompute, in this process
+            return retry_rows(step)
         output = StepOutput(step)
         with output.running(), progress_bar(step, output.rows_done) as progress:
             for first, rows in output.pending_chunks():

@@ -26,6 +26,7 @@ from dataflowmm.execution.batch import apply_chunk, finish_chunk
 from dataflowmm.execution.cache_lock import cache_lock
 from dataflowmm.execution.progress import progress_bar
 from dataflowmm.execution.protocol import RowError, StepContext
+from dataflowmm.execution.retry import retry_rows
 from dataflowmm.execution.step import (
     PreparedStep,
     StepOutput,
@@ -125,6 +126,8 @@ class RayRunner:
         step = prepare_step(storage, operator)
         if isinstance(step, StepSummary):
             return step
+        if step.retry:  # a finished step with failed rows to recompute, in this process
+            return retry_rows(step)
         output = StepOutput(step)
         with output.running():
             chunks = self._pending_chunks(step, output)

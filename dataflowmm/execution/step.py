@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dataflowmm.execution.batch import OutputCounts, finish_chunk
 from dataflowmm.execution.checkpoints import StepCheckpoint
+from dataflowmm.execution.cleanup import remove_empty_folders, remove_stale_temp_files
 from dataflowmm.execution.protocol import DROP_MARK, DROPPED_KEY, StepContext, StepOperator
 from dataflowmm.io.atomic import atomic_file
 from dataflowmm.io.records import dumps_row, iter_records
@@ -117,6 +118,7 @@ class PreparedStep:
     batch_size: int
     chunk_rows: int
     started: float
+    retry: list[list[int]] | None = None  # failed rows of the finished output to recompute
 
     @property
     def source(self) -> Path:
@@ -132,8 +134,14 @@ def prepare_step(storage: FileStorage, operator: StepOperator) -> PreparedStep |
     step_fp = fingerprint(input_fp, operator.name, params)
     if storage.is_finished(step_fp):
         stale = _why_not_reusable(storage, operator)
+        manifest = storage.manifest() or {}
+        every = bool(getattr(operator, "retry_errors", False))
+        retry = [list(record) for record in manifest.get("failed_rows", ()) if every or record[3]]
+        if stale is None and retry and operator.has_final_pass:
+            stale = f"retrying {len(retry)} failed rows (the operator's final pass needs every row)"
+        elif stale is None and retry:
+            return _prepared(storage, operator, params, input_fp, step_fp, started, retry)
         if stale is None:
-            manifest = storage.manifest()
             summary = StepSummary(storage.operator_step, operator.name, manifest.get("rows_in", manifest["rows"]),
                                   manifest["rows"], 0, 0, time.perf_counter() - started,
                                   str(storage.output_path), reused=True,
@@ -142,6 +150,11 @@ def prepare_step(storage: FileStorage, operator: StepOperator) -> PreparedStep |
             return summary
         tqdm.write(f"[dataflowmm] step {storage.operator_step} {operator.name}: recomputing the "
                    f"finished output: {stale}", file=sys.stderr)
+    return _prepared(storage, operator, params, input_fp, step_fp, started)
+
+
+def _prepared(storage: FileStorage, operator: StepOperator, params: dict, input_fp: str, step_fp: str,
+              started: float, retry: list[list[int]] | None = None) -> PreparedStep:
     context = StepContext(
         step=storage.operator_step,
         input_dir=storage.input_path.resolve().parent,
@@ -152,7 +165,7 @@ def prepare_step(storage: FileStorage, operator: StepOperator) -> PreparedStep |
         context.save_dir.mkdir(parents=True, exist_ok=True)
     batch_size = max(1, int(operator.input_batch_size))
     return PreparedStep(storage, operator, params, input_fp, step_fp, context, batch_size,
-                        chunk_size(int(operator.settings.save_interval), batch_size), started)
+                        chunk_size(int(operator.settings.save_interval), batch_size), started, retry)
 
 
 def _why_not_reusable(storage: FileStorage, operator: StepOperator) -> str | None:
@@ -197,7 +210,7 @@ class StepOutput:
         self.chunks_resumed = self.checkpoint.finished
         self.counts = OutputCounts(step.operator.image_output_keys(), step.context.output_dir,
                                    step.context.save_dir)
-        _remove_stale_temp_files(step)
+        remove_stale_temp_files(step.context.save_dir, step.storage.images_dir)
         self.rows_out = 0
         self.rows_retried = 0
         self.dropped_in_chunks = False
@@ -311,7 +324,7 @@ class StepOutput:
         if not self.checkpoint.finished:
             self.checkpoint.remove()
         if self._owns_images_folder():
-            _remove_empty_folders(self.step.context.save_dir)
+            remove_empty_folders(self.step.context.save_dir)
 
     def _owns_images_folder(self) -> bool:
         """The step's default images folder is its own; a user's `save_dir` may be shared."""
@@ -329,7 +342,7 @@ class StepOutput:
         for path in folder.rglob("*"):
             if path.is_file() and str(path) not in self.counts.referenced:
                 path.unlink()
-        _remove_empty_folders(folder)
+        remove_empty_folders(folder)
 
     def _split_dropped_rows(self, failed: list[list[int]]) -> tuple[Path, int]:
         """The checkpointed rows without the dropped ones (after the operator's final pass),
@@ -368,27 +381,3 @@ class StepOutput:
             record[1], record[2] = (moved.get(record[1], end - dropped), moved.get(record[2], end - dropped))
         self.rows_out -= dropped
         return kept_path, dropped
-
-
-def _remove_stale_temp_files(step: PreparedStep) -> None:
-    """Temp files of images a killed run was writing, in the step's own images folder.
-
-    A process killed mid-write (the driver, or actors dying with it) cannot remove its
-    temp file; the rerun writes the image again under its real name. Never done in a
-    user's `save_dir`, which other runs may share.
-    """
-    if step.context.save_dir != step.storage.images_dir.resolve():
-        return
-    for temp in step.context.save_dir.glob(".*.tmp"):
-        temp.unlink(missing_ok=True)
-
-
-def _remove_empty_folders(folder: Path) -> None:
-    """`folder` and the folders below it that hold no file."""
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-    if not any(folder.iterdir()):
-        folder.rmdir()
