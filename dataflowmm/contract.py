@@ -32,17 +32,21 @@ from typing import Any, ClassVar
 
 from dataflowmm.execution import StepSummary, run_step
 from dataflowmm.execution.protocol import (
+    DROP_MARK,
     DROPPED_KEY,
     ERROR_KEY,
     EXECUTION_ARGUMENTS,
+    TRANSIENT_MARK,
     OperatorSettings,
     RowError,
     Runner,
     StepContext,
+    TransientError,
+    is_transient,
 )
 
 __all__ = ["DROPPED_KEY", "ERROR_KEY", "Column", "Input", "Operator", "OperatorSettings", "Output",
-           "RowError", "Runner", "StepContext"]
+           "RowError", "Runner", "StepContext", "TransientError", "is_transient"]
 
 # Arguments never written to a manifest (servings keep their keys out of `config()` too).
 SECRET_ARGUMENTS = frozenset({"api_key", "hf_token", "password"})
@@ -174,8 +178,11 @@ class Operator(ABC):
         """Run on `storage`'s step (`storage.step()`); each operator documents its keywords."""
         raise TypeError(f"{self.name} declares no columns: declare `columns` or define run()")
 
-    def run_bound(self, storage: Any, bound: Operator) -> StepSummary:
-        """Hand a bound copy of this operator to the storage's runner."""
+    def run_bound(self, storage: Any, bound: Operator, *, retry_errors: bool = False) -> StepSummary:
+        """Hand a bound copy of this operator to the storage's runner; `retry_errors`: a finished
+        step recomputes every failed row (not only those that failed transiently)."""
+        if retry_errors:
+            bound.retry_errors = True
         return run_step(storage, bound)
 
     def _active(self, column: Column) -> bool:
@@ -239,19 +246,25 @@ class Operator(ABC):
         """Folder for this step's generated images: the configured one, else `default`."""
         return self.configured_save_dir() or default
 
-    def row_failed(self, row: dict, message: str, row_offset: int, empty_outputs: dict | None = None) -> dict:
+    def row_failed(self, row: dict, message: str, row_offset: int, empty_outputs: dict | None = None, *,
+                   transient: bool = False) -> dict:
         """The row kept with its error recorded (raises `RowError` when strict). Written
-        columns get their declared `empty` value unless `empty_outputs` says otherwise."""
+        columns get their declared `empty` value unless `empty_outputs` says otherwise.
+        `transient`: the failure may pass (see `is_transient`): the next run retries the row."""
         if self.settings.strict:
             raise RowError(message, row_offset)
         if empty_outputs is None:
             empty_outputs = {getattr(self.keys, c.name): copy.copy(c.empty) for c in self.columns
                              if c.writes and c.empty is not _KEEP and getattr(self.keys, c.name) is not None}
-        return {**row, **empty_outputs, ERROR_KEY: f"{self.name}: {message}"}
+        failed = {**row, **empty_outputs, ERROR_KEY: f"{self.name}: {message}"}
+        if transient:
+            failed[TRANSIENT_MARK] = True
+        return failed
 
     def drop_row(self, row: dict, reason: str) -> dict:
-        """The row marked to be dropped from the step's output, with the reason."""
-        return {**row, DROPPED_KEY: f"{self.name}: {reason}"}
+        """The row marked to be dropped from the step's output, with the reason (the side file
+        of dropped rows gets it as `dropped_by`)."""
+        return {**row, DROP_MARK: f"{self.name}: {reason}"}
 
 
 def _bound(columns: Sequence[Column], keys: dict[str, Any]) -> types.SimpleNamespace:
@@ -269,13 +282,16 @@ def _run_method(cls: type) -> Callable[..., StepSummary]:
                   inspect.Parameter("storage", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     parameters += [inspect.Parameter(c.keyword, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=c.default,
                                      annotation="str | None") for c in columns]
+    parameters.append(inspect.Parameter("retry_errors", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                        annotation="bool"))
     signature = inspect.Signature(parameters, return_annotation="StepSummary")
 
     def run(self: Operator, *args: Any, **kwargs: Any) -> StepSummary:
         bound = signature.bind(self, *args, **kwargs)
         storage = bound.arguments.pop("storage")
         bound.arguments.pop("self")
-        return self.run_bound(storage, self.bind(**bound.arguments))
+        retry_errors = bool(bound.arguments.pop("retry_errors", False))
+        return self.run_bound(storage, self.bind(**bound.arguments), retry_errors=retry_errors)
 
     lines = [f"Run {cls.__name__} on `storage`'s step.", "", "Args:", "    storage: the step (`storage.step()`)."]
     for column in columns:
@@ -283,6 +299,8 @@ def _run_method(cls: type) -> Callable[..., StepSummary]:
         if column.default is None and column.default_from:
             default = f" (default: the `{_keyword_of(columns, column.default_from)}` column)"
         lines.append(f"    {column.keyword}: {column.doc}{default}")
+    lines.append("    retry_errors: recompute every failed row of a finished step (rows that failed "
+                 "transiently are always retried).")
     run.__signature__ = signature
     run.__doc__ = "\n".join(lines)
     run.__qualname__ = f"{cls.__qualname__}.run"

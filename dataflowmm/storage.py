@@ -3,8 +3,14 @@
 The first `step()` reads the entry file and writes `{prefix}_step1.{cache_type}`, the next
 `step()` reads that and writes step 2, and so on (DataFlow-MM's numbering). Every write
 is atomic and leaves a manifest beside the cache file recording the operator, its
-parameters, the input's fingerprint and the row count, so a re-run reuses a finished
-step only when all of those match.
+parameters, the input's fingerprint, the row count and the cache file's SHA-256, size and
+modification time, so a re-run reuses a finished step only when all of those match.
+
+The old manifest is removed before a new cache file is published and the new one written
+after, so a manifest never describes other data: a run that dies in between leaves a cache
+file without a manifest, which the next run recomputes. On reuse the digest is recomputed
+only when the file's size or modification time differ from the recorded ones (a file
+rewritten with the same size within the same nanosecond is not looked for).
 """
 
 from __future__ import annotations
@@ -165,6 +171,7 @@ class FileStorage:
         """
         records = to_records(data)
         payload = serialize_records(records, self.cache_type)
+        self.manifest_path.unlink(missing_ok=True)  # never left describing other data
         with atomic_file(self.output_path) as file:
             file.write(payload)
         self.write_manifest(operator=operator, params=params, input_fingerprint=input_fingerprint,
@@ -181,13 +188,18 @@ class FileStorage:
         return count_records(self.input_path)
 
     def publish(self, jsonl_part: Path) -> str:
-        """Make a finished JSON Lines file this step's cache file (converted to `cache_type`)."""
+        """Make a finished JSON Lines file this step's cache file (converted to `cache_type`).
+
+        The step's manifest is removed first: `write_manifest` writes the new one after."""
+        self.manifest_path.unlink(missing_ok=True)
         publish_jsonl(jsonl_part, self.output_path, self.cache_type)
         return str(self.output_path)
 
     def write_manifest(self, *, operator: str | None, params: dict | None, input_fingerprint: str | None,
                        step_fingerprint: str, rows: int, extra: dict | None = None) -> None:
-        """The manifest beside this step's cache file: what made it and from what."""
+        """The manifest beside this step's cache file: what made it and from what, and the
+        file's digest, size and modification time (the file must be written already)."""
+        stat = self.output_path.stat()
         manifest = {
             "step": self.operator_step,
             "file": self.output_path.name,
@@ -196,6 +208,9 @@ class FileStorage:
             "input_fingerprint": input_fingerprint,
             "fingerprint": step_fingerprint,
             "rows": rows,
+            "sha256": file_digest(self.output_path),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
             **(extra or {}),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -211,11 +226,12 @@ class FileStorage:
         (regenerated images keep their names).
         """
         path = self.input_path
-        upstream = None
+        upstream = digest = None
         if self.operator_step > 1:
             manifest = self._load_manifest(self.operator_step - 1)
             upstream = manifest.get("fingerprint") if manifest else None
-        return fingerprint(str(path.resolve()), file_digest(path), upstream)
+            digest = _recorded_digest(manifest, path) if manifest else None
+        return fingerprint(str(path.resolve()), digest or file_digest(path), upstream)
 
     def _load_manifest(self, step: int) -> dict | None:
         path = self._step_file(step, ".manifest.json")
@@ -234,8 +250,28 @@ class FileStorage:
         return (
             manifest is not None
             and manifest.get("fingerprint") == step_fingerprint
-            and self.output_path.is_file()
+            and self.output_matches_manifest(manifest)
         )
+
+    def output_matches_manifest(self, manifest: dict) -> bool:
+        """The cache file beside the manifest is the one it describes (its recorded SHA-256)."""
+        path = self.output_path
+        recorded = manifest.get("sha256")
+        if not recorded or not path.is_file():
+            return False
+        return (_recorded_digest(manifest, path) or file_digest(path)) == recorded
+
+
+def _recorded_digest(manifest: dict, path: Path) -> str | None:
+    """The manifest's digest of `path` when the file's size and mtime are the recorded ones."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    if (manifest.get("file") == path.name and manifest.get("size") == stat.st_size
+            and manifest.get("mtime_ns") == stat.st_mtime_ns):
+        return manifest.get("sha256")
+    return None
 
 
 def _resolve_runner(runner: Any) -> Any:

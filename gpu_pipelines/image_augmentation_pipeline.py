@@ -59,14 +59,16 @@ class ImageAugmentationPipeline:
                                                  keep_original_sample=True, image_size=image_size,
                                                  batch_size=batch_size, save_interval=save_interval, seed=seed)
 
+    retry_errors = False  # --retry-errors: recompute every failed row of finished steps
+
     def forward(self):
         captions = self.captioner.run(
             storage=self.storage.step(),
             input_image_key="images",
             input_text_key="text",
-            output_text_key="caption",
+            output_text_key="caption", retry_errors=self.retry_errors,
         )
-        augmented = self.augmenter.run(storage=self.storage.step(), input_image_key="images")
+        augmented = self.augmenter.run(storage=self.storage.step(), input_image_key="images", retry_errors=self.retry_errors)
         return [captions, augmented]
 
 
@@ -85,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-interval", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     add_runner_arguments(parser)
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="recompute every failed row of finished steps (transient failures are always retried)")
     return parser.parse_args(argv)
 
 
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None):
         save_interval=args.save_interval,
         seed=args.seed,
     )
+    pipeline.retry_errors = args.retry_errors
     return pipeline.forward()
 
 

@@ -56,12 +56,14 @@ class ImageCaptioningPipeline:
             seed=seed,
         )
 
+    retry_errors = False  # --retry-errors: recompute every failed row of finished steps
+
     def forward(self):
         return self.captioner.run(
             storage=self.storage.step(),
             input_image_key="images",
             input_text_key="text",
-            output_text_key="text",
+            output_text_key="text", retry_errors=self.retry_errors,
         )
 
 
@@ -81,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-interval", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     add_runner_arguments(parser)
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="recompute every failed row of finished steps (transient failures are always retried)")
     return parser.parse_args(argv)
 
 
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None):
         save_interval=args.save_interval,
         seed=args.seed,
     )
+    pipeline.retry_errors = args.retry_errors
     return pipeline.forward()
 
 

@@ -64,13 +64,15 @@ class ImageDifferenceCaptionPipeline:
             seed=seed,
         )
 
+    retry_errors = False  # --retry-errors: recompute every failed row of finished steps
+
     def forward(self):
         summaries = []
         if self.regions is not None:
             summaries.append(self.regions.run(storage=self.storage.step(), input_image1_key="image_path1",
-                                              input_image2_key="image_path2", output_bbox_key="bbox_tag"))
+                                              input_image2_key="image_path2", output_bbox_key="bbox_tag", retry_errors=self.retry_errors))
         summaries.append(self.captioner.run(storage=self.storage.step(), input_image1_key="image_path1",
-                                            input_image2_key="image_path2", input_bbox_key="bbox_tag"))
+                                            input_image2_key="image_path2", input_bbox_key="bbox_tag", retry_errors=self.retry_errors))
         return summaries
 
 
@@ -94,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-interval", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     add_runner_arguments(parser)
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="recompute every failed row of finished steps (transient failures are always retried)")
     return parser.parse_args(argv)
 
 
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None):
         save_interval=args.save_interval,
         seed=args.seed,
     )
+    pipeline.retry_errors = args.retry_errors
     return pipeline.forward()
 
 

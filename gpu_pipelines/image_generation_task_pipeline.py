@@ -77,8 +77,10 @@ class ImageGenerationTaskPipeline:
         self.task = IllustrationTask(serving, num_generations=num_generations, save_interval=save_interval,
                                      seed=seed, images_in_rows=images_in_rows)
 
+    retry_errors = False  # --retry-errors: recompute every failed row of finished steps
+
     def forward(self):
-        return self.task.run(storage=self.storage.step())
+        return self.task.run(storage=self.storage.step(), retry_errors=self.retry_errors)
 
     def publish(self, summary) -> dict[str, Path]:
         """A gallery page to look at and, when `datasets` is installed, a dataset for a trainer."""
@@ -125,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (model default if unset)")
     parser.add_argument("--size", type=int, default=None, help="height and width in pixels (model default if unset)")
     add_runner_arguments(parser)
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="recompute every failed row of finished steps (transient failures are always retried)")
     return parser.parse_args(argv)
 
 
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None):
         seed=args.seed,
         images_in_rows=args.images_in_rows,
     )
+    pipeline.retry_errors = args.retry_errors
     summary = pipeline.forward()
     for name, path in pipeline.publish(summary).items():
         print(f"{name}: {path.resolve()}")

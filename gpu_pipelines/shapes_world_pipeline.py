@@ -59,12 +59,14 @@ class ShapesWorldPipeline:
         self.scorer = ClipScoreEvaluator(clip, save_interval=save_interval)
         self.filter = ClipScoreFilter(clip, min_score=min_score, keep_dropped=True, save_interval=save_interval)
 
+    retry_errors = False  # --retry-errors: recompute every failed row of finished steps
+
     def forward(self):
         return [
-            self.generator.run(self.storage.step(), input_prompt_key="prompt", output_image_key="images"),
-            self.captioner.run(self.storage.step(), input_image_key="images", output_text_key="caption"),
-            self.scorer.run(self.storage.step(), input_text_key="prompt", output_score_key="clip_score"),
-            self.filter.run(self.storage.step(), input_text_key="prompt"),
+            self.generator.run(self.storage.step(), input_prompt_key="prompt", output_image_key="images", retry_errors=self.retry_errors),
+            self.captioner.run(self.storage.step(), input_image_key="images", output_text_key="caption", retry_errors=self.retry_errors),
+            self.scorer.run(self.storage.step(), input_text_key="prompt", output_score_key="clip_score", retry_errors=self.retry_errors),
+            self.filter.run(self.storage.step(), input_text_key="prompt", retry_errors=self.retry_errors),
         ]
 
 
@@ -79,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-score", type=float, default=0.75, help="lowest image-prompt CLIP score kept")
     parser.add_argument("--seed", type=int, default=0)
     add_runner_arguments(parser)
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="recompute every failed row of finished steps (transient failures are always retried)")
     return parser.parse_args(argv)
 
 
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None):
         min_score=args.min_score,
         seed=args.seed,
     )
+    pipeline.retry_errors = args.retry_errors
     return pipeline.forward()
 
 

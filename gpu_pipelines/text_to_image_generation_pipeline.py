@@ -56,11 +56,13 @@ class TextToImagePipeline:
         )
         self.generator = PromptedImageGenerator(t2i_serving=self.serving, save_interval=save_interval, seed=seed)
 
+    retry_errors = False  # --retry-errors: recompute every failed row of finished steps
+
     def forward(self):
         return self.generator.run(
             storage=self.storage.step(),
             input_conversation_key="conversations",
-            output_image_key="images",
+            output_image_key="images", retry_errors=self.retry_errors,
         )
 
 
@@ -78,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (model default if unset)")
     parser.add_argument("--size", type=int, default=None, help="height and width in pixels (model default if unset)")
     add_runner_arguments(parser)
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="recompute every failed row of finished steps (transient failures are always retried)")
     return parser.parse_args(argv)
 
 
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None):
         width=size,
         num_inference_steps=steps,
     )
+    pipeline.retry_errors = args.retry_errors
     return pipeline.forward()
 
 

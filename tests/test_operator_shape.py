@@ -83,8 +83,11 @@ def test_constructor_arguments_are_recorded_and_fingerprinted_without_params(tmp
 
 def test_run_signatures_are_the_documented_ones():
     def keywords(cls):
-        return [(name, p.default) for name, p in inspect.signature(cls.run).parameters.items()
-                if name not in ("self", "storage")]
+        parameters = inspect.signature(cls.run).parameters
+        assert parameters["retry_errors"].kind is inspect.Parameter.KEYWORD_ONLY  # after the columns
+        assert not parameters["retry_errors"].default
+        return [(name, p.default) for name, p in parameters.items()
+                if name not in ("self", "storage", "retry_errors")]
 
     assert keywords(PromptedImageGenerator) == [("input_conversation_key", "conversations"),
                                                 ("output_image_key", "images"), ("input_prompt_key", None)]

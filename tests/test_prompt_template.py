@@ -65,3 +65,14 @@ def test_template_fields_are_required_keys(tmp_path):
     assert PromptTemplate("{meta[lang]}: {subject}").required_keys() == ["meta", "subject"]
     with pytest.raises(ValueError, match="names no"):
         PromptTemplate("no fields")
+
+
+@pytest.mark.parametrize("meta", [{"region": "cn"}, "zh", ["zh"], None])
+def test_a_row_missing_a_nested_field_is_a_row_error(tmp_path, meta):
+    rows = [{"subject": "a fox", "meta": {"lang": "en"}}, {"subject": "a cat", "meta": meta}]
+    storage = FileStorage(entry_file(tmp_path, rows), cache_path=tmp_path / "cache")
+    summary = PromptTemplate("{subject} ({meta[lang]})").run(storage.step())
+    out = read(summary.output_path)
+    assert out[0]["prompt"] == "a fox (en)" and out[0]["error"] is None
+    assert out[1]["prompt"] == "" and out[1]["error"].startswith("PromptTemplate: ")
+    assert summary.errors == 1

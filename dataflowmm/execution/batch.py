@@ -2,7 +2,10 @@
 
 Image paths are made absolute for the operator and relative to the dataset file again
 afterwards, every output row gets the `error` key, and a strict failure names the input
-file and the row. Runners only decide where this function is called.
+file and the row. A row that arrives failed (`error` set upstream) is never given to the
+operator: it is passed through once, unchanged, in its place. Output rows carry execution's
+markers (`ROW_MARK`: the input row they come from) until `finish_chunk` strips them and
+records what they said. Runners only decide where these functions are called.
 """
 
 from __future__ import annotations
@@ -12,8 +15,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dataflowmm.execution.protocol import ERROR_KEY, RowError, StepContext, StepOperator
+from dataflowmm.execution.protocol import (
+    ERROR_KEY,
+    ROW_MARK,
+    TRANSIENT_MARK,
+    UPSTREAM_MARK,
+    RowError,
+    StepContext,
+    StepOperator,
+)
 from dataflowmm.io.paths import relative_paths, resolve_paths
+from dataflowmm.io.records import dumps_rows
 from dataflowmm.seeds import RowIdentities
 
 
@@ -37,23 +49,91 @@ def apply_batch(
         source: the step's input file, for error messages.
     """
     path_keys = operator.path_keys()
+    todo = [offset for offset, row in enumerate(rows) if row.get(ERROR_KEY) is None]
     if path_keys:
         rows = [_with_paths(row, path_keys, lambda value: resolve_paths(value, context.input_dir))
                 for row in rows]
+    given = [{**rows[offset], ROW_MARK: offset} for offset in todo]
+    ids = row_ids if len(todo) == len(rows) else _Subset(row_ids, todo)
     try:
-        out = operator.process_batch(rows, row_ids, context)
+        out = operator.process_batch(given, ids, context) if given else []
     except RowError as error:
-        row = first_row + error.row_offset
-        raise RowError(f"{source}: row {row}: {error}", row) from error
+        offset = todo[error.row_offset] if 0 <= error.row_offset < len(todo) else error.row_offset
+        raise RowError(f"{source}: row {first_row + offset}: {error}", first_row + offset) from error
     if not isinstance(out, list):
         raise TypeError(f"{operator.name}.process_batch must return a list of rows, got {type(out).__name__}")
+    if len(todo) < len(rows):
+        out = _with_upstream_failures(out, rows, set(todo))
     relative_to = None if operator.settings.absolute_paths else context.output_dir
     if path_keys and relative_to is not None:
         out = [_with_paths(row, path_keys, lambda value: relative_paths(value, relative_to)) for row in out]
     for row in out:
         if ERROR_KEY not in row:
             row[ERROR_KEY] = None
+        offset = row.get(ROW_MARK)
+        row[ROW_MARK] = first_row + offset if isinstance(offset, int) and 0 <= offset < len(rows) else None
     return out
+
+
+def _with_upstream_failures(out: list[dict], rows: list[dict], given: set[int]) -> list[dict]:
+    """The operator's output with the rows it was not given (failed upstream) put back, each
+    before the first output row of a later input row."""
+    passed = [{**rows[offset], UPSTREAM_MARK: True, ROW_MARK: offset}
+              for offset in range(len(rows)) if offset not in given]
+    merged: list[dict] = []
+    for row in out:
+        offset = row.get(ROW_MARK)
+        while passed and isinstance(offset, int) and passed[0][ROW_MARK] < offset:
+            merged.append(passed.pop(0))
+        merged.append(row)
+    return merged + passed
+
+
+class _Subset(Sequence):
+    """The identities of some rows of a batch (those given to the operator), still lazy."""
+
+    def __init__(self, ids: Sequence[str], offsets: list[int]):
+        self._ids, self._offsets = ids, offsets
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._ids[self._offsets[index]]
+
+
+def finish_chunk(rows: list[dict]) -> tuple[bytes, dict]:
+    """A chunk's output rows as written (execution's markers stripped, except the drop mark
+    the final pass reads), and what the markers said, for the checkpoint's chunk log:
+    `failed_upstream` (rows passed through) and `failed`, one `[input row, first output row,
+    end, transient]` per input row whose own processing failed (output rows counted from the
+    chunk's first; an input row whose output rows cannot be told apart is left out)."""
+    spans: dict[int, list[int]] = {}
+    failed: dict[int, bool] = {}
+    upstream = 0
+    for index, row in enumerate(rows):
+        position = row.pop(ROW_MARK, None)
+        transient = bool(row.pop(TRANSIENT_MARK, False))
+        if row.pop(UPSTREAM_MARK, False):
+            upstream += 1
+            continue
+        if position is None:
+            continue
+        span = spans.setdefault(position, [index, index, 0])
+        span[1], span[2] = index + 1, span[2] + 1
+        if row.get(ERROR_KEY) is not None:
+            failed[position] = failed.get(position, False) or transient
+    meta: dict[str, Any] = {}
+    if upstream:
+        meta["failed_upstream"] = upstream
+    records = [[position, spans[position][0], spans[position][1], int(transient)]
+               for position, transient in failed.items()
+               if spans[position][1] - spans[position][0] == spans[position][2]]  # contiguous only
+    if records:
+        meta["failed"] = records
+    return dumps_rows(rows), meta
 
 
 def apply_chunk(

@@ -83,21 +83,22 @@ class StepCheckpoint:
 
     # -- growing --------------------------------------------------------------------------
 
-    def append(self, rows_in: int, payload: bytes, rows_out: int) -> None:
-        """Record one more finished chunk: its rows' bytes, then its log line."""
+    def append(self, rows_in: int, payload: bytes, rows_out: int, meta: dict | None = None) -> None:
+        """Record one more finished chunk: its rows' bytes, then its log line (with `meta`:
+        rows failed upstream, failed rows and their output spans)."""
         if self._rows_file is None:
             self._rows_file = open(self.rows_path, "ab")  # noqa: SIM115 (kept open across chunks)
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115
         self._rows_file.write(payload)
         self._rows_file.flush()  # the rows reach the OS before the log says they exist
         record = {"chunk": len(self.chunks), "rows_in": rows_in, "rows_out": rows_out,
-                  "end": self._rows_file.tell()}
+                  "end": self._rows_file.tell(), **(meta or {})}
         self._log_file.write(orjson.dumps(record) + b"\n")
         self._log_file.flush()
         self.chunks.append(record)
 
     def finished_rows(self) -> Iterator[dict]:
-        """The output rows of the finished chunks, in order."""
+        """The output rows of the finished chunks, in order, streamed."""
         self.close()
         with open(self.rows_path, "rb") as rows:
             for line in rows:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dataflowmm.execution.batch import apply_chunk
+from dataflowmm.execution.cache_lock import cache_lock
 from dataflowmm.execution.progress import progress_bar
+from dataflowmm.execution.retry import retry_rows
 from dataflowmm.execution.step import (
     StepOutput,
     StepSummary,
@@ -26,10 +28,18 @@ class LocalRunner:
     """
 
     def run(self, storage: FileStorage, operator: StepOperator) -> StepSummary:
-        """Run `operator` (keys bound) on `storage`'s current step, reusing or resuming what is done."""
+        """Run `operator` (keys bound) on `storage`'s current step, reusing or resuming what is done.
+
+        The cache's lock is held throughout: another process running on it fails at once."""
+        with cache_lock(storage.cache_path, storage.file_name_prefix):
+            return self._run(storage, operator)
+
+    def _run(self, storage: FileStorage, operator: StepOperator) -> StepSummary:
         step = prepare_step(storage, operator)
         if isinstance(step, StepSummary):
             return step
+        if step.retry:  # a finished step with failed rows to recompute, in this process
+            return retry_rows(step)
         output = StepOutput(step)
         with output.running(), progress_bar(step, output.rows_done) as progress:
             for first, rows in output.pending_chunks():

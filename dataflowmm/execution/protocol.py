@@ -13,10 +13,40 @@ from pathlib import Path
 from typing import Any, Protocol
 
 ERROR_KEY = "error"
-# A row returned with this key set is dropped from the step's output (a filter's verdict);
-# its value says why. Dropped rows are counted in the step summary and, when the operator's
-# `keep_dropped_rows()` says so, written to a side file beside the output instead.
+# The column of the side file of dropped rows (`{output}.dropped.jsonl`) saying why each was
+# dropped. An input column of this name is plain data: it never drops a row.
 DROPPED_KEY = "dropped_by"
+
+# Keys starting with NUL are execution's own markers on rows; they never reach a cache file.
+# A row returned with DROP_MARK set is dropped from the step's output (a filter's verdict);
+# its value says why. Dropped rows are counted in the step summary and, when the operator's
+# `keep_dropped_rows()` says so, written to the side file under DROPPED_KEY instead.
+DROP_MARK = "\x00dropped_by"
+# A failed row whose failure may pass (rate limit, server error, time-out, out of memory):
+# recorded in the checkpoint and manifest, and recomputed by the next run of the step.
+TRANSIENT_MARK = "\x00transient"
+# Set by execution on the rows an operator gets: the input row an output row comes from.
+ROW_MARK = "\x00row"
+# Set by execution on an input row that arrived failed and was passed through unprocessed.
+UPSTREAM_MARK = "\x00upstream"
+
+
+class TransientError(Exception):
+    """A failure that may pass on its own if tried again later (a rate limit, a server error,
+    a time-out, a dropped connection). Servings return or raise instances (or set an
+    exception's `transient` attribute) so a row failed by it is retried on the next run."""
+
+    transient = True
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """Whether `error` may pass if tried again: a `TransientError`, an exception with a true
+    `transient` attribute, or a CUDA out-of-memory error."""
+    if error is None:
+        return False
+    if getattr(error, "transient", False) is True:
+        return True
+    return type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(error)
 
 
 @dataclass(frozen=True)
@@ -77,6 +107,8 @@ class StepOperator(Protocol):
     name: str
     settings: OperatorSettings
     has_final_pass: bool
+    # (optional attribute) `run(..., retry_errors=True)`: recompute every failed row of a
+    # finished step, not only those that failed transiently. Read with getattr(..., False).
 
     def params(self) -> dict[str, Any]:
         """Everything that changes the output, JSON-able: it fingerprints the cached step."""

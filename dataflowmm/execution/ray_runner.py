@@ -13,6 +13,7 @@ killed Ray run resumes with either runner, and publishes the same cache file and
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
@@ -21,9 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.execution.batch import apply_chunk
+from dataflowmm.execution.batch import apply_chunk, finish_chunk
+from dataflowmm.execution.cache_lock import cache_lock
 from dataflowmm.execution.progress import progress_bar
 from dataflowmm.execution.protocol import RowError, StepContext
+from dataflowmm.execution.retry import retry_rows
 from dataflowmm.execution.step import (
     PreparedStep,
     StepOutput,
@@ -113,20 +116,28 @@ class RayRunner:
     # -- a step ---------------------------------------------------------------------------
 
     def run(self, storage: FileStorage, operator: StepOperator) -> StepSummary:
-        """Run `operator` (keys bound) on `storage`'s current step, reusing or resuming what is done."""
+        """Run `operator` (keys bound) on `storage`'s current step, reusing or resuming what is done.
+
+        The driver holds the cache's lock throughout: another process running on it fails at once."""
+        with cache_lock(storage.cache_path, storage.file_name_prefix):
+            return self._run(storage, operator)
+
+    def _run(self, storage: FileStorage, operator: StepOperator) -> StepSummary:
         step = prepare_step(storage, operator)
         if isinstance(step, StepSummary):
             return step
+        if step.retry:  # a finished step with failed rows to recompute, in this process
+            return retry_rows(step)
         output = StepOutput(step)
         with output.running():
             chunks = self._pending_chunks(step, output)
             if chunks:
                 connect(self.address, self.num_cpus)
                 with progress_bar(step, output.rows_done) as progress:
-                    for chunk, rows_in, payload in self._results(step, chunks):
+                    for chunk, rows_in, payload, meta in self._results(step, chunks):
                         if chunk != output.next_chunk:
                             raise RuntimeError(f"Ray returned chunk {chunk} where {output.next_chunk} was due")
-                        output.add_serialized_chunk(rows_in, payload)
+                        output.add_serialized_chunk(rows_in, payload, meta)
                         progress.update(rows_in)
         return output.publish()
 
@@ -146,7 +157,8 @@ class RayRunner:
         return descriptors
 
     def _results(self, step: PreparedStep, chunks: list[dict]):
-        """(chunk, rows read, output bytes) of every chunk, in input order, as actors finish them."""
+        """(chunk, rows read, output bytes, chunk record) of every chunk, in input order, as actors
+        finish them."""
         import ray
 
         context = ray.data.DataContext.get_current()
@@ -165,11 +177,11 @@ class RayRunner:
             num_gpus=gpus, num_cpus=cpus, max_restarts=3, max_task_retries=3)
         # No prefetching: each chunk is checkpointed as soon as it (and those before it) are done.
         for batch in mapped.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-            for chunk, rows_in, payload, failure in zip(batch["chunk"], batch["rows_in"], batch["payload"],
-                                                        batch["failure"], strict=True):
+            for chunk, rows_in, payload, meta, failure in zip(batch["chunk"], batch["rows_in"], batch["payload"],
+                                                              batch["meta"], batch["failure"], strict=True):
                 if bytes(failure):
                     raise pickle.loads(bytes(failure))
-                yield int(chunk), int(rows_in), bytes(payload)
+                yield int(chunk), int(rows_in), bytes(payload), json.loads(bytes(meta) or b"{}")
 
     def _placement(self, chunks: int) -> tuple[int, float, float, int | None]:
         """Actors, GPUs and CPUs per actor, and torch threads per actor (CPU only)."""
@@ -205,24 +217,27 @@ class _ChunkWorker:
         import numpy as np
 
         self._set_torch_threads()
-        results: dict[str, list] = {"chunk": [], "rows_in": [], "payload": [], "failure": []}
+        results: dict[str, list] = {"chunk": [], "rows_in": [], "payload": [], "meta": [], "failure": []}
         for index in range(len(batch["chunk"])):
-            rows_in, payload, failure = 0, b"", b""
+            rows_in, payload, meta, failure = 0, b"", b"", b""
             try:
                 if self.problem is not None:
                     raise self.problem
                 rows = self._rows(batch, index)
                 out = apply_chunk(self.operator, rows, self.context, first_row=int(batch["first"][index]),
                                   batch_size=self.batch_size, source=self.source)
-                rows_in, payload = len(rows), dumps_rows(out)
+                payload, record = finish_chunk(out)
+                rows_in, meta = len(rows), json.dumps(record).encode()
             except _DATA_ERRORS as error:
                 failure = pickle.dumps(error)
             results["chunk"].append(int(batch["chunk"][index]))
             results["rows_in"].append(rows_in)
             results["payload"].append(payload)
+            results["meta"].append(meta)
             results["failure"].append(failure)
         return {"chunk": np.array(results["chunk"]), "rows_in": np.array(results["rows_in"]),
                 "payload": np.array(results["payload"], dtype=object),
+                "meta": np.array(results["meta"], dtype=object),
                 "failure": np.array(results["failure"], dtype=object)}
 
     def _set_torch_threads(self) -> None:

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from tqdm.auto import tqdm
 
-from dataflowmm.execution.batch import OutputCounts
+from dataflowmm.execution.batch import OutputCounts, finish_chunk
 from dataflowmm.execution.checkpoints import StepCheckpoint
-from dataflowmm.execution.protocol import DROPPED_KEY, StepContext, StepOperator
+from dataflowmm.execution.cleanup import remove_empty_folders, remove_stale_temp_files
+from dataflowmm.execution.protocol import DROP_MARK, DROPPED_KEY, StepContext, StepOperator
 from dataflowmm.io.atomic import atomic_file
-from dataflowmm.io.records import dumps_row, dumps_rows, iter_records
+from dataflowmm.io.records import dumps_row, iter_records
 from dataflowmm.storage import fingerprint
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ class StepSummary:
     chunks_resumed: int = 0
     rows_dropped: int = 0
     dropped_path: str | None = None
+    failed_upstream: int = 0
+    rows_retried: int = 0
 
     def line(self) -> str:
         if self.reused:
@@ -58,9 +61,11 @@ class StepSummary:
             dropped = f", {self.rows_dropped} rows dropped"
             if self.dropped_path:
                 dropped += f" (kept in {self.dropped_path})"
+        upstream = f", {self.failed_upstream} failed upstream" if self.failed_upstream else ""
+        retried = f", {self.rows_retried} rows retried" if self.rows_retried else ""
         return (f"[dataflowmm] step {self.step} {self.operator}: {self.rows_in} rows in, "
                 f"{self.rows_out} rows out{dropped}, {self.images_written} images written, "
-                f"{self.errors} errors, {self.seconds:.1f} s{resumed} -> {self.output_path}")
+                f"{self.errors} errors{upstream}{retried}, {self.seconds:.1f} s{resumed} -> {self.output_path}")
 
 
 class StepInterrupted(KeyboardInterrupt):
@@ -113,6 +118,7 @@ class PreparedStep:
     batch_size: int
     chunk_rows: int
     started: float
+    retry: list[list[int]] | None = None  # failed rows of the finished output to recompute
 
     @property
     def source(self) -> Path:
@@ -128,8 +134,14 @@ def prepare_step(storage: FileStorage, operator: StepOperator) -> PreparedStep |
     step_fp = fingerprint(input_fp, operator.name, params)
     if storage.is_finished(step_fp):
         stale = _why_not_reusable(storage, operator)
+        manifest = storage.manifest() or {}
+        every = bool(getattr(operator, "retry_errors", False))
+        retry = [list(record) for record in manifest.get("failed_rows", ()) if every or record[3]]
+        if stale is None and retry and operator.has_final_pass:
+            stale = f"retrying {len(retry)} failed rows (the operator's final pass needs every row)"
+        elif stale is None and retry:
+            return _prepared(storage, operator, params, input_fp, step_fp, started, retry)
         if stale is None:
-            manifest = storage.manifest()
             summary = StepSummary(storage.operator_step, operator.name, manifest.get("rows_in", manifest["rows"]),
                                   manifest["rows"], 0, 0, time.perf_counter() - started,
                                   str(storage.output_path), reused=True,
@@ -138,6 +150,11 @@ def prepare_step(storage: FileStorage, operator: StepOperator) -> PreparedStep |
             return summary
         tqdm.write(f"[dataflowmm] step {storage.operator_step} {operator.name}: recomputing the "
                    f"finished output: {stale}", file=sys.stderr)
+    return _prepared(storage, operator, params, input_fp, step_fp, started)
+
+
+def _prepared(storage: FileStorage, operator: StepOperator, params: dict, input_fp: str, step_fp: str,
+              started: float, retry: list[list[int]] | None = None) -> PreparedStep:
     context = StepContext(
         step=storage.operator_step,
         input_dir=storage.input_path.resolve().parent,
@@ -148,7 +165,7 @@ def prepare_step(storage: FileStorage, operator: StepOperator) -> PreparedStep |
         context.save_dir.mkdir(parents=True, exist_ok=True)
     batch_size = max(1, int(operator.input_batch_size))
     return PreparedStep(storage, operator, params, input_fp, step_fp, context, batch_size,
-                        chunk_size(int(operator.settings.save_interval), batch_size), started)
+                        chunk_size(int(operator.settings.save_interval), batch_size), started, retry)
 
 
 def _why_not_reusable(storage: FileStorage, operator: StepOperator) -> str | None:
@@ -193,15 +210,16 @@ class StepOutput:
         self.chunks_resumed = self.checkpoint.finished
         self.counts = OutputCounts(step.operator.image_output_keys(), step.context.output_dir,
                                    step.context.save_dir)
-        _remove_stale_temp_files(step)
+        remove_stale_temp_files(step.context.save_dir, step.storage.images_dir)
         self.rows_out = 0
+        self.rows_retried = 0
         self.dropped_in_chunks = False
         for chunk in self.checkpoint.chunks:
             self.rows_out += chunk["rows_out"]
-        if self.chunks_resumed:
-            resumed = list(self.checkpoint.finished_rows())
-            self.counts.add(resumed)
-            self.dropped_in_chunks = any(DROPPED_KEY in row for row in resumed)
+        if self.chunks_resumed:  # counted streaming: memory does not grow with the finished rows
+            for row in self.checkpoint.finished_rows():
+                self.counts.add((row,))
+                self.dropped_in_chunks = self.dropped_in_chunks or DROP_MARK in row
 
     @property
     def rows_done(self) -> int:
@@ -219,41 +237,64 @@ class StepOutput:
             yield first, rows
             first += len(rows)
 
+    @property
+    def failed_upstream(self) -> int:
+        """Rows that arrived failed and were passed through (not this step's failures)."""
+        return sum(chunk.get("failed_upstream", 0) for chunk in self.checkpoint.chunks)
+
     def add_chunk(self, rows_in: int, rows: list[dict]) -> None:
         """One more finished chunk (its output rows in order), checkpointed at once."""
-        self.checkpoint.append(rows_in, dumps_rows(rows), len(rows))
+        payload, meta = finish_chunk(rows)
+        self.checkpoint.append(rows_in, payload, len(rows), meta)
         self._count(rows)
 
-    def add_serialized_chunk(self, rows_in: int, payload: bytes) -> None:
-        """One more finished chunk given as JSON Lines bytes (from another process)."""
+    def add_serialized_chunk(self, rows_in: int, payload: bytes, meta: dict | None = None) -> None:
+        """One more finished chunk given as JSON Lines bytes and its `finish_chunk` record
+        (from another process)."""
         rows = [orjson.loads(line) for line in payload.splitlines()]
-        self.checkpoint.append(rows_in, payload, len(rows))
+        self.checkpoint.append(rows_in, payload, len(rows), meta)
         self._count(rows)
 
     def _count(self, rows: list[dict]) -> None:
         self.counts.add(rows)
         self.rows_out += len(rows)
-        self.dropped_in_chunks = self.dropped_in_chunks or any(DROPPED_KEY in row for row in rows)
+        self.dropped_in_chunks = self.dropped_in_chunks or any(DROP_MARK in row for row in rows)
+
+    def failed_rows(self) -> list[list[int]]:
+        """`[input row, first output row, end, transient]` of every row this step failed, output
+        rows counted in the checkpoint's rows (before the final pass)."""
+        records, first = [], 0
+        for chunk in self.checkpoint.chunks:
+            records += [[position, first + start, first + end, transient]
+                        for position, start, end, transient in chunk.get("failed", ())]
+            first += chunk["rows_out"]
+        return records
 
     def publish(self) -> StepSummary:
         """Make the checkpointed rows the step's cache file, write the manifest, report."""
         step, storage = self.step, self.step.storage
         rows_in = self.checkpoint.rows_read
         self.checkpoint.close()
-        rows_path, dropped = self._split_dropped_rows()
+        storage.manifest_path.unlink(missing_ok=True)  # the old one must never describe new files
+        failed = self.failed_rows()
+        rows_path, dropped = self._split_dropped_rows(failed)
         output_path = storage.publish(rows_path)
+        upstream = self.failed_upstream
         storage.write_manifest(operator=step.operator.name, params=step.params,
                                input_fingerprint=step.input_fingerprint, step_fingerprint=step.fingerprint,
-                               rows=self.rows_out, extra={"rows_in": rows_in, "errors": self.counts.errors,
+                               rows=self.rows_out, extra={"rows_in": rows_in, "errors": self.counts.errors - upstream,
                                                          "images_written": self.counts.images,
-                                                         "rows_dropped": dropped})
+                                                         "rows_dropped": dropped, "failed_upstream": upstream,
+                                                         "failed_rows": failed,
+                                                         "transient_rows": sum(r[3] for r in failed)})
         self.checkpoint.remove()
         self._remove_unreferenced_images()
         kept_in = str(storage.dropped_path) if step.operator.keep_dropped_rows() else None
         summary = StepSummary(storage.operator_step, step.operator.name, rows_in, self.rows_out,
-                              self.counts.images, self.counts.errors, time.perf_counter() - step.started,
-                              output_path, chunks_resumed=self.chunks_resumed, rows_dropped=dropped,
-                              dropped_path=kept_in)
+                              self.counts.images, self.counts.errors - upstream,
+                              time.perf_counter() - step.started, output_path,
+                              chunks_resumed=self.chunks_resumed, rows_dropped=dropped,
+                              dropped_path=kept_in, failed_upstream=upstream, rows_retried=self.rows_retried)
         tqdm.write(summary.line(), file=sys.stderr)
         return summary
 
@@ -283,7 +324,7 @@ class StepOutput:
         if not self.checkpoint.finished:
             self.checkpoint.remove()
         if self._owns_images_folder():
-            _remove_empty_folders(self.step.context.save_dir)
+            remove_empty_folders(self.step.context.save_dir)
 
     def _owns_images_folder(self) -> bool:
         """The step's default images folder is its own; a user's `save_dir` may be shared."""
@@ -301,11 +342,12 @@ class StepOutput:
         for path in folder.rglob("*"):
             if path.is_file() and str(path) not in self.counts.referenced:
                 path.unlink()
-        _remove_empty_folders(folder)
+        remove_empty_folders(folder)
 
-    def _split_dropped_rows(self) -> tuple[Path, int]:
+    def _split_dropped_rows(self, failed: list[list[int]]) -> tuple[Path, int]:
         """The checkpointed rows without the dropped ones (after the operator's final pass),
-        and how many were dropped; those go to the side file when the operator keeps them.
+        and how many were dropped; those go to the side file (with the reason as `dropped_by`)
+        when the operator keeps them. The output spans in `failed` are moved to match.
 
         Rows are rewritten only when something may be dropped, so other steps publish the
         checkpoint file as it is.
@@ -319,39 +361,23 @@ class StepOutput:
             return self.checkpoint.rows_path, 0
         kept_path = self.checkpoint.folder / "kept.jsonl"
         dropped = 0
+        bounds = {index for record in failed for index in record[1:3]}
+        moved: dict[int, int] = {}
         rows = operator.final_pass(iter_records(self.checkpoint.rows_path))
         with open(kept_path, "wb") as kept, atomic_file(side_path) if keep else nullcontext() as side:
-            for row in rows:
-                if row.get(DROPPED_KEY) is None:
-                    row.pop(DROPPED_KEY, None)
+            for index, row in enumerate(rows):
+                if index in bounds:
+                    moved[index] = index - dropped
+                if row.get(DROP_MARK) is None:
+                    row.pop(DROP_MARK, None)
                     kept.write(dumps_row(row))
                     continue
                 dropped += 1
                 if side is not None:
+                    row[DROPPED_KEY] = row.pop(DROP_MARK)
                     side.write(dumps_row(row))
+        end = self.rows_out
+        for record in failed:
+            record[1], record[2] = (moved.get(record[1], end - dropped), moved.get(record[2], end - dropped))
         self.rows_out -= dropped
         return kept_path, dropped
-
-
-def _remove_stale_temp_files(step: PreparedStep) -> None:
-    """Temp files of images a killed run was writing, in the step's own images folder.
-
-    A process killed mid-write (the driver, or actors dying with it) cannot remove its
-    temp file; the rerun writes the image again under its real name. Never done in a
-    user's `save_dir`, which other runs may share.
-    """
-    if step.context.save_dir != step.storage.images_dir.resolve():
-        return
-    for temp in step.context.save_dir.glob(".*.tmp"):
-        temp.unlink(missing_ok=True)
-
-
-def _remove_empty_folders(folder: Path) -> None:
-    """`folder` and the folders below it that hold no file."""
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-    if not any(folder.iterdir()):
-        folder.rmdir()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from PIL import Image
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.contract import Operator, StepContext
+from dataflowmm.contract import Operator, StepContext, is_transient
 from dataflowmm.io.images import ImageOutput
 from dataflowmm.operators.prompted_image_generator import column_prompt
 from dataflowmm.seeds import derive_seed
@@ -153,6 +153,8 @@ class ImageTask(Operator):
         storage: FileStorage,
         input_mappings: dict[str, str] | None = None,
         output_mappings: dict[str, str] | None = None,
+        *,
+        retry_errors: bool = False,
     ) -> StepSummary:
         """Run the task on `storage`'s step.
 
@@ -160,6 +162,8 @@ class ImageTask(Operator):
             storage: the step (`storage.step()`).
             input_mappings: task input column -> dataset column to read it from.
             output_mappings: task output column -> dataset column to write it to.
+            retry_errors: recompute every failed row of a finished step (rows that failed
+                transiently are always retried).
         """
         mappings = _Mappings(dict(input_mappings or {}), dict(output_mappings or {}))
         unknown = [name for name in mappings.inputs if name not in self.input_columns]
@@ -167,7 +171,7 @@ class ImageTask(Operator):
         if unknown:
             raise ValueError(f"{self.name}: mapping of unknown column {unknown[0]!r}; inputs are "
                              f"{list(self.input_columns)}, outputs {list(self.output_columns)}")
-        return self.run_bound(storage, self._bound_to(mappings))
+        return self.run_bound(storage, self._bound_to(mappings), retry_errors=retry_errors)
 
     @property
     def input_columns(self) -> dict[str, bool]:
@@ -258,7 +262,7 @@ class ImageTask(Operator):
                     context: StepContext) -> dict | str:
         """The stored output columns of one generation, or why it failed."""
         if isinstance(result, Exception):
-            return str(result)
+            return _Failure(str(result), is_transient(result))
         if any(image is None for image in result):
             return "an image was flagged by the safety checker after every retry"
         try:
@@ -298,7 +302,8 @@ class ImageTask(Operator):
 
     def _output_row(self, row: dict, result: dict | str, offset: int) -> dict:
         if isinstance(result, str):
-            return self.row_failed(row, result, offset, self._empty_outputs())
+            return self.row_failed(row, result, offset, self._empty_outputs(),
+                                   transient=getattr(result, "transient", False))
         return self._with_outputs(row, result)
 
     def _grouped_row(self, row: dict, results: list[dict | str], offset: int) -> dict:
@@ -306,11 +311,22 @@ class ImageTask(Operator):
         grouped = {name: [None if isinstance(r, str) else r.get(name) for r in results] for name in columns}
         errors = [f"generation {index}: {r}" for index, r in enumerate(results) if isinstance(r, str)]
         if errors:
-            return self.row_failed(self._with_outputs(row, grouped), "; ".join(errors), offset, {})
+            transient = any(getattr(r, "transient", False) for r in results)
+            return self.row_failed(self._with_outputs(row, grouped), "; ".join(errors), offset, {},
+                                   transient=transient)
         return self._with_outputs(row, grouped)
 
     def __repr__(self) -> str:
         return f"{self.name}(image_generation_model={self.serving!r}, num_generations={self.num_generations})"
+
+
+class _Failure(str):
+    """Why one generation failed, and whether that may pass on a later run."""
+
+    def __new__(cls, message: str, transient: bool) -> _Failure:
+        failure = super().__new__(cls, message)
+        failure.transient = transient
+        return failure
 
 
 def _local_serving_class(model: Any) -> type:

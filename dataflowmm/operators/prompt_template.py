@@ -18,7 +18,8 @@ class PromptTemplate(Operator):
 
     `PromptTemplate("a photo of {subject}, {style}")` turns `{"subject": "a red fox",
     "style": "watercolour"}` into `"a photo of a red fox, watercolour"`. A row missing a field
-    (or holding null there) is kept with an empty output and its `error` set.
+    (or holding null there), nested ones included (`{meta[lang]}` with no `lang` in `meta`,
+    or `meta` not a dict), is kept with an empty output and its `error` set.
 
     Args:
         template: the template; its `{field}` names are the columns it reads.
@@ -44,9 +45,23 @@ class PromptTemplate(Operator):
             missing = [field for field in self.fields if row.get(field) is None]
             if missing:
                 out.append(self.row_failed(row, f"key {missing[0]!r}: missing", offset))
-            else:
-                out.append({**row, self.keys.output: self.template.format(**row)})
+                continue
+            try:
+                text = self.template.format(**row)
+            except (KeyError, IndexError, AttributeError, TypeError, ValueError) as error:
+                # a nested field the row lacks ({meta[lang]} with no "lang"; meta not a dict)
+                out.append(self.row_failed(row, f"template field: {_reason(error)}", offset))
+                continue
+            out.append({**row, self.keys.output: text})
         return out
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, KeyError):
+        return f"key {error.args[0]!r}: missing"
+    if isinstance(error, IndexError):
+        return f"index out of range ({error})"
+    return str(error)
 
 
 def _root(field: str) -> str:

@@ -21,7 +21,17 @@ REFUSAL_CODES = ("content_policy_violation", "moderation_blocked", "content_filt
 
 
 class GenerationFailed(Exception):
-    """One prompt's request failed for good; `generate` returns it in place of that prompt's images."""
+    """One prompt's request failed for good; `generate` returns it in place of that prompt's images.
+
+    `transient` is true when the failure may pass later (429, 5xx, time-out, connection error):
+    the step records the row as such and its next run retries it."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self):  # picklable with its flag (results cross process boundaries)
+        return (type(self), (str(self), self.transient))
 
 
 class APIImageGenServing:
@@ -191,7 +201,7 @@ class APIImageGenServing:
         except GenerationFailed as failure:
             return GenerationFailed(self._redacted(str(failure)))
         except Exception as error:  # noqa: BLE001 - every request failure becomes that prompt's error
-            return GenerationFailed(self._redacted(_describe(error, self.max_retries)))
+            return GenerationFailed(self._redacted(_describe(error, self.max_retries)), _transient(error))
 
     def _request(self, prompt: str, seed: int) -> dict[str, Any]:
         request: dict[str, Any] = {"prompt": prompt, "model": self.model, "n": self.n,
@@ -256,6 +266,16 @@ class APIImageGenServing:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r}, "
                 f"max_concurrency={self.max_concurrency})")
+
+
+def _transient(error: Exception) -> bool:
+    """A failure that may pass if the request is sent again later."""
+    import openai
+
+    if isinstance(error, (openai.APITimeoutError, openai.APIConnectionError)):
+        return True
+    status = getattr(error, "status_code", None)
+    return isinstance(error, openai.APIStatusError) and isinstance(status, int) and (status == 429 or status >= 500)
 
 
 def _describe(error: Exception, max_retries: int) -> str:
