@@ -226,12 +226,16 @@ class FileStorage:
         (regenerated images keep their names).
         """
         path = self.input_path
-        upstream = digest = None
-        if self.operator_step > 1:
-            manifest = self._load_manifest(self.operator_step - 1)
-            upstream = manifest.get("fingerprint") if manifest else None
-            digest = _recorded_digest(manifest, path) if manifest else None
-        return fingerprint(str(path.resolve()), digest or file_digest(path), upstream)
+        manifest = self._load_manifest(self.operator_step - 1) if self.operator_step > 1 else None
+        digest = _recorded_digest(manifest, path) if manifest else None
+        return fingerprint(self.input_origin(), digest or file_digest(path))
+
+    def input_origin(self) -> str:
+        """Where this step's input lives and how it was made, without its content: what a
+        checkpoint's chunks share (each chunk also records the digest of its own input rows)."""
+        manifest = self._load_manifest(self.operator_step - 1) if self.operator_step > 1 else None
+        upstream = manifest.get("fingerprint") if manifest else None
+        return fingerprint(str(self.input_path.resolve()), upstream)
 
     def _load_manifest(self, step: int) -> dict | None:
         path = self._step_file(step, ".manifest.json")

@@ -52,6 +52,40 @@ def test_a_malformed_line_fails_naming_it_after_earlier_chunks_are_saved(tmp_pat
     # the input is streamed: the chunks before the bad line were computed and kept
     assert finished_chunks(tmp_path / "cache" / "dataflow_cache_step_step1.partial") == 2
     assert len(operator.seen_ids) == 16
+    # Fixing the line changes the file's digest, yet the chunks before it are still valid:
+    # each chunk records the digest of its own input rows.
+    lines[22] = json.dumps({"text": "fixed"})
+    write_lines(entry, lines)
+    fixed = Tagger(save_interval=8)
+    summary = fixed.run(FileStorage(entry, cache_path=tmp_path / "cache").step())
+    assert summary.chunks_resumed == 2 and len(fixed.seen_ids) == 25 - 16
+    clean = Tagger(save_interval=8).run(FileStorage(entry, cache_path=tmp_path / "clean").step())
+    assert Path(summary.output_path).read_bytes() == Path(clean.output_path).read_bytes()
+    # A change inside a finished chunk recomputes from that chunk on, not before it.
+    lines[3] = json.dumps({"text": "changed early"})
+    write_lines(entry, lines)
+    with pytest.raises(KeyboardInterrupt):
+        Interrupted(after_rows=17).run(FileStorage(entry, cache_path=tmp_path / "again").step())
+    lines[12] = json.dumps({"text": "changed in the second chunk"})
+    write_lines(entry, lines)
+    resumed = Interrupted(after_rows=10**9)
+    summary = resumed.run(FileStorage(entry, cache_path=tmp_path / "again").step())
+    assert summary.chunks_resumed == 1 and len(resumed.seen_ids) == 25 - 8
+
+
+class Interrupted(Tagger):
+    """Ctrl-C once `after_rows` rows were handed to it."""
+
+    execution_arguments = frozenset({"after_rows"})
+
+    def __init__(self, after_rows, save_interval=8):
+        super().__init__(save_interval=save_interval)
+        self.after_rows = after_rows
+
+    def process_batch(self, rows, row_ids, context):
+        if len(self.seen_ids) >= self.after_rows:
+            raise KeyboardInterrupt
+        return super().process_batch(rows, row_ids, context)
 
 
 def test_identities_are_position_and_content_whatever_the_chunking(tmp_path):

@@ -9,10 +9,11 @@ step completes, `rows.jsonl` becomes the cache file: every row is serialised onc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import orjson
@@ -20,8 +21,16 @@ import orjson
 from dataflowmm.io.atomic import atomic_write_text
 
 
+def chunk_digest(rows: list[dict]) -> str:
+    """A digest of a chunk's input rows, recorded with the chunk: a resumed step keeps the
+    finished chunks whose input is unchanged (a fixed late line keeps those before it)."""
+    return hashlib.sha256(orjson.dumps(rows)).hexdigest()[:32]
+
+
 class StepCheckpoint:
-    """The finished chunks of one step, valid for one fingerprint and chunk size.
+    """The finished chunks of one step, valid for one operator fingerprint, input origin and
+    chunk size; each chunk is valid only while its own input rows are unchanged
+    (`keep_chunks_matching`).
 
     Chunks left by a run with another fingerprint or chunk size are discarded, never mixed in.
     """
@@ -80,6 +89,18 @@ class StepCheckpoint:
             rows.truncate(end)
         with open(self.log_path, "wb") as log:
             log.writelines(orjson.dumps(chunk) + b"\n" for chunk in self.chunks)
+
+    def keep_chunks_matching(self, input_chunks: Iterable[list[dict]]) -> None:
+        """Keep the finished chunks, in order, while each one's recorded input digest matches
+        the input's chunk at its place; drop the rest (the input changed there)."""
+        kept = 0
+        for chunk, rows in zip(self.chunks, input_chunks, strict=False):
+            if chunk.get("input") != chunk_digest(rows) or chunk["rows_in"] != len(rows):
+                break
+            kept += 1
+        if kept < len(self.chunks):
+            self.chunks = self.chunks[:kept]
+            self._cut_unrecorded_tail()
 
     # -- growing --------------------------------------------------------------------------
 

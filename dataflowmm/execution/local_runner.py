@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from dataflowmm.execution.batch import apply_chunk
 from dataflowmm.execution.cache_lock import cache_lock
+from dataflowmm.execution.checkpoints import chunk_digest
 from dataflowmm.execution.progress import progress_bar
 from dataflowmm.execution.retry import retry_rows
 from dataflowmm.execution.step import (
@@ -43,7 +44,7 @@ class LocalRunner:
         output = StepOutput(step)
         with output.running(), progress_bar(step, output.rows_done) as progress:
             for first, rows in output.pending_chunks():
-                output.add_chunk(len(rows), apply_chunk(
+                output.add_chunk(len(rows), chunk_digest(rows), apply_chunk(
                     step.operator, rows, step.context, first_row=first, batch_size=step.batch_size,
                     source=step.source, on_batch=progress.update))
         return output.publish()

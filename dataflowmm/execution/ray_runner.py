@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from dataflowmm.checks import check_positive_int
 from dataflowmm.execution.batch import apply_chunk, finish_chunk
 from dataflowmm.execution.cache_lock import cache_lock
+from dataflowmm.execution.checkpoints import chunk_digest
 from dataflowmm.execution.progress import progress_bar
 from dataflowmm.execution.protocol import RowError, StepContext
 from dataflowmm.execution.retry import retry_rows
@@ -224,10 +225,11 @@ class _ChunkWorker:
                 if self.problem is not None:
                     raise self.problem
                 rows = self._rows(batch, index)
+                input_digest = chunk_digest(rows)
                 out = apply_chunk(self.operator, rows, self.context, first_row=int(batch["first"][index]),
                                   batch_size=self.batch_size, source=self.source)
                 payload, record = finish_chunk(out)
-                rows_in, meta = len(rows), json.dumps(record).encode()
+                rows_in, meta = len(rows), json.dumps({**record, "input": input_digest}).encode()
             except _DATA_ERRORS as error:
                 failure = pickle.dumps(error)
             results["chunk"].append(int(batch["chunk"][index]))

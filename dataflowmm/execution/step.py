@@ -114,6 +114,7 @@ class PreparedStep:
     params: dict[str, Any]
     input_fingerprint: str
     fingerprint: str
+    checkpoint_fingerprint: str  # the fingerprint without the input's content (chunks check theirs)
     context: StepContext
     batch_size: int
     chunk_rows: int
@@ -164,7 +165,8 @@ def _prepared(storage: FileStorage, operator: StepOperator, params: dict, input_
     if operator.image_output_keys():  # a captioning step gets no empty images folder
         context.save_dir.mkdir(parents=True, exist_ok=True)
     batch_size = max(1, int(operator.input_batch_size))
-    return PreparedStep(storage, operator, params, input_fp, step_fp, context, batch_size,
+    checkpoint_fp = fingerprint(storage.input_origin(), operator.name, params)
+    return PreparedStep(storage, operator, params, input_fp, step_fp, checkpoint_fp, context, batch_size,
                         chunk_size(int(operator.settings.save_interval), batch_size), started, retry)
 
 
@@ -206,7 +208,9 @@ class StepOutput:
 
     def __init__(self, step: PreparedStep):
         self.step = step
-        self.checkpoint = StepCheckpoint(step.storage.checkpoint_dir, step.fingerprint, step.chunk_rows)
+        self.checkpoint = StepCheckpoint(step.storage.checkpoint_dir, step.checkpoint_fingerprint, step.chunk_rows)
+        if self.checkpoint.finished:
+            self.checkpoint.keep_chunks_matching(step.storage.iter_input_chunks(step.chunk_rows))
         self.chunks_resumed = self.checkpoint.finished
         self.counts = OutputCounts(step.operator.image_output_keys(), step.context.output_dir,
                                    step.context.save_dir)
@@ -242,10 +246,11 @@ class StepOutput:
         """Rows that arrived failed and were passed through (not this step's failures)."""
         return sum(chunk.get("failed_upstream", 0) for chunk in self.checkpoint.chunks)
 
-    def add_chunk(self, rows_in: int, rows: list[dict]) -> None:
-        """One more finished chunk (its output rows in order), checkpointed at once."""
+    def add_chunk(self, rows_in: int, input_digest: str, rows: list[dict]) -> None:
+        """One more finished chunk (its input's size and `chunk_digest`, its output rows in
+        order), checkpointed at once."""
         payload, meta = finish_chunk(rows)
-        self.checkpoint.append(rows_in, payload, len(rows), meta)
+        self.checkpoint.append(rows_in, payload, len(rows), {**meta, "input": input_digest})
         self._count(rows)
 
     def add_serialized_chunk(self, rows_in: int, payload: bytes, meta: dict | None = None) -> None:
