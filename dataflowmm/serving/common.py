@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from dataflowmm.serving.model_source import hub_unreachable_hint, model_source, tiny_name
+from dataflowmm.serving.model_source import hub_unreachable_hint, is_offline_model, model_source
 
 
 def check_model_reference(model: str | os.PathLike) -> str:
@@ -17,8 +17,8 @@ def check_model_reference(model: str | os.PathLike) -> str:
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     if not isinstance(model, str) or not model:
-        raise ValueError(f"model must be a hub id, a local folder or tiny:NAME, got {model!r}")
-    if tiny_name(model) is not None:
+        raise ValueError(f"model must be a hub id, a local folder, tiny:NAME or trained:NAME, got {model!r}")
+    if is_offline_model(model):
         return model
     looks_local = os.path.exists(model) or model.startswith(("/", ".", "~"))
     if looks_local and not Path(model).expanduser().is_dir():
