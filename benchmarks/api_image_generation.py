@@ -50,7 +50,7 @@ def main() -> None:
 
     # The server runs in its own process, as a remote API would: in this one it would compete
     # with the client for the interpreter lock.
-    server = subprocess.Popen([sys.executable, "-m", "dataflowmm.testing.images_api", "--latency", str(args.latency),
+    server = subprocess.Popen([sys.executable, "-m", "dataflowmm.kit.loopback_images_api", "--latency", str(args.latency),
                                "--api-key", API_KEY], stdout=subprocess.PIPE, text=True)
     try:
         base_url = server.stdout.readline().strip()

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import alternate_rounds, ratio_table  # noqa: E402
 
 from dataflowmm import FileStorage  # noqa: E402
-from dataflowmm.difference_pairs import difference_pair  # noqa: E402
 from dataflowmm.io.images import save_png  # noqa: E402
+from dataflowmm.kit.difference_pairs import difference_pair  # noqa: E402
 from dataflowmm.models.tiny import tiny_model_path  # noqa: E402
 from dataflowmm.operators import DifferenceCaptioner  # noqa: E402
 from dataflowmm.operators.boxes import clamped_corners  # noqa: E402

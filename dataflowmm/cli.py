@@ -17,6 +17,7 @@ from dataflowmm.models.tiny import (
     model_folder_name,
 )
 from dataflowmm.scaffold import init_project, load_pipeline_module
+from dataflowmm.serving.model_source import TINY_PREFIX, TRAINED_PREFIX
 
 # The demo runs each scaffolded pipeline with --tiny, in this order.
 DEMO_PIPELINES = [
@@ -112,12 +113,12 @@ def _show_output(output_path: str, rows_shown: int = 2) -> None:
 
 @main.group()
 def models() -> None:
-    """Tiny models for offline use: random weights, or trained on the shapes world."""
+    """Offline models: random weights (tiny:NAME), or trained on the shapes world (trained:NAME)."""
 
 
 @models.command("tiny")
 @click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--name", "names", multiple=True, type=click.Choice(list(TINY_MODELS)),
+@click.option("--name", "names", multiple=True, type=click.Choice([*TINY_MODELS, *TRAINED_MODELS]),
               help="build only these (repeatable); default: every random-weight model "
                    "(the trained shapes-* models take minutes: name them)")
 def models_tiny(directory: Path | None, names: tuple[str, ...]) -> None:
@@ -127,7 +128,7 @@ def models_tiny(directory: Path | None, names: tuple[str, ...]) -> None:
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         click.echo(f"{name:30s} {size / 1e6:6.1f} MB  {path}")
         if name in TRAINED_MODELS:
-            from dataflowmm.models.shapes_models import read_training_report
+            from dataflowmm.kit.trained_models import read_training_report
 
             held_out = read_training_report(path)["held_out"]
             figures = ", ".join(f"{key} {value:.1%}" for key, value in held_out.items()
@@ -137,22 +138,24 @@ def models_tiny(directory: Path | None, names: tuple[str, ...]) -> None:
 
 @models.command("list")
 def models_list() -> None:
-    """Tiny models by name (use them as tiny:NAME), where each is, and whether it is built.
+    """Offline models by reference, whether trained or random, where each is, and whether it is built.
 
-    The shapes-* models are trained on the shapes world on first use (minutes); their
-    folder's name carries a hash of the training recipe.
+    tiny:NAME models have random weights (built in seconds); trained:NAME models are
+    trained on the shapes world on first use (minutes), their folder's name carrying a hash
+    of the training recipe.
     """
     root = default_models_dir()
-    for name in TINY_MODELS:
+    for name in [*TINY_MODELS, *TRAINED_MODELS]:
+        trained = name in TRAINED_MODELS
         folder = root / model_folder_name(name)
         if is_built(folder):
             state = "built"
-        elif name in TRAINED_MODELS:
+        elif trained:
             state = "not built (trained on first use)"
         else:
             state = "not built (built on first use)"
-        kind = "trained" if name in TRAINED_MODELS else "random"
-        click.echo(f"tiny:{name:28s} {kind:8s} {state:34s} {folder}")
+        reference = f"{TRAINED_PREFIX if trained else TINY_PREFIX}{name}"
+        click.echo(f"{reference:33s} {'trained' if trained else 'random':8s} {state:34s} {folder}")
 
 
 @main.command("export")

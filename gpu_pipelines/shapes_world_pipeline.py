@@ -33,9 +33,9 @@ class ShapesWorldPipeline:
     def __init__(
         self,
         runner=None,
-        sd_model: str = "tiny:shapes-sd",
-        caption_model: str = "tiny:shapes-captioner",
-        clip_model: str = "tiny:shapes-clip",
+        sd_model: str = "trained:shapes-sd",
+        caption_model: str = "trained:shapes-captioner",
+        clip_model: str = "trained:shapes-clip",
         input_file: str | Path = DEFAULT_INPUT,
         cache_path: str | Path = DEFAULT_CACHE,
         min_score: float = 0.75,
@@ -73,9 +73,9 @@ class ShapesWorldPipeline:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="accepted for symmetry: the shapes models are the default")
-    parser.add_argument("--sd-model", default="tiny:shapes-sd", help="text-to-image model")
-    parser.add_argument("--caption-model", default="tiny:shapes-captioner", help="captioning model")
-    parser.add_argument("--clip-model", default="tiny:shapes-clip", help="CLIP model")
+    parser.add_argument("--sd-model", default="trained:shapes-sd", help="text-to-image model")
+    parser.add_argument("--caption-model", default="trained:shapes-captioner", help="captioning model")
+    parser.add_argument("--clip-model", default="trained:shapes-clip", help="CLIP model")
     parser.add_argument("--input", default=str(DEFAULT_INPUT), help="jsonl with a `prompt` per row")
     parser.add_argument("--cache-path", default=str(DEFAULT_CACHE))
     parser.add_argument("--min-score", type=float, default=0.75, help="lowest image-prompt CLIP score kept")

@@ -28,10 +28,19 @@ def tiny_models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_models_dir):
-    """tiny_model("tiny-sd") -> folder of that tiny model."""
+    """tiny_model("tiny-sd") -> folder of that random-weight model (`tiny:tiny-sd`)."""
     from dataflowmm.models.tiny import tiny_model_path
 
     return lambda name: tiny_model_path(name, tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_model(tiny_models_dir):
+    """trained_model("shapes-clip") -> folder of that trained model (`trained:shapes-clip`),
+    trained on first use (minutes) and cached in the session's models folder."""
+    from dataflowmm.models.tiny import trained_model_path
+
+    return lambda name: trained_model_path(name, tiny_models_dir)
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,9 @@ import pytest
 pytest.importorskip("openai")
 
 from dataflowmm import FileStorage  # noqa: E402
+from dataflowmm.kit.loopback_images_api import LoopbackImagesAPI, loopback_image  # noqa: E402
 from dataflowmm.operators import ImageGeneration  # noqa: E402
 from dataflowmm.serving.api_image_gen import APIImageGenServing, GenerationFailed  # noqa: E402
-from dataflowmm.testing import LoopbackImagesAPI  # noqa: E402
-from dataflowmm.testing.images_api import loopback_image  # noqa: E402
 
 KEY = "sk-test-7f3a9c-never-to-be-seen"
 

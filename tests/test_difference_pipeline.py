@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from dataflowmm import FileStorage
-from dataflowmm.difference_pairs import write_difference_pairs
 from dataflowmm.execution.checkpoints import finished_chunks
+from dataflowmm.kit.difference_pairs import write_difference_pairs
 from dataflowmm.operators import DifferenceCaptioner, ImageDifferenceRegions
 from dataflowmm.serving import ClipServing, ImageTextMatchingServing, LocalVLMServing
 

@@ -126,7 +126,7 @@ def test_difference_captioner_golden(tmp_path, tiny_model):
 @pytest.fixture
 def images_api():
     pytest.importorskip("openai")
-    from dataflowmm.testing import LoopbackImagesAPI
+    from dataflowmm.kit.loopback_images_api import LoopbackImagesAPI
 
     with LoopbackImagesAPI(api_key="sk-golden") as server:
         yield server

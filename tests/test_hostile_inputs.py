@@ -164,9 +164,9 @@ def test_gallery_shows_a_non_image_missing_with_the_reason_embedded_or_linked(tm
 
 def test_url_downloads_stay_within_bounds_and_each_refusal_is_its_rows_error(tmp_path):
     pytest.importorskip("openai")
+    from dataflowmm.kit.loopback_images_api import LoopbackImagesAPI
     from dataflowmm.operators import ImageGeneration
     from dataflowmm.serving.api_image_gen import APIImageGenServing
-    from dataflowmm.testing import LoopbackImagesAPI
 
     prompts = ["fine", "same host [url-redirect-same]", "file [url-file]", "elsewhere [url-redirect-host]",
                "huge [url-huge]", "slow [url-trickle]"]
@@ -194,9 +194,9 @@ def test_internal_addresses_are_refused_unless_base_url_is_internal(tmp_path):
     pytest.importorskip("openai")
     import base64
 
+    from dataflowmm.kit.loopback_images_api import LoopbackImagesAPI
     from dataflowmm.serving.api_image_gen import APIImageGenServing, GenerationFailed
     from dataflowmm.serving.downloads import is_internal
-    from dataflowmm.testing import LoopbackImagesAPI
 
     assert [is_internal(a) for a in ("127.0.0.1", "10.1.2.3", "192.168.0.7", "169.254.169.254", "::1",
                                      "::ffff:127.0.0.1", "fe80::1", "100.64.0.1", "8.8.8.8")] == [True] * 8 + [False]

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from dataflowmm import FileStorage
-from dataflowmm.difference_pairs import difference_pair, jpeg_roundtrip, write_difference_pairs
+from dataflowmm.kit.difference_pairs import difference_pair, jpeg_roundtrip, write_difference_pairs
 from dataflowmm.operators import ImageDifferenceRegions
 from dataflowmm.operators.boxes import iou
 

@@ -247,11 +247,10 @@ def _fake_serving(
 ) -> LocalImageGenServing:
     available = iter(replicas)
     monkeypatch.setattr(
-        LocalImageGenServing, "_load_replica", lambda self, device, dtype: next(available)
+        LocalImageGenServing, "_load_replica", lambda self, device: next(available)
     )
     serving = LocalImageGenServing(tiny_model("tiny-sd"), **kwargs)
     serving.devices = ["cpu"] * len(replicas)
-    serving.dtypes = [torch.float32] * len(replicas)
     return serving
 
 

@@ -1,33 +1,77 @@
 """Servings share one protocol; operators build them from ids or take them as they are."""
 
+import inspect
 import json
+import pickle
 
 import pytest
 
 from dataflowmm.operators import ImageCaptioner, ImageDiffusionAugmenter, PromptedImageGenerator
-from dataflowmm.serving import ClipServing, LocalCaptionServing, LocalImageGenServing
+from dataflowmm.serving import (
+    APIImageGenServing,
+    ClipServing,
+    ImageTextMatchingServing,
+    LocalCaptionServing,
+    LocalImageGenServing,
+    LocalVLMServing,
+)
 from dataflowmm.serving.common import Serving
+
+# Every serving class, and the tiny model it is built on (None: an API serving).
+SERVING_MODELS = {
+    LocalImageGenServing: "tiny-sd",
+    LocalCaptionServing: "tiny-blip",
+    ClipServing: "tiny-clip",
+    ImageTextMatchingServing: "tiny-blip-itm",
+    LocalVLMServing: "tiny-chat-vlm",
+    APIImageGenServing: None,
+}
 
 
 @pytest.fixture(scope="module")
-def servings(tiny_model):
-    return [LocalImageGenServing(str(tiny_model("tiny-sd"))), LocalCaptionServing(str(tiny_model("tiny-blip"))),
-            ClipServing(str(tiny_model("tiny-clip")))]
+def make_serving(tiny_model):
+    """make_serving(cls, **settings) -> a serving of class `cls` on its tiny model."""
+
+    def make(cls, **settings):
+        if SERVING_MODELS[cls] is None:
+            pytest.importorskip("openai")
+            # Nothing listens there: loading makes a client and sends nothing.
+            return cls("loopback-image", base_url="http://127.0.0.1:9/v1", api_key="sk-test", **settings)
+        return cls(str(tiny_model(SERVING_MODELS[cls])), **settings)
+
+    return make
 
 
-def test_every_serving_follows_the_protocol_and_loads_lazily(servings):
-    for serving in servings:
-        assert isinstance(serving, Serving)
-        assert serving.loaded is False  # constructing never loads a model
-        json.dumps(serving.config())
-        assert isinstance(serving.batch_size, int)
+@pytest.mark.parametrize("cls", list(SERVING_MODELS), ids=lambda cls: cls.__name__)
+def test_every_serving_follows_the_protocol_and_loads_lazily(make_serving, cls):
+    serving = make_serving(cls)
+    assert isinstance(serving, Serving)
+    assert serving.loaded is False  # constructing never loads a model
+    config = serving.config()
+    assert json.loads(json.dumps(config)) == config  # plain JSON, as fingerprints need
+    assert config["serving"] == cls.__name__ and config["model"] == serving.model
+    assert make_serving(cls).config() == config  # the same settings, the same identity
+    serving.load()
+    assert serving.loaded is True
+    travelled = pickle.loads(pickle.dumps(serving))  # to a Ray actor: without its live model
+    assert travelled.loaded is False and travelled.config() == config
+    serving.cleanup()
+    assert serving.loaded is False
+    serving.load()  # a cleaned-up serving loads again
+    assert serving.loaded is True
+    serving.cleanup()
 
 
-def test_one_name_for_the_batch_size(tiny_model):
-    caption = LocalCaptionServing(str(tiny_model("tiny-blip")), batch_size=3)
-    assert caption.batch_size == 3 and ImageCaptioner(caption).input_batch_size == 3
-    with pytest.raises(TypeError):
-        LocalCaptionServing(str(tiny_model("tiny-blip")), gpu_batch_size=3)
+@pytest.mark.parametrize("cls", list(SERVING_MODELS), ids=lambda cls: cls.__name__)
+def test_one_name_for_the_batch_size(make_serving, cls):
+    batch_settings = [name for name in inspect.signature(cls).parameters if "batch" in name]
+    assert batch_settings == ["batch_size"]  # no second name (gpu_batch_size, ...) for the same thing
+    assert make_serving(cls, batch_size=3).batch_size == 3
+    for wrong in (0, -1):
+        with pytest.raises(ValueError, match="batch_size"):
+            make_serving(cls, batch_size=wrong)
+    caption = make_serving(LocalCaptionServing, batch_size=3)
+    assert ImageCaptioner(caption).input_batch_size == 3  # an operator's rows per batch follow it
 
 
 def test_a_setting_that_conflicts_with_a_passed_serving_is_an_error(tiny_model):

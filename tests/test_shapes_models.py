@@ -1,7 +1,7 @@
 """The trained shapes-world models mean something, through the same servings as real models.
 
 They are trained once per test session (a few minutes in all, on 2 CPU cores) through the
-`tiny_model` fixture; later uses load the cached folders.
+`trained_model` fixture; later uses load the cached folders.
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ import torch
 from click.testing import CliRunner
 
 from dataflowmm.cli import main
-from dataflowmm.models import shapes_models, shapes_recipes
-from dataflowmm.models.shapes_models import judge_generated, parse_caption, read_training_report
-from dataflowmm.models.tiny import tiny_model_path
-from dataflowmm.serving import ClipServing, LocalCaptionServing, LocalImageGenServing
-from dataflowmm.shapes import (
+from dataflowmm.kit import shapes_recipes, shapes_training
+from dataflowmm.kit.shapes import (
     COLOUR_NAMES,
     HELD_OUT_SEED,
     SHAPES,
@@ -27,6 +24,13 @@ from dataflowmm.shapes import (
     all_captions,
     caption_for,
 )
+from dataflowmm.kit.shapes_recipes import read_training_report
+from dataflowmm.kit.shapes_training import parse_caption
+from dataflowmm.kit.train_shapes_captioner import build_shapes_captioner
+from dataflowmm.kit.train_shapes_clip import build_shapes_clip
+from dataflowmm.kit.train_shapes_sd import judge_generated
+from dataflowmm.models.tiny import tiny_model_path, trained_model_path
+from dataflowmm.serving import ClipServing, LocalCaptionServing, LocalImageGenServing
 
 # Held-out images the trainings never saw (their own evaluation uses the first 500).
 EVAL_START = 10_000
@@ -58,12 +62,30 @@ def test_shapes_sd_hash_follows_the_clip_it_reuses(monkeypatch):
     assert shapes_recipes.folder_name("shapes-sd") != before
 
 
+def test_trained_models_have_their_own_reference_prefix(tiny_models_dir):
+    """tiny: names random-weight models only; a trained one named with it is an error
+    naming the right reference (and the other way round)."""
+    with pytest.raises(ValueError, match=r"'tiny:shapes-clip': shapes-clip is trained, use trained:shapes-clip"):
+        ClipServing("tiny:shapes-clip")
+    with pytest.raises(ValueError, match=r"'trained:tiny-sd': tiny-sd has random weights, use tiny:tiny-sd"):
+        LocalImageGenServing("trained:tiny-sd")
+    with pytest.raises(ValueError, match=r"'trained:nope'; choose from trained:shapes-clip, "):
+        LocalCaptionServing("trained:nope")
+    with pytest.raises(ValueError, match="use trained:shapes-sd"):
+        tiny_model_path("shapes-sd", tiny_models_dir)
+    with pytest.raises(ValueError, match="use tiny:tiny-clip"):
+        trained_model_path("tiny-clip", tiny_models_dir)
+    serving = ClipServing("trained:shapes-clip")  # nothing trains before first use
+    assert serving.config()["model"] == "trained:shapes-clip"
+    assert serving.config()["model_folder"] == shapes_recipes.folder_name("shapes-clip")
+
+
 def test_a_changed_recipe_trains_a_new_folder(tmp_path, monkeypatch, capsys):
     quick = dataclasses.replace(shapes_recipes.RECIPES["shapes-captioner"], steps=3,
                                 train_images=256, held_out_images=16)
     monkeypatch.setattr(shapes_recipes, "RECIPES", {**shapes_recipes.RECIPES, "shapes-captioner": quick})
     threads = torch.get_num_threads()
-    folder = tiny_model_path("shapes-captioner", tmp_path)
+    folder = trained_model_path("shapes-captioner", tmp_path)
     assert folder.name == shapes_recipes.folder_name("shapes-captioner", quick)
     assert folder.name != shapes_recipes.folder_name("shapes-captioner",
                                                      shapes_recipes.CaptionerRecipe())
@@ -80,8 +102,7 @@ def test_a_changed_recipe_trains_a_new_folder(tmp_path, monkeypatch, capsys):
 def test_training_twice_gives_bit_identical_weights(tmp_path, name):
     import hashlib
 
-    build = {"shapes-clip": shapes_models.build_shapes_clip,
-             "shapes-captioner": shapes_models.build_shapes_captioner}[name]
+    build = {"shapes-clip": build_shapes_clip, "shapes-captioner": build_shapes_captioner}[name]
     quick = dataclasses.replace(shapes_recipes.RECIPES[name], steps=4, train_images=512, held_out_images=32)
     digests, reports = [], []
     for run in ("a", "b"):
@@ -91,29 +112,29 @@ def test_training_twice_gives_bit_identical_weights(tmp_path, name):
     assert reports[0]["held_out"] == reports[1]["held_out"] and reports[0]["final_loss"] == reports[1]["final_loss"]
 
 
-def test_second_use_loads_the_cached_model_without_training(tiny_model, tiny_models_dir):
-    folder = tiny_model("shapes-clip")
-    report_time = (folder / shapes_models.REPORT_FILE).stat().st_mtime_ns
-    runs = dict(shapes_models.TRAINING_RUNS)
+def test_second_use_loads_the_cached_model_without_training(trained_model, tiny_models_dir):
+    folder = trained_model("shapes-clip")
+    report_time = (folder / shapes_recipes.REPORT_FILE).stat().st_mtime_ns
+    runs = dict(shapes_training.TRAINING_RUNS)
     started = time.perf_counter()
-    again = tiny_model_path("shapes-clip", tiny_models_dir)
+    again = trained_model_path("shapes-clip", tiny_models_dir)
     found = time.perf_counter() - started
     ClipServing(again, device="cpu").load()
     print(f"second use of shapes-clip: folder found in {found * 1000:.0f} ms, "
           f"loaded in {time.perf_counter() - started:.2f} s")
     assert found < 1.0
     assert again == folder
-    assert shapes_models.TRAINING_RUNS == runs
-    assert (folder / shapes_models.REPORT_FILE).stat().st_mtime_ns == report_time
+    assert shapes_training.TRAINING_RUNS == runs
+    assert (folder / shapes_recipes.REPORT_FILE).stat().st_mtime_ns == report_time
 
 
-def test_cli_lists_and_builds_the_trained_models(tiny_model, tiny_models_dir):
+def test_cli_lists_and_builds_the_trained_models(trained_model, tiny_models_dir):
     listed = CliRunner().invoke(main, ["models", "list"])
     assert listed.exit_code == 0
     lines = {line.split()[0]: line for line in listed.output.splitlines()}
-    assert lines["tiny:shapes-clip"].split()[1] == "trained" and lines["tiny:tiny-clip"].split()[1] == "random"
-    assert shapes_recipes.folder_name("shapes-clip") in lines["tiny:shapes-clip"]
-    folder = tiny_model("shapes-clip")
+    assert lines["trained:shapes-clip"].split()[1] == "trained" and lines["tiny:tiny-clip"].split()[1] == "random"
+    assert shapes_recipes.folder_name("shapes-clip") in lines["trained:shapes-clip"]
+    folder = trained_model("shapes-clip")
     built = CliRunner().invoke(main, ["models", "tiny", str(tiny_models_dir), "--name", "shapes-clip"])
     assert built.exit_code == 0, built.output
     assert str(folder) in built.output
@@ -122,8 +143,8 @@ def test_cli_lists_and_builds_the_trained_models(tiny_model, tiny_models_dir):
 # --------------------------------------------------------------------------- meaning
 
 
-def test_captioner_names_colour_and_shape(tiny_model):
-    folder = tiny_model("shapes-captioner")
+def test_captioner_names_colour_and_shape(trained_model):
+    folder = trained_model("shapes-captioner")
     report = read_training_report(folder)
     samples = _held_out(200)
     serving = LocalCaptionServing(folder, device="cpu", batch_size=50, max_new_tokens=12)
@@ -137,8 +158,8 @@ def test_captioner_names_colour_and_shape(tiny_model):
     assert colour >= 0.95 and shape >= 0.95
 
 
-def test_clip_zero_shot_and_swapped_colours(tiny_model):
-    folder = tiny_model("shapes-clip")
+def test_clip_zero_shot_and_swapped_colours(trained_model):
+    folder = trained_model("shapes-clip")
     samples = _held_out(300)
     serving = ClipServing(folder, device="cpu", batch_size=128)
     images = serving.embed_images([s.image for s in samples])
@@ -161,21 +182,21 @@ def _sd_prompts() -> list[str]:
     return all_captions()  # every shape, colour and background pair once
 
 
-def test_shapes_sd_text2image_follows_the_prompt(tiny_model):
-    folder = tiny_model("shapes-sd")
+def test_shapes_sd_text2image_follows_the_prompt(trained_model):
+    folder = trained_model("shapes-sd")
     recipe = read_training_report(folder)["recipe"]
     serving = LocalImageGenServing(folder, task="text2image", device="cpu", batch_size=45,
                                    num_inference_steps=25, guidance_scale=recipe["guidance_scale"])
     prompts = _sd_prompts()
     images = [generated[0] for generated in serving.generate(prompts, seeds=list(range(len(prompts))))]
     assert all(image.size == (32, 32) for image in images)
-    judged = judge_generated(images, prompts, tiny_model("shapes-clip"))
+    judged = judge_generated(images, prompts, trained_model("shapes-clip"))
     print(f"shapes-sd text2image ({len(prompts)} prompts, 25 steps): {judged}")
     assert judged["colour"] >= 0.85 and judged["shape"] >= 0.70
 
 
-def test_shapes_sd_image2image_keeps_or_changes_what_the_prompt_says(tiny_model):
-    folder = tiny_model("shapes-sd")
+def test_shapes_sd_image2image_keeps_or_changes_what_the_prompt_says(trained_model):
+    folder = trained_model("shapes-sd")
     recipe = read_training_report(folder)["recipe"]
     samples = _held_out(60)
     # Ask for the same picture with the shape in another colour (never the background's).
@@ -191,19 +212,19 @@ def test_shapes_sd_image2image_keeps_or_changes_what_the_prompt_says(tiny_model)
                                images=[s.image for s in samples])
     images = [generated[0] for generated in outputs]
     assert all(image.size == (32, 32) for image in images)
-    judged = judge_generated(images, recoloured, tiny_model("shapes-clip"))
+    judged = judge_generated(images, recoloured, trained_model("shapes-clip"))
     print(f"shapes-sd image2image (strength 0.8, new shape colour): {judged}")
     assert judged["colour"] >= 0.6 and judged["background"] >= 0.8
     assert SHAPES and parse_caption(recoloured[0]) is not None
 
 
-def test_training_reports_record_held_out_results(tiny_model):
+def test_training_reports_record_held_out_results(trained_model):
     for name in ("shapes-clip", "shapes-captioner", "shapes-sd"):
-        report = read_training_report(tiny_model(name))
+        report = read_training_report(trained_model(name))
         assert report["threads"] == shapes_recipes.TRAINING_THREADS
         assert report["recipe_hash"] == shapes_recipes.recipe_hash(name)
         print(name, f"{report['training_seconds']} s", json.dumps(report["held_out"]))
-    assert read_training_report(tiny_model("shapes-clip"))["held_out"]["exact"] >= 0.95
+    assert read_training_report(trained_model("shapes-clip"))["held_out"]["exact"] >= 0.95
 
 
 # --------------------------------------------------------------------------- quality operators
@@ -226,7 +247,7 @@ def _write_jsonl(path, rows):
     return path
 
 
-def test_clip_score_filter_removes_captions_with_the_wrong_colour(tmp_path, tiny_model):
+def test_clip_score_filter_removes_captions_with_the_wrong_colour(tmp_path, trained_model):
     from dataflowmm import FileStorage
     from dataflowmm.operators import ClipScoreEvaluator, ClipScoreFilter
 
@@ -237,7 +258,7 @@ def test_clip_score_filter_removes_captions_with_the_wrong_colour(tmp_path, tiny
         wrong = [c for c in COLOUR_NAMES if c not in (row["colour"], row["background"])][index % 4]
         row["text"] = caption_for(row["shape"], wrong, row["background"])
     storage = FileStorage(_write_jsonl(tmp_path / "data" / "shapes.jsonl", rows), cache_path=tmp_path / "cache")
-    serving = ClipServing(tiny_model("shapes-clip"), device="cpu", batch_size=100)
+    serving = ClipServing(trained_model("shapes-clip"), device="cpu", batch_size=100)
     ClipScoreEvaluator(serving).run(storage.step())
     summary = ClipScoreFilter(serving, min_score=0.75, keep_dropped=True).run(storage.step())
     kept = {json.loads(line)["id"] for line in open(summary.output_path)}
@@ -252,7 +273,7 @@ def test_clip_score_filter_removes_captions_with_the_wrong_colour(tmp_path, tiny
     assert summary.rows_dropped == len(dropped) and f"{len(dropped)} rows dropped" in summary.line()
 
 
-def test_deduplicator_finds_planted_near_duplicates_only(tmp_path, tiny_model):
+def test_deduplicator_finds_planted_near_duplicates_only(tmp_path, trained_model):
     import io
 
     from PIL import Image
@@ -288,7 +309,7 @@ def test_deduplicator_finds_planted_near_duplicates_only(tmp_path, tiny_model):
         planted[len(rows)] = (index, kind)
         rows.append({"id": len(rows), "images": [str(path.relative_to(folder))], "text": "copy"})
     storage = FileStorage(_write_jsonl(folder / "rows.jsonl", rows), cache_path=tmp_path / "cache")
-    serving = ClipServing(tiny_model("shapes-clip"), device="cpu", batch_size=64)
+    serving = ClipServing(trained_model("shapes-clip"), device="cpu", batch_size=64)
     summary = ImageDeduplicator(serving, similarity_threshold=0.97, keep_dropped=True).run(storage.step())
     kept = [json.loads(line)["id"] for line in open(summary.output_path)]
     side = [json.loads(line) for line in open(summary.output_path.replace(".jsonl", ".dropped.jsonl"))]

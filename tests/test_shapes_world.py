@@ -8,7 +8,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from dataflowmm.shapes import (
+from dataflowmm.kit.shapes import (
     COLOUR_NAMES,
     COLOURS,
     HELD_OUT_SEED,

@@ -115,9 +115,9 @@ def test_a_cache_file_changed_behind_the_manifest_is_recomputed(tmp_path):
 
 def test_rows_that_failed_transiently_are_retried_and_every_other_row_is_kept_byte_for_byte(tmp_path):
     pytest.importorskip("openai")
+    from dataflowmm.kit.loopback_images_api import LoopbackImagesAPI
     from dataflowmm.operators import ImageGeneration
     from dataflowmm.serving.api_image_gen import APIImageGenServing
-    from dataflowmm.testing import LoopbackImagesAPI
 
     prompts = ["a fox", "b [429]", "c [refuse]", "d [500x2]", "e owl"]
     entry = write_rows(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])

@@ -1,10 +1,17 @@
-"""Tiny models of every family dataflowmm serves, built offline on first use.
+"""Tiny models of every family dataflowmm serves, built offline on first use, and the
+registry of the trained toy models.
 
 They are built with the real libraries' configs and tokenizers made in memory, saved with
 `save_pretrained`, and loaded back through the same `from_pretrained` code as real models.
-Tests, benchmarks and the offline demo use them. Most have random weights and are built
-in seconds; the `shapes-*` models are trained on the shapes world (`dataflowmm.shapes`) in
-a minute or two each and cached under a name carrying a hash of their training recipe.
+Tests, benchmarks and the offline demo use them. Two kinds, two reference prefixes:
+
+- `tiny:NAME` (`TINY_MODELS`): random weights, built in seconds; they exercise code paths.
+- `trained:NAME` (`TRAINED_MODELS`): trained on the shapes world in a minute or two each
+  (by the kit, `dataflowmm.kit`), so they also mean something; cached under a name
+  carrying a hash of their training recipe.
+
+This module imports neither the servings nor the kit: the trained models' table names the
+kit's module as a string, resolved with importlib when one is needed.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 from dataflowmm.io.atomic import current_umask
 
@@ -36,15 +44,17 @@ TINY_MODELS: dict[str, str] = {
     "tiny-chat-vlm": "dataflowmm.models.tiny_captioners:build_tiny_chat_vlm",
     "tiny-llava-next": "dataflowmm.models.tiny_vlms:build_tiny_llava_next",
     "tiny-blip-itm": "dataflowmm.models.tiny_vlms:build_tiny_blip_itm",
-    "shapes-clip": "dataflowmm.models.shapes_models:build_shapes_clip",
-    "shapes-captioner": "dataflowmm.models.shapes_models:build_shapes_captioner",
-    "shapes-sd": "dataflowmm.models.shapes_models:build_shapes_sd",
 }
-# Trained on the shapes world on first use (minutes, not seconds). Their builders also take
-# the models folder (shapes-sd reuses shapes-clip from it), and their folder is named by a
-# hash of the training recipe ("shapes-clip-1a2b3c4d"), so a changed recipe trains anew
-# instead of reusing weights trained by another.
-TRAINED_MODELS: tuple[str, ...] = ("shapes-clip", "shapes-captioner", "shapes-sd")
+# name -> the kit module that trains it (minutes, not seconds), on first use. The module
+# provides `folder_name(name)` (the name plus a hash of the training recipe, e.g.
+# "shapes-clip-1a2b3c4d", so a changed recipe trains anew instead of reusing weights trained
+# by another) and `build(name, out_dir, models_dir)` (shapes-sd reuses shapes-clip from the
+# models folder). This table is the core's one reference to the kit.
+TRAINED_MODELS: dict[str, str] = {
+    "shapes-clip": "dataflowmm.kit.trained_models",
+    "shapes-captioner": "dataflowmm.kit.trained_models",
+    "shapes-sd": "dataflowmm.kit.trained_models",
+}
 
 
 def default_models_dir() -> Path:
@@ -55,9 +65,19 @@ def default_models_dir() -> Path:
 
 def _builder(name: str) -> Callable[[Path], None]:
     if name not in TINY_MODELS:
-        raise ValueError(f"unknown tiny model {name!r}; choose from {', '.join(TINY_MODELS)}")
+        hint = (f"{name!r} is a trained model: use trained:{name} (trained_model_path)"
+                if name in TRAINED_MODELS else "choose from " + ", ".join(TINY_MODELS))
+        raise ValueError(f"unknown tiny model {name!r}; {hint}")
     module_name, function_name = TINY_MODELS[name].split(":")
     return getattr(importlib.import_module(module_name), function_name)
+
+
+def _trainer(name: str) -> ModuleType:
+    if name not in TRAINED_MODELS:
+        hint = (f"{name!r} has random weights: use tiny:{name} (tiny_model_path)"
+                if name in TINY_MODELS else "choose from " + ", ".join(TRAINED_MODELS))
+        raise ValueError(f"unknown trained model {name!r}; {hint}")
+    return importlib.import_module(TRAINED_MODELS[name])
 
 
 def is_built(folder: Path) -> bool:
@@ -70,21 +90,33 @@ def is_built(folder: Path) -> bool:
 def model_folder_name(name: str) -> str:
     """Name of model `name`'s folder: the name itself, plus the recipe hash for trained models."""
     if name in TRAINED_MODELS:
-        from dataflowmm.models.shapes_recipes import folder_name
-
-        return folder_name(name)
+        return _trainer(name).folder_name(name)
     _builder(name)  # unknown names fail here, naming the choices
     return name
 
 
 def tiny_model_path(name: str, models_dir: str | Path | None = None) -> Path:
-    """Folder of tiny model `name`, built on first use (seconds; minutes for trained ones)
-    and reused after."""
+    """Folder of random-weight model `name` (`tiny:NAME`), built on first use (seconds) and
+    reused after."""
+    build = _builder(name)
+    return _built_folder(name, name, lambda staging, root: build(staging), models_dir)
+
+
+def trained_model_path(name: str, models_dir: str | Path | None = None) -> Path:
+    """Folder of trained toy model `name` (`trained:NAME`), trained on first use (minutes)
+    and reused after, also by other processes sharing the models folder."""
+    trainer = _trainer(name)
+    return _built_folder(name, trainer.folder_name(name),
+                         lambda staging, root: trainer.build(name, staging, models_dir=root),
+                         models_dir)
+
+
+def _built_folder(name: str, folder_name: str, build: Callable[[Path, Path], object],
+                  models_dir: str | Path | None) -> Path:
     root = Path(models_dir) if models_dir is not None else default_models_dir()
-    target = root / model_folder_name(name)
+    target = root / folder_name
     if is_built(target):
         return target
-    build = _builder(name)
     root.mkdir(parents=True, exist_ok=True)
     with _build_lock(root, target.name):
         if is_built(target):  # built by another process while this one waited
@@ -93,10 +125,7 @@ def tiny_model_path(name: str, models_dir: str | Path | None = None) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
         staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared models folder
         try:
-            if name in TRAINED_MODELS:
-                build(staging, models_dir=root)
-            else:
-                build(staging)
+            build(staging, root)
             stamp = {"name": name, "builder_version": BUILDER_VERSION}
             (staging / _STAMP).write_text(json.dumps(stamp))
             if target.exists():
@@ -129,7 +158,8 @@ def _build_lock(root: Path, folder_name: str) -> Iterator[None]:
 
 
 def build_tiny_models(models_dir: str | Path, names: list[str] | None = None) -> dict[str, Path]:
-    """Build (or reuse) the named tiny models; by default every random-weight one (trained
+    """Build (or reuse) the named models; by default every random-weight one (trained
     models take minutes, so they are built only when named)."""
-    names = names or [name for name in TINY_MODELS if name not in TRAINED_MODELS]
-    return {name: tiny_model_path(name, models_dir) for name in names}
+    names = names or list(TINY_MODELS)
+    return {name: trained_model_path(name, models_dir) if name in TRAINED_MODELS
+            else tiny_model_path(name, models_dir) for name in names}

@@ -8,75 +8,25 @@ not depend on which other images share its batch.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import LogitsProcessor
 
 from dataflowmm.io.images import to_rgb
 from dataflowmm.seeds import derive_seed
-from dataflowmm.serving.common import TravellingServing, check_model_reference, model_load_error
-from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
-from dataflowmm.serving.model_source import model_content, model_source
+from dataflowmm.serving.common import LocalModelServing, model_load_error, on_replicas
+from dataflowmm.serving.generation import (
+    SeededSamplingLogitsProcessor,
+    check_generate_kwargs,
+    to_device,
+)
+from dataflowmm.serving.model_source import model_content
 
 DEFAULT_CHAT_PROMPT = "Describe this image in one sentence."
 # Model types whose generate() takes pixel values directly (no chat template).
 CAPTIONER_TYPES = ("blip", "blip-2", "vision-encoder-decoder")
-# generate() arguments the serving sets itself.
-RESERVED_GENERATE_KWARGS = (
-    "do_sample", "num_return_sequences", "max_new_tokens", "temperature", "top_p", "top_k",
-    "logits_processor", "generation_config",
-)
-
-
-class SeededSamplingLogitsProcessor(LogitsProcessor):
-    """Samples each row's next token from that row's own `torch.Generator`.
-
-    Applies temperature and nucleus (top-p) filtering, draws one token per row, and
-    returns scores where only that token is finite, so greedy or multinomial selection
-    after it picks exactly that token. Rows are independent of each other.
-
-    Args:
-        seeds (`list[int]`):
-            One seed per row of the generation batch (images x candidates, image-major).
-        temperature (`float`):
-            Divides the logits before the softmax.
-        top_p (`float`):
-            Keeps the smallest set of tokens whose probability reaches `top_p`.
-    """
-
-    def __init__(self, seeds: list[int], temperature: float, top_p: float):
-        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        self.temperature = temperature
-        self.top_p = top_p
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if scores.shape[0] != len(self.generators):
-            raise RuntimeError(
-                f"seeded sampling expected {len(self.generators)} rows, got {scores.shape[0]}"
-            )
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        probs = nucleus_filter(probs, self.top_p)
-        # u in (0, 1]: the first index whose cumulative mass reaches u has mass > 0.
-        draws = torch.stack([1.0 - torch.rand((), generator=g) for g in self.generators])
-        cumulative = probs.cumsum(dim=-1)
-        targets = draws.to(probs.device).unsqueeze(-1) * cumulative[:, -1:]
-        tokens = torch.searchsorted(cumulative, targets).clamp(max=probs.shape[-1] - 1)
-        chosen = torch.full_like(scores, float("-inf"))
-        return chosen.scatter(1, tokens, 0.0)
-
-
-def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero every token outside the top-p nucleus of each row (the top token always stays)."""
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
-    return torch.zeros_like(probs).scatter(1, order, sorted_probs)
 
 
 @dataclass
@@ -98,7 +48,7 @@ class _Encoded:
     prefix_length: int
 
 
-class LocalCaptionServing(TravellingServing):
+class LocalCaptionServing(LocalModelServing):
     """Captions images with a local (or cached) Hugging Face vision-language model.
 
     Loads BLIP, BLIP-2, vision-encoder-decoder (e.g. ViT+GPT-2) and chat-template models
@@ -156,26 +106,15 @@ class LocalCaptionServing(TravellingServing):
                         batch_size=batch_size, temperature=temperature)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        self.generate_kwargs = _check_generate_kwargs(generate_kwargs)
-        self.model = check_model_reference(model)
+        self.generate_kwargs = check_generate_kwargs(generate_kwargs)
+        self._set_model_settings(model, batch_size, torch_dtype, device, revision, trust_remote_code)
         self.caption_num = caption_num
         self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
         self.do_sample = do_sample
         self.temperature = float(temperature)
         self.top_p = float(top_p)
-        self.torch_dtype = torch_dtype
-        self._place(device)
-        self.revision = revision
-        self.trust_remote_code = trust_remote_code
-        self._components: _Components | None = None
 
     _unloaded = {"_components": None}
-
-    def _place(self, device: str | None) -> None:
-        self._device_request = device
-        self.devices = resolve_devices(device)
-        self.dtype = resolve_dtype(self.torch_dtype, self.devices[0])
 
     # ------------------------------------------------------------------ public API
 
@@ -183,12 +122,14 @@ class LocalCaptionServing(TravellingServing):
         """Load the processor and one model replica per device (no-op when loaded)."""
         if self._components is not None:
             return
+        from transformers import AutoModelForImageTextToText
+
         try:
-            source, options = model_source(self.model)
-            options.update(revision=self.revision, trust_remote_code=self.trust_remote_code)
+            source, options, dtype = self._pretrained()
             components = _load_processor(source, options)
-            for device in self.devices:
-                components.replicas[device] = self._load_model(source, options, device)
+            models = self._load_replicas(lambda device: AutoModelForImageTextToText.from_pretrained(
+                source, **dtype, **options).to(device).eval())
+            components.replicas = dict(zip(self.devices, models, strict=True))
         except Exception as exc:
             raise model_load_error(self.model, exc) from exc
         components.family = _family(next(iter(components.replicas.values())), components.processor)
@@ -225,23 +166,16 @@ class LocalCaptionServing(TravellingServing):
         if not images:
             return []
         self.load()
-        batches = _plan_batches(prompts, self.batch_size)
         results: list[list[str]] = [[] for _ in images]
 
-        def run(job: tuple[int, tuple[str | None, list[int]]]) -> None:
-            number, (prompt, indices) = job
-            device = self.devices[number % len(self.devices)]
-            texts = self._generate(device, [images[i] for i in indices], prompt,
-                                   [seeds[i] for i in indices], count)
-            for position, index in enumerate(indices):
-                results[index] = texts[position * count : (position + 1) * count]
+        def run(device: str, batches: list[tuple[str | None, list[int]]]) -> None:
+            for prompt, indices in batches:
+                texts = self._generate(device, [images[i] for i in indices], prompt,
+                                       [seeds[i] for i in indices], count)
+                for position, index in enumerate(indices):
+                    results[index] = texts[position * count : (position + 1) * count]
 
-        if len(self.devices) == 1:
-            for job in enumerate(batches):
-                run(job)
-        else:
-            with ThreadPoolExecutor(max_workers=len(self.devices)) as pool:
-                list(pool.map(run, enumerate(batches)))
+        on_replicas(self.devices, _plan_batches(prompts, self.batch_size), run)
         return results
 
     def config(self) -> dict:
@@ -261,22 +195,11 @@ class LocalCaptionServing(TravellingServing):
             "chat_default_prompt": DEFAULT_CHAT_PROMPT,
         }
 
-    def cleanup(self) -> None:
-        """Drop the models and processor and free their memory; a later call reloads."""
-        self._components = None
-        free_memory()
-
     @property
     def loaded(self) -> bool:
         return self._components is not None
 
     # ------------------------------------------------------------------ internals
-
-    def _load_model(self, source: str, options: dict, device: str):
-        from transformers import AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=self.dtype, **options)
-        return model.to(device).eval()
 
     def _generate(self, device: str, images: list[Image.Image], prompt: str | None,
                   seeds: list[int], count: int) -> list[str]:
@@ -284,7 +207,7 @@ class LocalCaptionServing(TravellingServing):
         components = self._components
         model = components.replicas[device]
         encoded = _encode(components, model, images, prompt)
-        inputs = _to_device(encoded.inputs, device, self.dtype)
+        inputs = to_device(encoded.inputs, device, self.dtype)
         kwargs = self._generation_arguments(seeds, count)
         with torch.inference_mode():
             output = model.generate(**inputs, **kwargs)
@@ -320,16 +243,6 @@ def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"{name} must be a positive number, got {value!r}")
-
-
-def _check_generate_kwargs(generate_kwargs: dict | None) -> dict:
-    generate_kwargs = dict(generate_kwargs or {})
-    reserved = sorted(set(generate_kwargs) & set(RESERVED_GENERATE_KWARGS))
-    if reserved:
-        raise ValueError(
-            f"generate_kwargs may not set {', '.join(reserved)}: use the constructor's arguments"
-        )
-    return generate_kwargs
 
 
 def _load_processor(source: str, options: dict) -> _Components:
@@ -431,12 +344,3 @@ def _encode_encoder_decoder(components: _Components, model, images: list[Image.I
         ids += components.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         inputs["decoder_input_ids"] = torch.tensor([ids] * len(images), dtype=torch.long)
     return _Encoded(inputs, len(ids))
-
-
-def _to_device(inputs: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> dict:
-    """Move tensors to the device; floating ones (pixels) to the model's dtype."""
-    return {
-        key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
-        for key, value in inputs.items()
-        if isinstance(value, torch.Tensor)
-    }

@@ -11,14 +11,13 @@ from PIL import Image
 
 from dataflowmm.io.images import to_rgb
 from dataflowmm.serving.common import (
-    SingleDeviceServing,
+    LocalModelServing,
     jsonable,
-    load_processor_and_model,
 )
 from dataflowmm.serving.model_source import model_content
 
 
-class ClipServing(SingleDeviceServing):
+class ClipServing(LocalModelServing):
     r"""
     Embed images and texts into CLIP's joint space and score pairs by cosine similarity.
 
@@ -41,6 +40,8 @@ class ClipServing(SingleDeviceServing):
             Allow custom model code shipped with the model.
     """
 
+    one_replica = True  # one model, on the first GPU (else the CPU)
+
     def __init__(
         self,
         model: str | os.PathLike = "openai/clip-vit-base-patch32",
@@ -60,8 +61,7 @@ class ClipServing(SingleDeviceServing):
             return
         from transformers import AutoModel
 
-        processor, model = load_processor_and_model(self.model, AutoModel, self.dtype, self.revision,
-                                                     self.trust_remote_code)
+        processor, model = self._load_processor_and_model(AutoModel)
         for method in ("get_image_features", "get_text_features"):
             if not hasattr(model, method):
                 raise ValueError(

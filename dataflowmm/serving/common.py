@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from dataflowmm.serving.model_source import hub_unreachable_hint, model_source, tiny_name
+from dataflowmm.serving.model_source import hub_unreachable_hint, is_offline_model, model_source
 
 
 def check_model_reference(model: str | os.PathLike) -> str:
@@ -17,8 +17,8 @@ def check_model_reference(model: str | os.PathLike) -> str:
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     if not isinstance(model, str) or not model:
-        raise ValueError(f"model must be a hub id, a local folder or tiny:NAME, got {model!r}")
-    if tiny_name(model) is not None:
+        raise ValueError(f"model must be a hub id, a local folder, tiny:NAME or trained:NAME, got {model!r}")
+    if is_offline_model(model):
         return model
     looks_local = os.path.exists(model) or model.startswith(("/", ".", "~"))
     if looks_local and not Path(model).expanduser().is_dir():
@@ -42,31 +42,19 @@ def model_load_error(model: str, exc: BaseException) -> RuntimeError:
     )
 
 
-def load_processor_and_model(model: str, model_class: Any, dtype: Any, revision: str | None,
-                              trust_remote_code: bool) -> tuple[Any, Any]:
-    """`AutoProcessor` and `model_class` loaded from `model` (Hub id, folder or tiny:NAME).
-
-    Any failure becomes `model_load_error`, which says what to do about it.
-    """
-    from transformers import AutoProcessor
-
-    try:
-        source, options = model_source(model)
-        options.update(revision=revision, trust_remote_code=trust_remote_code)
-        processor = AutoProcessor.from_pretrained(source, **options)
-        loaded = model_class.from_pretrained(source, **{_dtype_keyword(): dtype}, **options)
-    except Exception as exc:
-        raise model_load_error(model, exc) from exc
-    return processor, loaded
+# Releases from which from_pretrained takes `dtype` (and warns on `torch_dtype`); older ones
+# know only `torch_dtype` and would silently ignore `dtype`.
+_DTYPE_KEYWORD_SINCE = {"transformers": "4.56", "diffusers": "0.42"}
 
 
-def _dtype_keyword() -> str:
-    """transformers >= 4.56 takes `dtype` (and warns on `torch_dtype`); older releases
-    know only `torch_dtype` and would silently ignore `dtype`."""
-    import transformers
+def dtype_keyword(library: str = "transformers") -> str:
+    """The keyword `library`'s from_pretrained takes the dtype by: "dtype" or "torch_dtype"."""
+    import importlib
+
     from packaging.version import Version
 
-    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    version = importlib.import_module(library).__version__
+    return "dtype" if Version(version) >= Version(_DTYPE_KEYWORD_SINCE[library]) else "torch_dtype"
 
 
 def jsonable(value: Any) -> Any:
@@ -161,15 +149,24 @@ class TravellingServing:
         raise NotImplementedError
 
 
-class SingleDeviceServing(TravellingServing):
-    """A travelling serving with one model and one processor on one device (`self.device`,
-    `self.dtype` from `self.torch_dtype`)."""
+class LocalModelServing(TravellingServing):
+    """A travelling serving of one local model: the settings every local serving takes
+    (model, batch_size, torch_dtype, device, revision, trust_remote_code), its placement and
+    its loading.
 
-    _unloaded = {"_model": None, "_processor": None}
+    Placement: one replica per device of `self.devices`, every visible GPU (else the CPU)
+    unless `device` pins one; `self.dtype` is `torch_dtype` resolved for them ("auto":
+    bfloat16 on CUDA, float32 on CPU). A serving that holds a single replica sets
+    `one_replica = True` and runs on `self.device`, the first of those devices.
+    `_unloaded` names the attributes holding what is loaded, with their unloaded values.
+    """
+
+    one_replica = False
+    _unloaded: dict[str, Any] = {"_model": None, "_processor": None}
 
     def _set_model_settings(self, model: str | os.PathLike, batch_size: int, torch_dtype: str,
                             device: str | None, revision: str | None, trust_remote_code: bool) -> None:
-        """Check and keep the settings every single-device serving takes; nothing is loaded."""
+        """Check and keep the settings every local serving takes; nothing is loaded."""
         from dataflowmm.checks import check_positive_int
 
         check_positive_int("batch_size", batch_size)
@@ -179,24 +176,82 @@ class SingleDeviceServing(TravellingServing):
         self._place(device)
         self.revision = revision
         self.trust_remote_code = trust_remote_code
-        self._model: Any = None
-        self._processor: Any = None
+        self._unload()
 
     def _place(self, device: str | None) -> None:
         from dataflowmm.serving.device import resolve_devices, resolve_dtype
 
         self._device_request = device
-        self.device = resolve_devices(device)[0]
-        self.dtype = resolve_dtype(self.torch_dtype, self.device)
+        devices = resolve_devices(device)
+        self.devices = devices[:1] if self.one_replica else devices
+        self.dtype = resolve_dtype(self.torch_dtype, self.devices[0])
 
-    def cleanup(self) -> None:
-        """Drop the model and free its memory; a later call reloads it."""
+    @property
+    def device(self) -> str:
+        """The first device (the only one of a single-replica serving)."""
+        return self.devices[0]
+
+    def _pretrained(self, library: str = "transformers") -> tuple[str, dict, dict]:
+        """What from_pretrained takes for this serving's model: the name or folder, the
+        options for every part, and the dtype option for weights (under `library`'s keyword)."""
+        source, options = model_source(self.model)
+        options.update(revision=self.revision, trust_remote_code=self.trust_remote_code)
+        return source, options, {dtype_keyword(library): self.dtype}
+
+    def _load_processor_and_model(self, model_class: Any) -> tuple[Any, Any]:
+        """`AutoProcessor` and `model_class` loaded from the serving's model (on the CPU).
+
+        Any failure becomes `model_load_error`, which says what to do about it.
+        """
+        from transformers import AutoProcessor
+
+        try:
+            source, options, dtype = self._pretrained()
+            processor = AutoProcessor.from_pretrained(source, **options)
+            loaded = model_class.from_pretrained(source, **dtype, **options)
+        except Exception as exc:
+            raise model_load_error(self.model, exc) from exc
+        return processor, loaded
+
+    def _load_replicas(self, load_one: Any) -> list[Any]:
+        """`load_one(device)` for every device, in order; all or none (memory freed on failure)."""
         from dataflowmm.serving.device import free_memory
 
-        self._model = None
-        self._processor = None
+        replicas: list[Any] = []
+        try:
+            for device in self.devices:
+                replicas.append(load_one(device))
+        except BaseException:
+            replicas.clear()
+            free_memory()
+            raise
+        return replicas
+
+    def _unload(self) -> None:
+        for name, value in self._unloaded.items():
+            setattr(self, name, copy.copy(value))
+
+    def cleanup(self) -> None:
+        """Drop what is loaded and free its memory; a later call reloads it."""
+        from dataflowmm.serving.device import free_memory
+
+        self._unload()
         free_memory()
 
     @property
     def loaded(self) -> bool:
         return self._model is not None
+
+
+def on_replicas(replicas: list[Any], jobs: list[Any], run: Any) -> list[Any]:
+    """`run(replica, its_jobs)` for each replica that has jobs: replica r takes jobs r, r + R,
+    r + 2R, ... (R replicas) one after another, the replicas in parallel threads. Returns the
+    results in replica order; one replica runs in the calling thread."""
+    plans = [(replica, jobs[r :: len(replicas)]) for r, replica in enumerate(replicas)]
+    plans = [(replica, own) for replica, own in plans if own]
+    if len(plans) <= 1:
+        return [run(replica, own) for replica, own in plans]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(plans)) as pool:
+        return list(pool.map(lambda plan: run(*plan), plans))

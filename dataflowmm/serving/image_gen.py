@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -15,19 +13,13 @@ from PIL import Image
 from dataflowmm.checks import check_positive_int
 from dataflowmm.io.images import to_rgb
 from dataflowmm.seeds import derive_seed
-from dataflowmm.serving.common import (
-    TravellingServing,
-    check_model_reference,
-    jsonable,
-    model_load_error,
-)
-from dataflowmm.serving.device import free_memory, resolve_devices, resolve_dtype
-from dataflowmm.serving.model_source import model_content, model_source
+from dataflowmm.serving.common import LocalModelServing, jsonable, model_load_error, on_replicas
+from dataflowmm.serving.model_source import model_content
 
 TASKS = ("text2image", "image2image")
 
 
-class LocalImageGenServing(TravellingServing):
+class LocalImageGenServing(LocalModelServing):
     _unloaded = {"_pipelines": []}
 
     r"""
@@ -95,7 +87,6 @@ class LocalImageGenServing(TravellingServing):
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-        check_positive_int("batch_size", batch_size)
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         if not isinstance(max_safety_retries, int) or max_safety_retries < 0:
             raise ValueError(f"max_safety_retries must be an int >= 0, got {max_safety_retries!r}")
@@ -103,46 +94,27 @@ class LocalImageGenServing(TravellingServing):
             raise ValueError(f"strength must be between 0 and 1, got {strength!r}")
         if call_kwargs is not None and not isinstance(call_kwargs, dict):
             raise ValueError(f"call_kwargs must be a dict, got {type(call_kwargs).__name__}")
-        self.model = check_model_reference(model)
+        self._set_model_settings(model, batch_size, torch_dtype, device, revision, trust_remote_code)
         self.task = task
-        self.batch_size = batch_size
         self.num_images_per_prompt = num_images_per_prompt
         self.height = height
         self.width = width
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.strength = float(strength)
-        self.torch_dtype = torch_dtype
-        self.revision = revision
-        self.trust_remote_code = trust_remote_code
-        self._place(device)
         self.max_safety_retries = max_safety_retries
         self.call_kwargs = dict(call_kwargs or {})
-        self._pipelines: list[Any] = []
-
-    def _place(self, device: str | None) -> None:
-        self._device_request = device
-        self.devices = resolve_devices(device)
-        self.dtypes = [resolve_dtype(self.torch_dtype, dev) for dev in self.devices]
 
     # ----------------------------------------------------------------- loading
     def load(self) -> None:
         """Load one pipeline replica per device (does nothing when already loaded)."""
         if self._pipelines:
             return
-        pipelines = []
-        try:
-            for dev, dtype in zip(self.devices, self.dtypes, strict=True):
-                pipelines.append(self._load_replica(dev, dtype))
-        except BaseException:
-            pipelines.clear()
-            free_memory()
-            raise
-        self._pipelines = pipelines
+        self._pipelines = self._load_replicas(self._load_replica)
 
-    def _load_replica(self, device: str, dtype: torch.dtype) -> Any:
+    def _load_replica(self, device: str) -> Any:
         """One pipeline on `device`, progress bars off."""
-        pipeline = self._from_pretrained(dtype)
+        pipeline = self._from_pretrained()
         if self.task == "image2image" and "image" not in _call_parameters(pipeline):
             raise ValueError(
                 f"model {self.model!r} loaded as {type(pipeline).__name__}, which takes no input "
@@ -152,7 +124,7 @@ class LocalImageGenServing(TravellingServing):
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    def _from_pretrained(self, dtype: torch.dtype) -> Any:
+    def _from_pretrained(self) -> Any:
         from diffusers import (
             AutoPipelineForImage2Image,
             AutoPipelineForText2Image,
@@ -163,22 +135,13 @@ class LocalImageGenServing(TravellingServing):
             AutoPipelineForText2Image if self.task == "text2image" else AutoPipelineForImage2Image
         )
         try:
-            source, options = model_source(self.model)
-            options.update(torch_dtype=dtype, revision=self.revision, trust_remote_code=self.trust_remote_code)
-            with warnings.catch_warnings():
-                # diffusers >= 0.42 prefers `dtype`; older releases know only `torch_dtype`.
-                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                try:
-                    return auto.from_pretrained(source, **options)
-                except ValueError:  # the auto class does not know this pipeline
-                    return DiffusionPipeline.from_pretrained(source, **options)
+            source, options, dtype = self._pretrained("diffusers")
+            try:
+                return auto.from_pretrained(source, **dtype, **options)
+            except ValueError:  # the auto class does not know this pipeline
+                return DiffusionPipeline.from_pretrained(source, **dtype, **options)
         except Exception as exc:
             raise model_load_error(self.model, exc) from exc
-
-    def cleanup(self) -> None:
-        """Drop the loaded pipelines and free their memory; a later `generate` reloads."""
-        self._pipelines = []
-        free_memory()
 
     @property
     def loaded(self) -> bool:
@@ -207,19 +170,9 @@ class LocalImageGenServing(TravellingServing):
             list(range(start, min(start + self.batch_size, len(prompts))))
             for start in range(0, len(prompts), self.batch_size)
         ]
-        replicas = self._pipelines
         # Replica r runs batches r, r + R, r + 2R, ... one after another.
-        plans = [(pipe, batches[r :: len(replicas)]) for r, pipe in enumerate(replicas)]
-        plans = [(pipe, own) for pipe, own in plans if own]
-
-        def run(plan: tuple[Any, list[list[int]]]) -> dict[int, list[Image.Image | None]]:
-            return self._run_batches(plan[0], plan[1], prompts, seeds, images)
-
-        if len(plans) == 1:
-            results = [run(plans[0])]
-        else:
-            with ThreadPoolExecutor(max_workers=len(plans)) as pool:
-                results = list(pool.map(run, plans))
+        results = on_replicas(self._pipelines, batches, lambda pipeline, own: self._run_batches(
+            pipeline, own, prompts, seeds, images))
         outputs: list[list[Image.Image | None]] = [[] for _ in prompts]
         for result in results:
             for index, generated in result.items():

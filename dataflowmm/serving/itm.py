@@ -10,14 +10,13 @@ from PIL import Image
 
 from dataflowmm.io.images import to_rgb
 from dataflowmm.serving.common import (
-    SingleDeviceServing,
+    LocalModelServing,
     jsonable,
-    load_processor_and_model,
 )
 from dataflowmm.serving.model_source import model_content
 
 
-class ImageTextMatchingServing(SingleDeviceServing):
+class ImageTextMatchingServing(LocalModelServing):
     r"""
     Score how well each text describes its image with BLIP's image-text matching head.
 
@@ -40,6 +39,8 @@ class ImageTextMatchingServing(SingleDeviceServing):
             Allow model code shipped with the model.
     """
 
+    one_replica = True  # one model, on the first GPU (else the CPU)
+
     def __init__(
         self,
         model: str | os.PathLike = "Salesforce/blip-itm-base-coco",
@@ -59,8 +60,7 @@ class ImageTextMatchingServing(SingleDeviceServing):
             return
         from transformers import BlipForImageTextRetrieval
 
-        processor, model = load_processor_and_model(self.model, BlipForImageTextRetrieval, self.dtype,
-                                                     self.revision, self.trust_remote_code)
+        processor, model = self._load_processor_and_model(BlipForImageTextRetrieval)
         self._processor = processor
         self._model = model.to(self.device).eval()
 

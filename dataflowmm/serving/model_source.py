@@ -1,8 +1,10 @@
 """Where a serving's model comes from, and what identifies it in a step's fingerprint.
 
 A model reference is one of:
-- `tiny:NAME`: a tiny offline model (`dataflowmm models list`), built on first use into
-  `$DATAFLOWMM_MODELS_DIR`;
+- `tiny:NAME`: a tiny random-weight model (`dataflowmm models list`), built on first use
+  (seconds) into `$DATAFLOWMM_MODELS_DIR`;
+- `trained:NAME`: a toy model trained on the shapes world, trained on first use (minutes)
+  into the same folder and identified by its recipe hash;
 - a local folder, identified by its content (config files and weights), so a folder
   rebuilt with other weights at the same path does not reuse cached steps;
 - a Hugging Face Hub id. When the Hub cannot be reached (and `HF_HUB_OFFLINE` is not set),
@@ -20,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 TINY_PREFIX = "tiny:"
+TRAINED_PREFIX = "trained:"
 HUB_ENDPOINT_ENV = "HF_ENDPOINT"
 DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
 # Weight files up to this size are hashed whole; larger ones by size and sampled blocks,
@@ -29,16 +32,40 @@ SAMPLE_BYTES = 1 << 20
 
 
 def tiny_name(model: str) -> str | None:
-    """NAME of a `tiny:NAME` reference (checked against the known tiny models), else None."""
+    """NAME of a `tiny:NAME` reference (checked against the random-weight models), else None."""
     if not model.startswith(TINY_PREFIX):
         return None
-    from dataflowmm.models.tiny import TINY_MODELS
+    from dataflowmm.models.tiny import TINY_MODELS, TRAINED_MODELS
 
     name = model[len(TINY_PREFIX):]
+    if name in TRAINED_MODELS:
+        raise ValueError(f"unknown tiny model {model!r}: {name} is trained, "
+                         f"use {TRAINED_PREFIX}{name}")
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {model!r}; choose from "
                          + ", ".join(TINY_PREFIX + known for known in TINY_MODELS))
     return name
+
+
+def trained_name(model: str) -> str | None:
+    """NAME of a `trained:NAME` reference (checked against the trained models), else None."""
+    if not model.startswith(TRAINED_PREFIX):
+        return None
+    from dataflowmm.models.tiny import TINY_MODELS, TRAINED_MODELS
+
+    name = model[len(TRAINED_PREFIX):]
+    if name in TINY_MODELS:
+        raise ValueError(f"unknown trained model {model!r}: {name} has random weights, "
+                         f"use {TINY_PREFIX}{name}")
+    if name not in TRAINED_MODELS:
+        raise ValueError(f"unknown trained model {model!r}; choose from "
+                         + ", ".join(TRAINED_PREFIX + known for known in TRAINED_MODELS))
+    return name
+
+
+def is_offline_model(model: str) -> bool:
+    """Whether `model` is a `tiny:NAME` or `trained:NAME` reference (unknown names raise)."""
+    return tiny_name(model) is not None or trained_name(model) is not None
 
 
 def hub_offline() -> bool:
@@ -68,6 +95,11 @@ def model_source(model: str) -> tuple[str, dict]:
         from dataflowmm.models.tiny import tiny_model_path
 
         return str(tiny_model_path(name)), {}
+    name = trained_name(model)
+    if name is not None:
+        from dataflowmm.models.tiny import trained_model_path
+
+        return str(trained_model_path(name)), {}
     if Path(model).is_dir() or hub_offline() or hub_reachable(hub_endpoint()):
         return model, {}
     return model, {"local_files_only": True}
@@ -79,7 +111,7 @@ def hub_unreachable_hint(model: str) -> str | None:
     That is: the Hub cannot be reached (or `HF_HUB_OFFLINE` is set) and the model is not in
     the local Hugging Face cache.
     """
-    if tiny_name(model) is not None or Path(model).is_dir() or in_hub_cache(model):
+    if is_offline_model(model) or Path(model).is_dir() or in_hub_cache(model):
         return None
     if hub_offline():
         reason = "HF_HUB_OFFLINE is set"
@@ -103,11 +135,16 @@ def in_hub_cache(model: str) -> bool:
 
 def model_content(model: str) -> dict:
     """What identifies `model` beyond its name: a local folder's content digest."""
-    name = tiny_name(model)
-    if name is not None:
+    if tiny_name(model) is not None:
         from dataflowmm.models.tiny import BUILDER_VERSION
 
         return {"model_builder": BUILDER_VERSION}
+    name = trained_name(model)
+    if name is not None:
+        from dataflowmm.models.tiny import BUILDER_VERSION, model_folder_name
+
+        # The folder name carries the training recipe's hash: another recipe, other weights.
+        return {"model_builder": BUILDER_VERSION, "model_folder": model_folder_name(name)}
     folder = Path(model)
     if folder.is_dir():
         return {"model_content": folder_digest(folder)}

@@ -16,14 +16,11 @@ import torch
 from PIL import Image
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.serving.caption import (
+from dataflowmm.serving.common import LocalModelServing
+from dataflowmm.serving.generation import (
     SeededSamplingLogitsProcessor,
-    _check_generate_kwargs,
-    _to_device,
-)
-from dataflowmm.serving.common import (
-    SingleDeviceServing,
-    load_processor_and_model,
+    check_generate_kwargs,
+    to_device,
 )
 from dataflowmm.serving.model_source import model_content
 
@@ -42,7 +39,7 @@ class VLMPrompt:
             raise ValueError("a VLM prompt needs at least one PIL image")
 
 
-class LocalVLMServing(SingleDeviceServing):
+class LocalVLMServing(LocalModelServing):
     r"""
     Answer image prompts with a local chat vision-language model, batched.
 
@@ -75,6 +72,8 @@ class LocalVLMServing(SingleDeviceServing):
             Extra `generate` arguments (e.g. `repetition_penalty`); those set here are refused.
     """
 
+    one_replica = True  # one model, on the first GPU (else the CPU)
+
     def __init__(
         self,
         model: str | os.PathLike = "llava-hf/llava-v1.6-vicuna-7b-hf",
@@ -97,7 +96,7 @@ class LocalVLMServing(SingleDeviceServing):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-        self.generate_kwargs = _check_generate_kwargs(generate_kwargs)
+        self.generate_kwargs = check_generate_kwargs(generate_kwargs)
         if "num_beams" in self.generate_kwargs:
             raise ValueError("generate_kwargs may not set num_beams: use the constructor's argument")
         self.max_new_tokens = max_new_tokens
@@ -115,8 +114,7 @@ class LocalVLMServing(SingleDeviceServing):
             return
         from transformers import AutoModelForImageTextToText
 
-        processor, model = load_processor_and_model(self.model, AutoModelForImageTextToText, self.dtype,
-                                                     self.revision, self.trust_remote_code)
+        processor, model = self._load_processor_and_model(AutoModelForImageTextToText)
         if not getattr(processor, "chat_template", None):
             raise ValueError(f"model {self.model!r} has no chat template: LocalVLMServing needs a chat VLM "
                              "(LLaVA, LLaVA-NeXT, Qwen2-VL, ...)")
@@ -153,7 +151,7 @@ class LocalVLMServing(SingleDeviceServing):
         texts = [self._chat_text(prompt) for prompt in prompts]
         images = [image.convert("RGB") for prompt in prompts for image in prompt.images]
         encoded = self._processor(images=images, text=texts, return_tensors="pt", padding=True)
-        inputs = _to_device(dict(encoded), self.device, self.dtype)
+        inputs = to_device(dict(encoded), self.device, self.dtype)
         with torch.inference_mode():
             output = self._model.generate(**inputs, **self._generation_arguments(seeds))
         self.generate_calls += 1

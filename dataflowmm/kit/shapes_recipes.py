@@ -11,16 +11,20 @@ This module imports no torch: resolving a cached model's folder stays instant.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from dataflowmm.kit.shapes import ShapesWorld
 from dataflowmm.seeds import canonical_json
-from dataflowmm.shapes import ShapesWorld
 
 # Bump when the training code changes in a way that changes weights.
 TRAINING_CODE_VERSION = 1
 # Torch threads while training: float reductions are ordered by the thread count, so a
 # fixed count makes the weights repeatable (see README, "Shapes-world models").
 TRAINING_THREADS = 2
+# Written beside each trained model: its recipe, training time and held-out figures.
+REPORT_FILE = "training_report.json"
 
 
 @dataclass(frozen=True)
@@ -143,3 +147,8 @@ def _known(name: str) -> str:
     if name not in RECIPES:
         raise ValueError(f"no shapes-world recipe for {name!r}; choose from {', '.join(RECIPES)}")
     return name
+
+
+def read_training_report(folder: str | Path) -> dict:
+    """The `training_report.json` of a trained shapes model folder."""
+    return json.loads((Path(folder) / REPORT_FILE).read_text())

@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw
 
 from dataflowmm.io.atomic import atomic_write_text
 from dataflowmm.io.images import save_png
+from dataflowmm.kit.shapes import COLOURS
 from dataflowmm.operators.boxes import Box, corners_to_box
-from dataflowmm.shapes import COLOURS
 
 EDITS = ("move", "recolour", "add", "identical")
 SHAPE_KINDS = ("circle", "square", "triangle")

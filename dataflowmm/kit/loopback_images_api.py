@@ -83,7 +83,7 @@ class LoopbackImagesAPI:
         port: port on 127.0.0.1 (0: any free one).
         huge_bytes: how many bytes a `[url-huge]` download sends.
 
-    `python -m dataflowmm.testing.images_api --latency 0.05` serves one from its own process
+    `python -m dataflowmm.kit.loopback_images_api --latency 0.05` serves one from its own process
     and prints its base URL (the API key is `sk-loopback-secret` unless `--api-key` is given).
     """
 
@@ -287,7 +287,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Serve until interrupted: `python -m dataflowmm.testing.images_api --latency 0.05`."""
+    """Serve until interrupted: `python -m dataflowmm.kit.loopback_images_api --latency 0.05`."""
     import argparse
 
     parser = argparse.ArgumentParser(description="A loopback OpenAI-compatible images API (for offline tries).")
