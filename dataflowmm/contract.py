@@ -159,10 +159,12 @@ class Operator(ABC):
 
     # -- columns --------------------------------------------------------------------------
 
-    @property
-    def keys(self) -> types.SimpleNamespace:
-        """The bound column names of this run, by column name (defaults before `run()`)."""
-        return self.__dict__.get("_keys") or _bound(self.columns, {})
+    def __getattr__(self, name: str) -> Any:
+        # `keys` is a plain attribute once bound (read per row: no property on the hot path);
+        # before any run() it is the declared defaults.
+        if name == "keys":
+            return _bound(self.columns, {})
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def bind(self, **keys: str | None) -> Operator:
         """A copy of this operator reading and writing the columns named by `keys` (the
@@ -171,7 +173,7 @@ class Operator(ABC):
 
     def _bound_to(self, keys: Any) -> Operator:
         bound = copy.copy(self)
-        bound._keys = keys
+        bound.keys = keys  # the bound column names of this run, by column name
         return bound
 
     def run(self, storage: Any, *args: Any, **keys: Any) -> StepSummary:

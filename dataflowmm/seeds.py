@@ -49,12 +49,19 @@ def canonical_json_bytes(value: Any) -> bytes:
     return text
 
 
+# Execution marks each row it hands an operator with the row's input position under this
+# key (a NUL-prefixed key cannot come from user data); it is not part of the row's identity.
+ROW_POSITION_KEY = "\x00row"
+
+
 def row_identity(row: dict, index: int) -> str:
     """16 hex digits naming a row by its content and position in the step's input.
 
     Duplicate rows at different positions get different identities, so their
     generated files never collide.
     """
+    if ROW_POSITION_KEY in row:
+        row = {key: value for key, value in row.items() if key != ROW_POSITION_KEY}
     digest = hashlib.sha256(b"%d\n" % index + canonical_json_bytes(row))
     return digest.hexdigest()[:16]
 

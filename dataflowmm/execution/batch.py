@@ -53,7 +53,11 @@ def apply_batch(
     if path_keys:
         rows = [_with_paths(row, path_keys, lambda value: resolve_paths(value, context.input_dir))
                 for row in rows]
-    given = [{**rows[offset], ROW_MARK: offset} for offset in todo]
+    given = [rows[offset] for offset in todo]
+    for offset, row in zip(todo, given, strict=True):
+        # Rows are execution's own (parsed for this batch), so marked in place: no copy per row.
+        # The mark is not part of a row's identity (seeds.ROW_POSITION_KEY).
+        row[ROW_MARK] = first_row + offset
     ids = row_ids if len(todo) == len(rows) else _Subset(row_ids, todo)
     try:
         out = operator.process_batch(given, ids, context) if given else []
@@ -63,22 +67,20 @@ def apply_batch(
     if not isinstance(out, list):
         raise TypeError(f"{operator.name}.process_batch must return a list of rows, got {type(out).__name__}")
     if len(todo) < len(rows):
-        out = _with_upstream_failures(out, rows, set(todo))
+        out = _with_upstream_failures(out, rows, set(todo), first_row)
     relative_to = None if operator.settings.absolute_paths else context.output_dir
     if path_keys and relative_to is not None:
         out = [_with_paths(row, path_keys, lambda value: relative_paths(value, relative_to)) for row in out]
     for row in out:
         if ERROR_KEY not in row:
             row[ERROR_KEY] = None
-        offset = row.get(ROW_MARK)
-        row[ROW_MARK] = first_row + offset if isinstance(offset, int) and 0 <= offset < len(rows) else None
     return out
 
 
-def _with_upstream_failures(out: list[dict], rows: list[dict], given: set[int]) -> list[dict]:
+def _with_upstream_failures(out: list[dict], rows: list[dict], given: set[int], first_row: int) -> list[dict]:
     """The operator's output with the rows it was not given (failed upstream) put back, each
     before the first output row of a later input row."""
-    passed = [{**rows[offset], UPSTREAM_MARK: True, ROW_MARK: offset}
+    passed = [{**rows[offset], UPSTREAM_MARK: True, ROW_MARK: first_row + offset}
               for offset in range(len(rows)) if offset not in given]
     merged: list[dict] = []
     for row in out:
@@ -110,21 +112,24 @@ def finish_chunk(rows: list[dict]) -> tuple[bytes, dict]:
     `failed_upstream` (rows passed through) and `failed`, one `[input row, first output row,
     end, transient]` per input row whose own processing failed (output rows counted from the
     chunk's first; an input row whose output rows cannot be told apart is left out)."""
-    spans: dict[int, list[int]] = {}
+    positions = [row.pop(ROW_MARK, None) for row in rows]
     failed: dict[int, bool] = {}
     upstream = 0
-    for index, row in enumerate(rows):
-        position = row.pop(ROW_MARK, None)
+    # Only failed rows carry the other markers (row_failed, or arrived failed): look at those.
+    for index in [index for index, row in enumerate(rows) if row.get(ERROR_KEY) is not None]:
+        row, position = rows[index], positions[index]
         transient = bool(row.pop(TRANSIENT_MARK, False))
         if row.pop(UPSTREAM_MARK, False):
             upstream += 1
-            continue
-        if position is None:
-            continue
-        span = spans.setdefault(position, [index, index, 0])
-        span[1], span[2] = index + 1, span[2] + 1
-        if row.get(ERROR_KEY) is not None:
+            positions[index] = None
+        elif position is not None:
             failed[position] = failed.get(position, False) or transient
+    spans: dict[int, list[int]] = {}  # only for failed input rows: [first, end, count] of their output rows
+    if failed:
+        for index, position in enumerate(positions):
+            if position in failed:
+                span = spans.setdefault(position, [index, index, 0])
+                span[1], span[2] = index + 1, span[2] + 1
     meta: dict[str, Any] = {}
     if upstream:
         meta["failed_upstream"] = upstream

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from dataflowmm.seeds import ROW_POSITION_KEY
+
 ERROR_KEY = "error"
 # The column of the side file of dropped rows (`{output}.dropped.jsonl`) saying why each was
 # dropped. An input column of this name is plain data: it never drops a row.
@@ -26,7 +28,7 @@ DROP_MARK = "\x00dropped_by"
 # recorded in the checkpoint and manifest, and recomputed by the next run of the step.
 TRANSIENT_MARK = "\x00transient"
 # Set by execution on the rows an operator gets: the input row an output row comes from.
-ROW_MARK = "\x00row"
+ROW_MARK = ROW_POSITION_KEY
 # Set by execution on an input row that arrived failed and was passed through unprocessed.
 UPSTREAM_MARK = "\x00upstream"
 

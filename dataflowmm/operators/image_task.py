@@ -118,7 +118,7 @@ class ImageTask(Operator):
         self.num_generations = num_generations
         self.group_generations = bool(group_generations)
         self.image_output = ImageOutput(image_format, images_in_rows)
-        self._keys = _Mappings()
+        self.keys = _Mappings()
         self._check_columns()
 
     # -- what a subclass defines ----------------------------------------------------------
