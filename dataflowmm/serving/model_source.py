@@ -33,33 +33,30 @@ SAMPLE_BYTES = 1 << 20
 
 def tiny_name(model: str) -> str | None:
     """NAME of a `tiny:NAME` reference (checked against the random-weight models), else None."""
-    if not model.startswith(TINY_PREFIX):
-        return None
-    from dataflowmm.models.tiny import TINY_MODELS, TRAINED_MODELS
-
-    name = model[len(TINY_PREFIX):]
-    if name in TRAINED_MODELS:
-        raise ValueError(f"unknown tiny model {model!r}: {name} is trained, "
-                         f"use {TRAINED_PREFIX}{name}")
-    if name not in TINY_MODELS:
-        raise ValueError(f"unknown tiny model {model!r}; choose from "
-                         + ", ".join(TINY_PREFIX + known for known in TINY_MODELS))
-    return name
+    return _offline_name(model, trained=False)
 
 
 def trained_name(model: str) -> str | None:
     """NAME of a `trained:NAME` reference (checked against the trained models), else None."""
-    if not model.startswith(TRAINED_PREFIX):
-        return None
+    return _offline_name(model, trained=True)
+
+
+def _offline_name(model: str, *, trained: bool) -> str | None:
+    """NAME of a reference with the prefix of its kind, checked; a model of the other kind
+    named with this prefix is an error naming the right prefix."""
     from dataflowmm.models.tiny import TINY_MODELS, TRAINED_MODELS
 
-    name = model[len(TRAINED_PREFIX):]
-    if name in TINY_MODELS:
-        raise ValueError(f"unknown trained model {model!r}: {name} has random weights, "
-                         f"use {TINY_PREFIX}{name}")
-    if name not in TRAINED_MODELS:
-        raise ValueError(f"unknown trained model {model!r}; choose from "
-                         + ", ".join(TRAINED_PREFIX + known for known in TRAINED_MODELS))
+    prefix, kind, known = (TRAINED_PREFIX, "trained", TRAINED_MODELS) if trained else (TINY_PREFIX, "tiny", TINY_MODELS)
+    other_prefix, other, why = ((TINY_PREFIX, TINY_MODELS, "has random weights") if trained
+                                else (TRAINED_PREFIX, TRAINED_MODELS, "is trained"))
+    if not model.startswith(prefix):
+        return None
+    name = model[len(prefix):]
+    if name in other:
+        raise ValueError(f"unknown {kind} model {model!r}: {name} {why}, use {other_prefix}{name}")
+    if name not in known:
+        raise ValueError(f"unknown {kind} model {model!r}; choose from "
+                         + ", ".join(prefix + entry for entry in known))
     return name
 
 
