@@ -304,9 +304,5 @@ class ImageOutput:
         name = Path(image_file_name(row_id, *indices)).with_suffix(_SUFFIXES[self.image_format])
         return str(save_image(image, Path(save_dir) / name, self.image_format))
 
-    def params(self) -> dict:
-        """What changes the written rows (for step fingerprints)."""
-        return {"image_format": self.image_format, "images_in_rows": self.images_in_rows}
-
     def __repr__(self) -> str:
         return f"ImageOutput(image_format={self.image_format!r}, images_in_rows={self.images_in_rows})"
