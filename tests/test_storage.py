@@ -113,3 +113,25 @@ def test_input_fingerprint_chains_upstream_manifest(tmp_path, entry):
     storage.operator_step = 0
     storage.step().write(ROWS, step_fingerprint="upstream-b")  # same bytes, other parameters
     assert storage.step().input_fingerprint() != fingerprint_a
+
+
+def test_a_chunk_has_one_input_digest_whichever_way_it_is_read(tmp_path):
+    # The local runner streams chunks, Ray actors read byte spans, a resume skips rows: a
+    # finished chunk is kept on resume only if all three name its input the same way.
+    from dataflowmm.execution.checkpoints import chunk_digest
+    from dataflowmm.io.records import iter_chunks, jsonl_spans, read_jsonl_span
+
+    entry = tmp_path / "in.jsonl"
+    entry.write_bytes(b'{"a": 1}\n\n{"a": 2}\r\n{"a": 3}\n  \n{"a": 4}\n{"a": 5}')
+    streamed = list(iter_chunks(entry, 2))
+    spans = [read_jsonl_span(entry, span) for span in jsonl_spans(entry, 2)]
+    assert [list(chunk) for chunk in streamed] == [list(chunk) for chunk in spans] == [
+        [{"a": 1}, {"a": 2}], [{"a": 3}, {"a": 4}], [{"a": 5}]]
+    digests = [chunk_digest(chunk) for chunk in streamed]
+    assert len(set(digests)) == 3
+    assert [chunk_digest(chunk) for chunk in spans] == digests
+    assert [chunk_digest(chunk) for chunk in iter_chunks(entry, 2, skip=2)] == digests[1:]
+
+    entry.write_bytes(b'{"a": 1}\n\n{"a": 2}\r\n{"a": 3}\n  \n{"a": 40}\n{"a": 5}')
+    changed = [chunk_digest(chunk) for chunk in iter_chunks(entry, 2)]
+    assert changed[0] == digests[0] and changed[1] != digests[1] and changed[2] == digests[2]

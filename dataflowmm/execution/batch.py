@@ -49,15 +49,17 @@ def apply_batch(
         source: the step's input file, for error messages.
     """
     path_keys = operator.path_keys()
-    todo = [offset for offset, row in enumerate(rows) if row.get(ERROR_KEY) is None]
     if path_keys:
         rows = [_with_paths(row, path_keys, lambda value: resolve_paths(value, context.input_dir))
                 for row in rows]
-    given = [rows[offset] for offset in todo]
-    for offset, row in zip(todo, given, strict=True):
-        # Rows are execution's own (parsed for this batch), so marked in place: no copy per row.
-        # The mark is not part of a row's identity (seeds.ROW_POSITION_KEY).
-        row[ROW_MARK] = first_row + offset
+    todo = []
+    for offset, row in enumerate(rows):
+        if row.get(ERROR_KEY) is None:
+            # Rows are execution's own (parsed for this batch), so marked in place: no copy per
+            # row. The mark is not part of a row's identity (seeds.ROW_POSITION_KEY).
+            row[ROW_MARK] = first_row + offset
+            todo.append(offset)
+    given = rows if len(todo) == len(rows) else [rows[offset] for offset in todo]
     ids = row_ids if len(todo) == len(rows) else _Subset(row_ids, todo)
     try:
         out = operator.process_batch(given, ids, context) if given else []
@@ -188,6 +190,9 @@ class OutputCounts:
         self.referenced: set[str] = set()
 
     def add(self, rows: list[dict]) -> None:
+        if not self.image_keys:
+            self.errors += len(rows) - [row.get(ERROR_KEY) for row in rows].count(None)
+            return
         for row in rows:
             failed = row.get(ERROR_KEY) is not None
             self.errors += failed

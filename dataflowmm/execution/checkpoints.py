@@ -23,8 +23,11 @@ from dataflowmm.io.atomic import atomic_write_text
 
 def chunk_digest(rows: list[dict]) -> str:
     """A digest of a chunk's input rows, recorded with the chunk: a resumed step keeps the
-    finished chunks whose input is unchanged (a fixed late line keeps those before it)."""
-    return hashlib.sha256(orjson.dumps(rows)).hexdigest()[:32]
+    finished chunks whose input is unchanged (a fixed late line keeps those before it).
+
+    Rows read from jsonl carry the digest of their lines (`RowChunk.source_digest`), which
+    costs no second serialisation; other rows are digested as JSON."""
+    return getattr(rows, "source_digest", None) or hashlib.sha256(orjson.dumps(rows)).hexdigest()[:32]
 
 
 class StepCheckpoint:

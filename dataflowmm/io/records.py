@@ -9,12 +9,13 @@ is another format. JSON cells are used as parsed: only values that are not JSON-
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -110,8 +111,12 @@ def _stdlib_jsonl_row(line: bytes, path: Path, line_number: int) -> Any:
         raise StorageError(f"{path}:{line_number}: malformed JSON line: {error.msg}") from None
 
 
-def _parse_jsonl(numbered_lines: Iterator[tuple[int, bytes]], path: Path) -> Iterator[dict]:
+def _parse_jsonl(numbered_lines: Iterable[tuple[int, bytes]], path: Path,
+                 raw: list[bytes] | None = None) -> Iterator[dict]:
+    """Rows of numbered jsonl lines; each row's line is appended to `raw` (when given) before
+    the row is yielded, so a consumer that stops after n rows has exactly their lines."""
     loads, refused = orjson.loads, orjson.JSONDecodeError
+    keep = raw.append if raw is not None else None
     for line_number, line in numbered_lines:
         try:
             row = loads(line)
@@ -121,21 +126,39 @@ def _parse_jsonl(numbered_lines: Iterator[tuple[int, bytes]], path: Path) -> Ite
                 continue
         if type(row) is not dict:
             _check_object(row, path, line_number)
+        if keep is not None:
+            keep(line)
         yield row
 
 
-def _numbered_lines(file: IO[bytes], skip: int) -> Iterator[tuple[int, bytes]]:
-    for line_number, line in enumerate(file, start=1):
-        if skip:
-            if line.strip():  # rows already done are counted, not parsed
-                skip -= 1
-            continue
-        yield line_number, line
+def _skip_rows(file: IO[bytes], rows: int) -> int:
+    """Read past the first `rows` rows (non-blank lines, counted, not parsed); lines read."""
+    lines = 0
+    if rows:
+        for line in file:
+            lines += 1
+            if line.strip():
+                rows -= 1
+                if not rows:
+                    break
+    return lines
 
 
-def _iter_jsonl(path: Path, skip: int) -> Iterator[dict]:
+def _iter_jsonl(path: Path, skip: int, raw: list[bytes] | None = None) -> Iterator[dict]:
     with open(path, "rb") as file:
-        yield from _parse_jsonl(_numbered_lines(file, skip), path)
+        first_line = _skip_rows(file, skip) + 1
+        yield from _parse_jsonl(enumerate(file, start=first_line), path, raw)
+
+
+class RowChunk(list):
+    """Rows read together from a dataset file. `source_digest` names the exact file lines they
+    were parsed from (jsonl; None for other formats, whose rows have no lines of their own)."""
+
+    source_digest: str | None = None
+
+
+def _lines_digest(lines: list[bytes]) -> str:
+    return hashlib.sha256(b"".join(lines)).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -172,14 +195,17 @@ def jsonl_spans(path: str | os.PathLike, rows_per_chunk: int, skip: int = 0) -> 
             yield JsonlSpan(first_row, rows, start, offset, first_line)
 
 
-def read_jsonl_span(path: str | os.PathLike, span: JsonlSpan) -> Records:
-    """The rows of one span of a jsonl file."""
+def read_jsonl_span(path: str | os.PathLike, span: JsonlSpan) -> RowChunk:
+    """The rows of one span of a jsonl file (with the `source_digest` of their lines)."""
     path = Path(path)
     with open(path, "rb") as file:
         file.seek(span.start)
         data = file.read(span.end - span.start)
     lines = enumerate(data.splitlines(keepends=True), start=span.first_line)
-    return list(_parse_jsonl(lines, path))
+    raw: list[bytes] = []
+    chunk = RowChunk(_parse_jsonl(lines, path, raw))
+    chunk.source_digest = _lines_digest(raw)
+    return chunk
 
 
 def _read_json(path: Path) -> Records:
@@ -260,10 +286,15 @@ def iter_records(path: str | os.PathLike, skip: int = 0) -> Iterator[dict]:
     return iter(records[skip:])
 
 
-def iter_chunks(path: str | os.PathLike, rows_per_chunk: int, skip: int = 0) -> Iterator[Records]:
-    """Lists of up to `rows_per_chunk` rows, in file order, after the first `skip` rows."""
-    rows = iter_records(path, skip)
-    while chunk := list(itertools.islice(rows, rows_per_chunk)):
+def iter_chunks(path: str | os.PathLike, rows_per_chunk: int, skip: int = 0) -> Iterator[RowChunk]:
+    """`RowChunk`s of up to `rows_per_chunk` rows, in file order, after the first `skip` rows."""
+    path = Path(path)
+    raw: list[bytes] | None = [] if _check_readable(path) == "jsonl" else None
+    rows = _iter_jsonl(path, skip, raw) if raw is not None else iter_records(path, skip)
+    while chunk := RowChunk(itertools.islice(rows, rows_per_chunk)):
+        if raw is not None:
+            chunk.source_digest = _lines_digest(raw)
+            raw.clear()
         yield chunk
 
 
