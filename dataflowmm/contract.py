@@ -20,6 +20,7 @@ by hand. `save_interval`, `seed`, `save_dir`, `absolute_paths` and `strict` argu
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import os
@@ -368,6 +369,7 @@ def _fingerprintable(name: str, value: Any) -> Any:
     return text
 
 
+@functools.cache  # per class object: reading and tokenising the source is most of a small step's set-up
 def _source_digest(cls: type) -> str:
     """A digest of the operator's code: a built-in operator's module (its prompts and helpers
     live there), or a user's class alone (so editing the rest of a pipeline script does not

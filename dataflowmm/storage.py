@@ -196,9 +196,11 @@ class FileStorage:
         return str(self.output_path)
 
     def write_manifest(self, *, operator: str | None, params: dict | None, input_fingerprint: str | None,
-                       step_fingerprint: str, rows: int, extra: dict | None = None) -> None:
+                       step_fingerprint: str, rows: int, extra: dict | None = None,
+                       sha256: str | None = None) -> None:
         """The manifest beside this step's cache file: what made it and from what, and the
-        file's digest, size and modification time (the file must be written already)."""
+        file's digest, size and modification time (the file must be written already).
+        `sha256`: the file's digest when the caller computed it while writing the file."""
         stat = self.output_path.stat()
         manifest = {
             "step": self.operator_step,
@@ -208,7 +210,7 @@ class FileStorage:
             "input_fingerprint": input_fingerprint,
             "fingerprint": step_fingerprint,
             "rows": rows,
-            "sha256": file_digest(self.output_path),
+            "sha256": sha256 or file_digest(self.output_path),
             "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns,
             **(extra or {}),

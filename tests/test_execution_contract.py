@@ -1,5 +1,6 @@
 """The execution contract: one batch function, streamed steps, identities, layering."""
 
+import hashlib
 import json
 import random
 import re
@@ -61,6 +62,8 @@ def test_a_malformed_line_fails_naming_it_after_earlier_chunks_are_saved(tmp_pat
     assert summary.chunks_resumed == 2 and len(fixed.seen_ids) == 25 - 16
     clean = Tagger(save_interval=8).run(FileStorage(entry, cache_path=tmp_path / "clean").step())
     assert Path(summary.output_path).read_bytes() == Path(clean.output_path).read_bytes()
+    resumed_manifest = json.loads(Path(summary.output_path).with_suffix(".manifest.json").read_text())
+    assert resumed_manifest["sha256"] == hashlib.sha256(Path(clean.output_path).read_bytes()).hexdigest()
     # A change inside a finished chunk recomputes from that chunk on, not before it.
     lines[3] = json.dumps({"text": "changed early"})
     write_lines(entry, lines)

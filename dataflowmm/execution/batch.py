@@ -52,14 +52,14 @@ def apply_batch(
     if path_keys:
         rows = [_with_paths(row, path_keys, lambda value: resolve_paths(value, context.input_dir))
                 for row in rows]
-    todo = []
-    for offset, row in enumerate(rows):
-        if row.get(ERROR_KEY) is None:
-            # Rows are execution's own (parsed for this batch), so marked in place: no copy per
-            # row. The mark is not part of a row's identity (seeds.ROW_POSITION_KEY).
-            row[ROW_MARK] = first_row + offset
-            todo.append(offset)
+    errors = [row.get(ERROR_KEY) for row in rows]
+    todo = range(len(rows)) if errors.count(None) == len(rows) else \
+        [offset for offset, error in enumerate(errors) if error is None]  # not failed upstream
     given = rows if len(todo) == len(rows) else [rows[offset] for offset in todo]
+    for offset, row in zip(todo, given):
+        # Rows are execution's own (parsed for this batch), so marked in place: no copy per
+        # row. The mark is not part of a row's identity (seeds.ROW_POSITION_KEY).
+        row[ROW_MARK] = first_row + offset
     ids = row_ids if len(todo) == len(rows) else _Subset(row_ids, todo)
     try:
         out = operator.process_batch(given, ids, context) if given else []
@@ -118,7 +118,9 @@ def finish_chunk(rows: list[dict]) -> tuple[bytes, dict]:
     failed: dict[int, bool] = {}
     upstream = 0
     # Only failed rows carry the other markers (row_failed, or arrived failed): look at those.
-    for index in [index for index, row in enumerate(rows) if row.get(ERROR_KEY) is not None]:
+    errors = [row.get(ERROR_KEY) for row in rows]
+    for index in [] if errors.count(None) == len(rows) else \
+            [index for index, error in enumerate(errors) if error is not None]:
         row, position = rows[index], positions[index]
         transient = bool(row.pop(TRANSIENT_MARK, False))
         if row.pop(UPSTREAM_MARK, False):

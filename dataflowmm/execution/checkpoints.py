@@ -53,6 +53,9 @@ class StepCheckpoint:
         self._cut_unrecorded_tail()
         self._rows_file = None
         self._log_file = None
+        # The rows file's digest, kept as this run writes it (a resumed file is digested when
+        # published), so publishing never reads the rows back.
+        self._rows_sha256 = hashlib.sha256() if not self.chunks else None
 
     # -- state ----------------------------------------------------------------------------
 
@@ -114,12 +117,18 @@ class StepCheckpoint:
             self._rows_file = open(self.rows_path, "ab")  # noqa: SIM115 (kept open across chunks)
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115
         self._rows_file.write(payload)
+        if self._rows_sha256 is not None:
+            self._rows_sha256.update(payload)
         self._rows_file.flush()  # the rows reach the OS before the log says they exist
         record = {"chunk": len(self.chunks), "rows_in": rows_in, "rows_out": rows_out,
                   "end": self._rows_file.tell(), **(meta or {})}
         self._log_file.write(orjson.dumps(record) + b"\n")
         self._log_file.flush()
         self.chunks.append(record)
+
+    def rows_sha256(self) -> str | None:
+        """SHA-256 of the rows file when this run wrote all of it (None after a resume)."""
+        return None if self._rows_sha256 is None else self._rows_sha256.hexdigest()
 
     def finished_rows(self) -> Iterator[dict]:
         """The output rows of the finished chunks, in order, streamed."""

@@ -283,9 +283,11 @@ class StepOutput:
         storage.manifest_path.unlink(missing_ok=True)  # the old one must never describe new files
         failed = self.failed_rows()
         rows_path, dropped = self._split_dropped_rows(failed)
+        published_as_written = rows_path == self.checkpoint.rows_path and storage.cache_type == "jsonl"
+        sha256 = self.checkpoint.rows_sha256() if published_as_written else None
         output_path = storage.publish(rows_path)
         upstream = self.failed_upstream
-        storage.write_manifest(operator=step.operator.name, params=step.params,
+        storage.write_manifest(operator=step.operator.name, params=step.params, sha256=sha256,
                                input_fingerprint=step.input_fingerprint, step_fingerprint=step.fingerprint,
                                rows=self.rows_out, extra={"rows_in": rows_in, "errors": self.counts.errors - upstream,
                                                          "images_written": self.counts.images,

@@ -111,24 +111,63 @@ def _stdlib_jsonl_row(line: bytes, path: Path, line_number: int) -> Any:
         raise StorageError(f"{path}:{line_number}: malformed JSON line: {error.msg}") from None
 
 
-def _parse_jsonl(numbered_lines: Iterable[tuple[int, bytes]], path: Path,
-                 raw: list[bytes] | None = None) -> Iterator[dict]:
-    """Rows of numbered jsonl lines; each row's line is appended to `raw` (when given) before
-    the row is yielded, so a consumer that stops after n rows has exactly their lines."""
-    loads, refused = orjson.loads, orjson.JSONDecodeError
-    keep = raw.append if raw is not None else None
-    for line_number, line in numbered_lines:
+class RowChunk(list):
+    """Rows read together from a dataset file. `source_digest` names the exact file lines they
+    were parsed from (jsonl; None for other formats, whose rows have no lines of their own)."""
+
+    def __init__(self, rows: Iterable[dict] = (), lines: list[bytes] | None = None):
+        super().__init__(rows)
+        self._lines = lines
+
+    @property
+    def source_digest(self) -> str | None:
+        if self._lines is None:
+            return None
+        return hashlib.sha256(b"".join(self._lines)).hexdigest()[:32]
+
+
+def _parse_lines(lines: list[bytes], path: Path, first_line: int) -> tuple[list[dict], list[bytes]]:
+    """The rows on consecutive jsonl lines (numbered from `first_line`) and the lines they are on.
+
+    Clean lines are parsed in one call, as one JSON array; anything else (a blank line, a
+    value orjson refuses, a line that is not one object) line by line, naming the line."""
+    try:
+        rows = orjson.loads(b"[" + b",".join(lines) + b"]")
+        if len(rows) == len(lines) and all(type(row) is dict for row in rows):
+            return rows, lines
+    except orjson.JSONDecodeError:
+        pass
+    rows, kept = [], []
+    for line_number, line in enumerate(lines, start=first_line):
         try:
-            row = loads(line)
-        except refused:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
             row = _jsonl_row(line, path, line_number)
             if row is None:
                 continue
-        if type(row) is not dict:
-            _check_object(row, path, line_number)
-        if keep is not None:
-            keep(line)
-        yield row
+        _check_object(row, path, line_number)
+        rows.append(row)
+        kept.append(line)
+    return rows, kept
+
+
+def _jsonl_chunks(path: Path, sizes: Iterator[int], skip: int) -> Iterator[RowChunk]:
+    """`RowChunk`s after the first `skip` rows, each of exactly as many rows as `sizes` says
+    next (the last may be shorter)."""
+    with open(path, "rb") as file:
+        line_number = _skip_rows(file, skip)
+        for size in sizes:
+            lines = list(itertools.islice(file, size))
+            if not lines:
+                return
+            rows, kept = _parse_lines(lines, path, line_number + 1)
+            line_number += len(lines)
+            while len(rows) < size and (more := list(itertools.islice(file, size - len(rows)))):
+                more_rows, more_kept = _parse_lines(more, path, line_number + 1)  # after blank lines
+                line_number += len(more)
+                rows, kept = rows + more_rows, kept + more_kept
+            if rows:
+                yield RowChunk(rows, kept)
 
 
 def _skip_rows(file: IO[bytes], rows: int) -> int:
@@ -144,21 +183,10 @@ def _skip_rows(file: IO[bytes], rows: int) -> int:
     return lines
 
 
-def _iter_jsonl(path: Path, skip: int, raw: list[bytes] | None = None) -> Iterator[dict]:
-    with open(path, "rb") as file:
-        first_line = _skip_rows(file, skip) + 1
-        yield from _parse_jsonl(enumerate(file, start=first_line), path, raw)
-
-
-class RowChunk(list):
-    """Rows read together from a dataset file. `source_digest` names the exact file lines they
-    were parsed from (jsonl; None for other formats, whose rows have no lines of their own)."""
-
-    source_digest: str | None = None
-
-
-def _lines_digest(lines: list[bytes]) -> str:
-    return hashlib.sha256(b"".join(lines)).hexdigest()[:32]
+def _iter_jsonl(path: Path, skip: int) -> Iterator[dict]:
+    # Parsed in growing blocks: a reader that stops after the first row parses only that one.
+    sizes = itertools.chain((1, 32), itertools.repeat(1024))
+    return itertools.chain.from_iterable(_jsonl_chunks(path, sizes, skip))
 
 
 @dataclass(frozen=True)
@@ -201,11 +229,7 @@ def read_jsonl_span(path: str | os.PathLike, span: JsonlSpan) -> RowChunk:
     with open(path, "rb") as file:
         file.seek(span.start)
         data = file.read(span.end - span.start)
-    lines = enumerate(data.splitlines(keepends=True), start=span.first_line)
-    raw: list[bytes] = []
-    chunk = RowChunk(_parse_jsonl(lines, path, raw))
-    chunk.source_digest = _lines_digest(raw)
-    return chunk
+    return RowChunk(*_parse_lines(data.splitlines(keepends=True), path, span.first_line))
 
 
 def _read_json(path: Path) -> Records:
@@ -289,13 +313,10 @@ def iter_records(path: str | os.PathLike, skip: int = 0) -> Iterator[dict]:
 def iter_chunks(path: str | os.PathLike, rows_per_chunk: int, skip: int = 0) -> Iterator[RowChunk]:
     """`RowChunk`s of up to `rows_per_chunk` rows, in file order, after the first `skip` rows."""
     path = Path(path)
-    raw: list[bytes] | None = [] if _check_readable(path) == "jsonl" else None
-    rows = _iter_jsonl(path, skip, raw) if raw is not None else iter_records(path, skip)
-    while chunk := RowChunk(itertools.islice(rows, rows_per_chunk)):
-        if raw is not None:
-            chunk.source_digest = _lines_digest(raw)
-            raw.clear()
-        yield chunk
+    if _check_readable(path) == "jsonl":
+        return _jsonl_chunks(path, itertools.repeat(rows_per_chunk), skip)
+    rows = iter_records(path, skip)
+    return iter(lambda: RowChunk(itertools.islice(rows, rows_per_chunk)), RowChunk())
 
 
 def read_records(path: str | os.PathLike) -> Records:
