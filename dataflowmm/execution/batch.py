@@ -56,7 +56,7 @@ def apply_batch(
     todo = range(len(rows)) if errors.count(None) == len(rows) else \
         [offset for offset, error in enumerate(errors) if error is None]  # not failed upstream
     given = rows if len(todo) == len(rows) else [rows[offset] for offset in todo]
-    for offset, row in zip(todo, given):
+    for offset, row in zip(todo, given, strict=True):
         # Rows are execution's own (parsed for this batch), so marked in place: no copy per
         # row. The mark is not part of a row's identity (seeds.ROW_POSITION_KEY).
         row[ROW_MARK] = first_row + offset
