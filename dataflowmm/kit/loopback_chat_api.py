@@ -28,6 +28,7 @@ images), one action per attempt in turn (the last one repeats):
 | `[500]`           | 500 always                                                       |
 | `[hang]`          | no answer for `hang_seconds` (past any short client time-out)    |
 | `[hang-once]`     | hangs once, then the answer                                      |
+| `[hang-twice]`    | hangs twice, then the answer                                     |
 | `[bad-json]`      | 200 whose body is not JSON                                       |
 | `[bad-json-once]` | a body that is not JSON once, then the answer                    |
 | `[refuse]`        | 400 `content_filter` (a gateway's content policy)                |
@@ -64,6 +65,7 @@ from dataflowmm.kit.shapes import caption_for, judge_image
 
 SCRIPTS = {
     **COMMON_SCRIPTS,
+    "[hang-twice]": ["hang", "hang", "ok"],
     "[bad-json-once]": ["bad-json", "ok"],
     "[bad-json]": ["bad-json"],
     "[refuse-answer]": ["refuse-answer"],
