@@ -184,3 +184,31 @@ def test_a_connection_refused_is_a_transient_row_error():
     [failure] = unreachable.generate([VLMPrompt((), "anyone there?")])
     assert isinstance(failure, GenerationFailed) and failure.transient
     assert str(failure).startswith("connection failed")
+
+
+def test_image_files_go_as_their_own_bytes_only_when_nothing_would_change_them(tmp_path, api):
+    image = ShapesWorld().sample(2, seed=1).image
+    image.save(tmp_path / "rgb.png")
+    image.convert("RGBA").save(tmp_path / "rgba.png")
+    image.save(tmp_path / "photo.jpg", quality=90)
+    image.resize((64, 64)).save(tmp_path / "large.png")
+    (tmp_path / "secrets.txt").write_text("aws_secret_access_key = abc")
+    truncated = (tmp_path / "rgb.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(truncated[: len(truncated) // 2])
+
+    def sent(name, **options):
+        part = serving(api, **options).request(VLMPrompt((str(tmp_path / name),), "q"))["messages"][0]["content"][0]
+        return base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+
+    assert sent("rgb.png") == (tmp_path / "rgb.png").read_bytes()  # passed on unchanged
+    assert Image.open(io.BytesIO(sent("rgba.png"))).mode == "RGB"  # decoded and converted, as a PIL image is
+    assert Image.open(io.BytesIO(sent("photo.jpg"))).format == "PNG"
+    assert sent("photo.jpg", image_format="jpeg") == (tmp_path / "photo.jpg").read_bytes()
+    assert Image.open(io.BytesIO(sent("large.png", max_image_side=32))).size == (32, 32)
+    answers = serving(api).generate([VLMPrompt((str(tmp_path / name),), "What colour is the background?")
+                                     for name in ("secrets.txt", "truncated.png", "rgb.png")])
+    assert str(answers[0]).startswith(f"cannot read image {tmp_path / 'secrets.txt'}: not an image (text)")
+    # A truncated PNG's header is fine: it goes on unchanged, and the server that decodes it refuses it.
+    assert isinstance(answers[1], GenerationFailed) and not answers[1].transient and "HTTP 400" in str(answers[1])
+    assert answers[2] == ShapesWorld().sample(2, seed=1).attributes["background"]
+    assert not any("aws_secret" in json.dumps(body) for body in api.bodies)

@@ -264,3 +264,18 @@ def test_the_local_vlm_answers_what_it_can_when_one_prompt_fails(local_vlm, monk
     assert [answers[0], answers[2]] == expected
     assert isinstance(answers[1], GenerationFailed) and answers[1].transient
     assert "OutOfMemoryError: CUDA out of memory" in str(answers[1])
+
+
+def test_a_truncated_image_fails_its_row_only_with_both_servings(vlm, shapes, tmp_path):
+    entry, rows = shapes
+    good = (entry.parent / rows[0]["images"][0]).read_bytes()
+    (entry.parent / "images" / "truncated.png").write_bytes(good[: len(good) // 2])
+    rows[1]["images"] = ["images/truncated.png"]
+    entry.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary, out = run(entry, tmp_path, PromptedVQAGenerator(vlm), input_prompt_key="question")
+    assert summary.errors == 1 and out[1]["answer"] is None and out[1]["error"].startswith("PromptedVQAGenerator: ")
+    if isinstance(vlm, LocalVLMServing):  # read here: the error names the file
+        assert out[1]["error"].endswith("truncated.png: image file is truncated")
+    else:  # a header that checks out goes on unchanged; the server that decodes it refuses it
+        assert "HTTP 400" in out[1]["error"]
+    assert all(row["answer"] for index, row in enumerate(out) if index != 1)

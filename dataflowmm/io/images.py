@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -99,16 +102,52 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
         name = name or f"image {source}"
         check_image_file(source)
         fp = source
-    limit = Image.MAX_IMAGE_PIXELS
+    with _reading(name), _checked_open(fp, name) as image:
+        image.load()
+        return to_rgb(image)
+
+
+class ImageFile(NamedTuple):
+    """An image file's bytes and what its header says (`Image.format`, `Image.mode`, size)."""
+
+    data: bytes
+    format: str
+    mode: str
+    size: tuple[int, int]
+
+
+def read_image_file(path: str | os.PathLike) -> ImageFile:
+    """An image file's bytes and header, checked as `open_image` checks them (format,
+    decompression-bomb limit) but with no pixel decoded: for passing a file on unchanged
+    (decode it with `open_image(data)`). ImageReadError otherwise."""
+    check_image_file(path)
+    name = f"image {path}"
     try:
-        with Image.open(fp, formats=_OPEN_FORMATS) as image:
-            if image.format not in ALLOWED_IMAGE_FORMATS:
-                _fail(name, f"format {image.format} is not read")
-            if limit and image.width * image.height > limit:
-                _fail(name, f"{image.width}x{image.height} pixels is over the decompression-bomb limit "
-                            f"of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)")
-            image.load()
-            return to_rgb(image)
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ImageReadError(f"cannot read {name}: {error}") from None
+    with _reading(name), _checked_open(io.BytesIO(data), name) as image:
+        return ImageFile(data, image.format, image.mode, image.size)
+
+
+@contextlib.contextmanager
+def _checked_open(fp, name: str) -> Iterator[Image.Image]:
+    """`Image.open` of an allowed format within the decompression-bomb limit (pixels not decoded)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    with Image.open(fp, formats=_OPEN_FORMATS) as image:
+        if image.format not in ALLOWED_IMAGE_FORMATS:
+            _fail(name, f"format {image.format} is not read")
+        if limit and image.width * image.height > limit:
+            _fail(name, f"{image.width}x{image.height} pixels is over the decompression-bomb limit "
+                        f"of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)")
+        yield image
+
+
+@contextlib.contextmanager
+def _reading(name: str) -> Iterator[None]:
+    """Whatever reading an image raises, as an ImageReadError naming it."""
+    try:
+        yield
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:

@@ -16,14 +16,17 @@ import string
 from abc import abstractmethod
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image
-
 from dataflowmm.contract import Input, Operator, Output, StepContext, is_transient
-from dataflowmm.io.images import ImageReadError, load_image
+from dataflowmm.io.images import (
+    ImageReadError,
+    check_image_file,
+    load_image,
+    looks_like_base64_image,
+)
 from dataflowmm.operators.prompted_image_generator import column_prompt, conversation_prompts
 from dataflowmm.operators.sample_format import row_image_paths
 from dataflowmm.seeds import derive_seed
-from dataflowmm.serving.vlm_protocol import VLMPrompt
+from dataflowmm.serving.vlm_protocol import ImageSource, VLMPrompt
 
 if TYPE_CHECKING:
     from dataflowmm.serving.vlm_protocol import VLMServing
@@ -45,12 +48,19 @@ def as_vlm_serving(serving: Any, argument: str = "serving") -> VLMServing:
     return serving
 
 
-def row_images(row: dict, key: str) -> list[Image.Image]:
-    """The images a row names under `key` (one path, a list of paths, or none), loaded."""
-    images = []
+def row_images(row: dict, key: str) -> list[ImageSource]:
+    """The images a row names under `key` (one path, a list of paths, or none): files checked
+    (they exist, their header is an allowed image format) and left for the serving to read
+    where it sends them; images carried in the row (base64) decoded. ValueError naming the
+    key and the file when one cannot be used."""
+    images: list[ImageSource] = []
     for path in row_image_paths(row.get(key), key):
         try:
-            images.append(load_image(path))
+            if looks_like_base64_image(path):
+                images.append(load_image(path))
+            else:
+                check_image_file(path)
+                images.append(path)
         except ImageReadError as error:
             raise ValueError(f"key {key!r}: {error}") from None
     return images
@@ -101,7 +111,7 @@ class VLMRowOperator(Operator):
                     out.append(self.row_failed(row, str(error), offset))
         return out
 
-    def vlm_prompt(self, images: list[Image.Image], question: str) -> VLMPrompt:
+    def vlm_prompt(self, images: list[ImageSource], question: str) -> VLMPrompt:
         """A prompt of these images and this question, with the operator's system prompt."""
         return VLMPrompt(tuple(images), question, self.system_prompt)
 

@@ -4,8 +4,8 @@
   pickled (a serving travels to Ray actors without its connections);
 - the key from `api_key` or an environment variable, kept out of `config()`, `repr`,
   pickles' meaning and every error message (servers may echo it: blotted out as `***`);
-- bounded concurrency: the items of one call go out at most `max_concurrency` at once,
-  results in input order;
+- bounded concurrency: requests go out at most `max_concurrency` at once, from one pool of
+  threads kept while the serving is loaded; results in input order;
 - retries: the client retries 429s, 5xx answers, time-outs and connection errors
   `max_retries` times with exponential backoff and jitter, waiting what a `Retry-After`
   header asks; a refusal (content policy) is never retried;
@@ -79,6 +79,7 @@ class OpenAICompatibleServing:
         self.extra_body = dict(extra_body or {})
         self._api_key = key
         self._client: Any = None
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def model_name(self) -> str:
@@ -86,7 +87,7 @@ class OpenAICompatibleServing:
 
     # ----------------------------------------------------------------- loading
     def load(self) -> None:
-        """Make the HTTP client (nothing is sent until a request)."""
+        """Make the HTTP client and the request threads (nothing is sent until a request)."""
         if self._client is not None:
             return
         try:
@@ -95,19 +96,25 @@ class OpenAICompatibleServing:
             raise ImportError(f"{type(self).__name__} needs the openai client: pip install 'dataflowmm[api]'") from None
         self._client = openai.OpenAI(api_key=self._api_key, base_url=self.base_url,
                                      max_retries=self.max_retries, timeout=self.timeout)
+        # One pool for the serving's life: threads are not started again for every batch, and
+        # callers sharing the serving share its `max_concurrency`.
+        self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix=type(self).__name__)
 
     def cleanup(self) -> None:
-        """Close the client's connections; a later request makes a new one."""
+        """Close the client's connections and stop its threads; a later request makes new ones."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if self._client is not None:
             self._client.close()
         self._client = None
+        self._pool = None
 
     @property
     def loaded(self) -> bool:
         return self._client is not None
 
-    def __getstate__(self) -> dict:  # travels to Ray actors without its open connections
-        return {**self.__dict__, "_client": None}
+    def __getstate__(self) -> dict:  # travels to Ray actors without its open connections and threads
+        return {**self.__dict__, "_client": None, "_pool": None}
 
     # ---------------------------------------------------------------- requests
     def _each(self, send: Callable[[Item, int], Result], items: Sequence[Item],
@@ -129,8 +136,7 @@ class OpenAICompatibleServing:
                 return GenerationFailed(self._redacted(describe_failure(error, self.max_retries)),
                                         is_transient_failure(error))
 
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
-            return list(pool.map(attempt, items, seeds))
+        return list(self._pool.map(attempt, items, seeds))
 
     def _extra_body(self, seed: int) -> dict:
         """`extra_body` with the item's seed under `seed_parameter` when set."""

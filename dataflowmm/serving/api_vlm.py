@@ -11,9 +11,16 @@ from typing import Any
 from PIL import Image
 
 from dataflowmm.checks import check_positive_int
+from dataflowmm.io.images import (
+    ImageReadError,
+    load_image,
+    looks_like_base64_image,
+    open_image,
+    read_image_file,
+)
 from dataflowmm.serving.api_client import OpenAICompatibleServing
 from dataflowmm.serving.common import GenerationFailed, jsonable
-from dataflowmm.serving.vlm_protocol import VLMAnswer, VLMPrompt, check_vlm_prompts
+from dataflowmm.serving.vlm_protocol import ImageSource, VLMAnswer, VLMPrompt, check_vlm_prompts
 
 IMAGE_DETAILS = ("auto", "low", "high")
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
@@ -28,11 +35,12 @@ class APIVLMServing(OpenAICompatibleServing):
     SGLang, LMDeploy, TGI, OpenAI, or a gateway in front of them.
 
     Each prompt is one chat request: an optional system turn, then a user turn holding the
-    prompt's images as `image_url` parts (base64 data URLs, PNG by default, downscaled to
-    `max_image_side` first when set) followed by its text; a prompt without images is a
-    text-only turn. Requests run on a bounded pool (`max_concurrency` at once); the client
-    retries 429s, 5xx answers, time-outs and connection errors with exponential backoff and
-    jitter, waiting what a `Retry-After` header asks. A prompt whose request still fails, that
+    prompt's images as `image_url` parts (base64 data URLs in `image_format`, downscaled to
+    `max_image_side` first when set; image files are read in the request's thread, and one
+    already in that format and size goes as its own bytes) followed by its text; a prompt
+    without images is a text-only turn. Requests run on a bounded pool (`max_concurrency` at
+    once); the client retries 429s, 5xx answers, time-outs and connection errors with
+    exponential backoff and jitter, waiting what a `Retry-After` header asks. A prompt whose request still fails, that
     the server refuses (content policy or the model's `refusal`, not retried), whose answer
     was cut off at `max_tokens` (`finish_reason="length"`) or that comes back empty gets a
     `GenerationFailed` in place of its text, so only its row fails; failures that may pass
@@ -167,13 +175,40 @@ class APIVLMServing(OpenAICompatibleServing):
     def _content(self, prompt: VLMPrompt) -> str | list[dict[str, Any]]:
         if not prompt.images:  # text-only: plain content, which every server takes
             return prompt.text
-        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": self._image_url(image)}
-                                       for image in prompt.images]
+        try:  # files are read here, in the request's thread
+            parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": self._image_url(image)}
+                                           for image in prompt.images]
+        except ImageReadError as error:
+            raise GenerationFailed(str(error)) from None
         return parts + [{"type": "text", "text": prompt.text}]
 
-    def _image_url(self, image: Image.Image) -> dict[str, str]:
+    def _image_url(self, source: ImageSource) -> dict[str, str]:
+        """An `image_url` part: a data URL of the image as `image_format`, downscaled when over
+        `max_image_side`. A file already in that format, in RGB and small enough, goes as its own
+        bytes (its header checked, nothing decoded: the pixels are the file's either way)."""
+        encoded = None
+        if isinstance(source, Image.Image):
+            image = source
+        elif looks_like_base64_image(source):
+            image = load_image(source)
+        else:
+            file = read_image_file(source)
+            if (file.format, file.mode) == (IMAGE_FORMATS[self.image_format], "RGB") and not self._too_big(file.size):
+                encoded = file.data
+            image = None if encoded is not None else open_image(file.data, name=f"image {source}")
+        if encoded is None:
+            encoded = self._encoded(image)
+        url = {"url": f"data:image/{self.image_format};base64,{base64.b64encode(encoded).decode('ascii')}"}
+        if self.image_detail:
+            url["detail"] = self.image_detail
+        return url
+
+    def _too_big(self, size: tuple[int, int]) -> bool:
+        return bool(self.max_image_side) and max(size) > self.max_image_side
+
+    def _encoded(self, image: Image.Image) -> bytes:
         image = image.convert("RGB")
-        if self.max_image_side and max(image.size) > self.max_image_side:
+        if self._too_big(image.size):
             scale = self.max_image_side / max(image.size)
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             image = image.resize(size, Image.Resampling.LANCZOS)
@@ -182,10 +217,7 @@ class APIVLMServing(OpenAICompatibleServing):
             image.save(buffer, format="JPEG", quality=_JPEG_QUALITY)
         else:
             image.save(buffer, format="PNG")
-        url = {"url": f"data:image/{self.image_format};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"}
-        if self.image_detail:
-            url["detail"] = self.image_detail
-        return url
+        return buffer.getvalue()
 
     def _text(self, response: Any) -> str:
         """The answer's text; GenerationFailed for a refusal, a cut-off or an empty answer."""

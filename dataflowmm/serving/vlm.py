@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from dataflowmm.checks import check_positive_int
+from dataflowmm.io.images import ImageReadError
 from dataflowmm.serving.common import GenerationFailed, LocalModelServing
 from dataflowmm.serving.generation import (
     SeededSamplingLogitsProcessor,
@@ -23,7 +25,7 @@ from dataflowmm.serving.generation import (
     to_device,
 )
 from dataflowmm.serving.model_source import model_content
-from dataflowmm.serving.vlm_protocol import VLMAnswer, VLMPrompt, check_vlm_prompts
+from dataflowmm.serving.vlm_protocol import VLMAnswer, VLMPrompt, check_vlm_prompts, prompt_images
 
 __all__ = ["GenerationFailed", "LocalVLMServing", "VLMPrompt"]
 
@@ -115,9 +117,9 @@ class LocalVLMServing(LocalModelServing):
     def generate(self, prompts: Sequence[VLMPrompt], seeds: Sequence[int] | None = None) -> list[VLMAnswer]:
         """One answer per prompt, in order, stripped; prompts go `batch_size` per `generate` call.
 
-        A batch whose call fails is answered prompt by prompt, so a prompt that fails on its
-        own (an image the processor rejects, out of memory) gets a `GenerationFailed` in its
-        place (`transient` for out of memory) and the others their answers.
+        A prompt whose image file cannot be read, or that fails on its own (a batch whose call
+        fails is answered prompt by prompt: an image the processor rejects, out of memory), gets
+        a `GenerationFailed` in its place (`transient` for out of memory), the others their answers.
 
         Args:
             prompts (`list[VLMPrompt]`):
@@ -129,10 +131,18 @@ class LocalVLMServing(LocalModelServing):
         if not prompts:
             return []
         self.load()
-        answers: list[VLMAnswer] = []
-        for start in range(0, len(prompts), self.batch_size):
-            end = start + self.batch_size
-            answers.extend(self._answers(prompts[start:end], seeds[start:end]))
+        answers: list[VLMAnswer | None] = [None] * len(prompts)
+        ready: list[tuple[int, VLMPrompt]] = []  # prompts whose images could be read, images loaded
+        for index, prompt in enumerate(prompts):
+            try:
+                ready.append((index, replace(prompt, images=tuple(prompt_images(prompt)))))
+            except ImageReadError as error:
+                answers[index] = GenerationFailed(str(error))
+        for start in range(0, len(ready), self.batch_size):
+            batch = ready[start:start + self.batch_size]
+            texts = self._answers([prompt for _, prompt in batch], [seeds[index] for index, _ in batch])
+            for (index, _), text in zip(batch, texts, strict=True):
+                answers[index] = text
         return answers
 
     def _answers(self, prompts: list[VLMPrompt], seeds: list[int]) -> list[VLMAnswer]:
