@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--latency", type=float, default=0.05, help="seconds the server takes per request")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=64, help="rows per step batch (ours; the serving's default)")
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per step batch (ours; the serving's default)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 

@@ -38,7 +38,7 @@ class VisualQAPipeline:
         input_file: str | Path = DEFAULT_INPUT,
         cache_path: str | Path = DEFAULT_CACHE,
         num_questions: int = 3,
-        save_interval: int = 64,
+        save_interval: int = 256,
         seed: int = 0,
     ):
         self.storage = FileStorage(
@@ -68,12 +68,12 @@ def vlm_serving(args: argparse.Namespace) -> Iterator:
     if args.local_model:
         from dataflowmm.serving import LocalVLMServing
 
-        yield LocalVLMServing(args.local_model, max_new_tokens=args.max_tokens, batch_size=args.batch_size)
+        yield LocalVLMServing(args.local_model, max_new_tokens=args.max_tokens, batch_size=args.batch_size or 8)
         return
     from dataflowmm.serving import APIVLMServing
 
     options = {"max_tokens": args.max_tokens, "max_concurrency": args.max_concurrency,
-               "max_image_side": args.max_image_side, "batch_size": args.batch_size}
+               "max_image_side": args.max_image_side, "batch_size": args.batch_size or 256}
     if not args.tiny:
         key = os.environ.get(args.api_key_env) or "none"  # self-hosted servers often take no key
         yield APIVLMServing(args.model, base_url=args.base_url, api_key=key, **options)
@@ -101,8 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer")
     parser.add_argument("--max-concurrency", type=int, default=16, help="requests in flight at once")
     parser.add_argument("--max-image-side", type=int, default=None, help="downscale larger images before sending")
-    parser.add_argument("--batch-size", type=int, default=64, help="rows per step batch (prompts per model call)")
-    parser.add_argument("--save-interval", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="rows per step batch (prompts per serving call; default: the serving's, 256 for a server, 8 local)")
+    parser.add_argument("--save-interval", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     add_runner_arguments(parser)
     parser.add_argument("--retry-errors", action="store_true",

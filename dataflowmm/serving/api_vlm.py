@@ -83,8 +83,10 @@ class APIVLMServing(OpenAICompatibleServing):
         extra_body (`dict`, *optional*):
             Extra JSON fields for every request (server-specific options: vLLM's `top_k`,
             `repetition_penalty`, `chat_template_kwargs`, ...).
-        batch_size (`int`, *optional*, defaults to 64):
-            Prompts an operator hands over per `generate` call (one step batch).
+        batch_size (`int`, *optional*, defaults to 256):
+            Prompts an operator hands over per `generate` call (one step batch, and the least
+            rows between checkpoints). Requests in flight run down at the end of each call, so
+            keep it many times `max_concurrency`.
         max_concurrency (`int`, *optional*, defaults to 16):
             Requests in flight at once.
         max_retries (`int`, *optional*, defaults to 4):
@@ -109,7 +111,7 @@ class APIVLMServing(OpenAICompatibleServing):
         max_image_side: int | None = None,
         image_format: str = "png",
         extra_body: dict | None = None,
-        batch_size: int = 64,
+        batch_size: int = 256,
         max_concurrency: int = 16,
         max_retries: int = 4,
         timeout: float = 120.0,
