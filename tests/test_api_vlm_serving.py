@@ -212,3 +212,15 @@ def test_image_files_go_as_their_own_bytes_only_when_nothing_would_change_them(t
     assert isinstance(answers[1], GenerationFailed) and not answers[1].transient and "HTTP 400" in str(answers[1])
     assert answers[2] == ShapesWorld().sample(2, seed=1).attributes["background"]
     assert not any("aws_secret" in json.dumps(body) for body in api.bodies)
+
+
+def test_the_ray_runner_writes_what_the_local_runner_writes(tmp_path, api, ray_cluster):
+    from dataflowmm.execution.ray_runner import RayRunner
+
+    entry, _ = questions_dataset(tmp_path / "data", 12, {3: "[refuse] ", 5: "[500] ", 7: "[429] "})
+    vqa = PromptedVQAGenerator(serving(api, batch_size=4), save_interval=4)
+    local = vqa.run(FileStorage(entry, cache_path=tmp_path / "local").step(), input_prompt_key="question")
+    remote = vqa.run(FileStorage(entry, cache_path=tmp_path / "ray", runner=RayRunner(replicas=2)).step(),
+                     input_prompt_key="question")
+    assert Path(remote.output_path).read_bytes() == Path(local.output_path).read_bytes()
+    assert remote.errors == local.errors == 2  # the refusal and the 500s; the 429 is retried
