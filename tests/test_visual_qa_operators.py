@@ -279,3 +279,16 @@ def test_a_truncated_image_fails_its_row_only_with_both_servings(vlm, shapes, tm
     else:  # a header that checks out goes on unchanged; the server that decodes it refuses it
         assert "HTTP 400" in out[1]["error"]
     assert all(row["answer"] for index, row in enumerate(out) if index != 1)
+
+
+def test_the_scaffold_needs_a_serving_to_be_named():
+    from dataflowmm.scaffold import load_pipeline_module
+
+    scaffold = load_pipeline_module(Path(__file__).resolve().parent.parent / "gpu_pipelines" / "visual_qa_pipeline.py")
+    with pytest.raises(SystemExit):
+        scaffold.parse_args([])
+    args = scaffold.parse_args(["--base-url", "http://gpu-box:8000/v1", "--model", "Qwen/Qwen2.5-VL-7B-Instruct"])
+    with scaffold.vlm_serving(args) as serving:  # nothing is sent until a step runs
+        assert (serving.model, serving.base_url, serving.batch_size) == (
+            "Qwen/Qwen2.5-VL-7B-Instruct", "http://gpu-box:8000/v1", 256)
+        assert not serving.loaded
