@@ -150,14 +150,14 @@ class LocalVLMServing(LocalModelServing):
         try:
             return self._generate_batch(prompts, seeds)
         except (RuntimeError, ValueError) as error:  # torch (out of memory included) and processor errors
-            if len(prompts) > 1:
-                return [answer for prompt, seed in zip(prompts, seeds, strict=True)
-                        for answer in self._answers([prompt], [seed])]
             out_of_memory = type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error)
             if out_of_memory:
                 from dataflowmm.serving.device import free_memory
 
                 free_memory()
+            if len(prompts) > 1:
+                return [answer for prompt, seed in zip(prompts, seeds, strict=True)
+                        for answer in self._answers([prompt], [seed])]
             detail = " ".join(str(error).split())[:500]
             return [GenerationFailed(f"{self.model}: {type(error).__name__}: {detail}", transient=out_of_memory)]
 
