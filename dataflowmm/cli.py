@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -27,6 +28,7 @@ DEMO_PIPELINES = [
     ("image_augmentation_pipeline.py", "image_augmentation"),
     ("image_generation_task_pipeline.py", "image_generation_task"),
     ("image_difference_caption_pipeline.py", "image_difference"),
+    ("visual_qa_pipeline.py", "visual_qa"),
 ]
 # The demo ends by pointing at this pipeline's gallery page (written by its publish step).
 DEMO_GALLERY = "image_generation_task"
@@ -81,10 +83,17 @@ def demo(out: Path) -> None:
     init_project(out, force=True)
     for script, name in DEMO_PIPELINES:
         click.echo(f"== {script} --tiny")
+        if name == "visual_qa" and importlib.util.find_spec("openai") is None:
+            click.echo("   skipped: the loopback chat server is spoken to through the openai client "
+                       "(pip install 'dataflowmm[api]')")
+            continue
         module = load_pipeline_module(out / "gpu_pipelines" / script)
         summaries = module.main(["--tiny", "--cache-path", str(out / "cache_local" / name)])
         if name == "shapes_world":
             _show_shapes_world(summaries)
+            continue
+        if name == "visual_qa":
+            _show_visual_qa(summaries)
             continue
         for summary in summaries if isinstance(summaries, list) else [summaries]:
             _show_output(summary.output_path)
@@ -102,6 +111,19 @@ def _show_shapes_world(summaries: list, rows_shown: int = 8) -> None:
         click.echo(f"   {row['prompt']:40s} {row.get('caption') or '':40s} {score:5.2f}  "
                    f"{'yes' if row['id'] in kept else 'no'}")
     click.echo(f"   images: {Path(summaries[0].output_path).parent}; kept rows: {summaries[3].output_path}")
+
+
+def _show_visual_qa(summaries: list) -> None:
+    """question -> the server's answer (and the truth the example data carries); one conversation."""
+    answered = [json.loads(line) for line in open(summaries[0].output_path, encoding="utf-8")]
+    asked = max(len("question"), *(len(row["question"]) for row in answered))
+    said = max(len("answer"), *(len(row["answer"] or row["error"]) for row in answered))
+    click.echo(f"   {'question':{asked}s}  {'answer':{said}s}  truth")
+    for row in answered:
+        click.echo(f"   {row['question']:{asked}s}  {row['answer'] or row['error']:{said}s}  {row.get('truth', '')}")
+    conversation = json.loads(open(summaries[1].output_path, encoding="utf-8").readline())["conversations"]
+    click.echo("   conversation of the first image: " + json.dumps(conversation, ensure_ascii=False)[:300])
+    click.echo(f"   answers: {summaries[0].output_path}; conversations: {summaries[1].output_path}")
 
 
 def _show_output(output_path: str, rows_shown: int = 2) -> None:

@@ -101,6 +101,12 @@ def test_demo_runs_every_pipeline_on_tiny_models(tmp_path):
     colour = sum(row["prompt"].split()[1] == row["caption"].split()[1] for row in scored)
     assert colour >= 6, [(row["prompt"], row["caption"]) for row in scored]
     assert "caption of the generated image" in result.output and scored[0]["prompt"] in result.output
+    # Visual QA against the loopback chat server: every answer is the pixel truth, and the table shows them.
+    answered = [json.loads(line) for line in open(cache / "visual_qa" / "dataflow_cache_step_step1.jsonl")]
+    assert len(answered) == 8 and all(row["answer"] == row["truth"] for row in answered)
+    assert answered[3]["question"] in result.output and answered[3]["answer"] in result.output
+    conversations = [json.loads(line) for line in open(cache / "visual_qa" / "dataflow_cache_step_step2.jsonl")]
+    assert all(row["conversations"][0]["value"].startswith("<image>\n") for row in conversations)
     assert "demo finished" in result.output
     gallery = cache / "image_generation_task" / "gallery.html"
     assert result.stdout.strip().splitlines()[-1] == f"gallery: {gallery.resolve()}" and gallery.is_file()

@@ -28,9 +28,12 @@ from dataflowmm.operators import (
     ImageDeduplicator,
     ImageDifferenceRegions,
     ImageGeneration,
+    ImageQAGenerator,
     ImageTask,
     ImageTextMatchingFilter,
+    PromptedVQAGenerator,
     PromptTemplate,
+    PromptTemplatedVQAGenerator,
 )
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_data"
@@ -299,3 +302,78 @@ def test_image_deduplicator_golden(tmp_path, tiny_model):
     # The near duplicates' reasons print the cosine: compared as a score, the rest exactly.
     check_golden("image_deduplicator", summary.output_path, tmp_path)
     check_golden("image_deduplicator.dropped", summary.dropped_path, tmp_path, scored_text_keys=[DROPPED_KEY])
+
+
+@pytest.fixture
+def chat_api():
+    pytest.importorskip("openai")
+    from dataflowmm.kit.loopback_chat_api import LoopbackChatAPI
+
+    with LoopbackChatAPI(api_key="sk-golden") as server:
+        yield server
+
+
+def chat_serving(api, **options):
+    from dataflowmm.serving import APIVLMServing
+
+    return APIVLMServing("loopback-vlm", base_url=api.base_url, api_key="sk-golden", timeout=5, max_retries=1,
+                         **options)
+
+
+def shapes_images(data: Path) -> list[str]:
+    """Five held-out shapes-world images (deterministic) and a corrupt file, relative to `data`."""
+    from dataflowmm.kit.shapes import write_shapes_dataset
+
+    write_shapes_dataset(data, 5, seed=1, file_name="shapes.jsonl")
+    (data / "images" / "corrupt.png").write_bytes(b"not a png")
+    return [f"images/1_{index:06d}.png" for index in range(5)]
+
+
+def test_prompted_vqa_generator_golden(tmp_path, chat_api):
+    images = shapes_images(tmp_path / "data")
+    entry = write_jsonl(tmp_path / "data" / "rows.jsonl", [
+        {"id": 0, "images": [images[0]], "conversations": [{"from": "human", "value": "<image>\nWhat colour is the shape?"},
+                                                           {"from": "gpt", "value": "?"}]},
+        {"id": 1, "images": images[1], "conversations": [{"role": "user", "content": "What shape is shown? 形状"}]},
+        {"id": 2, "images": ["images/missing.png"], "conversations": [{"role": "user", "content": "Colour?"}]},
+        {"id": 3, "images": [], "conversations": [{"role": "user", "content": "Just text, no image."}]},
+        {"id": 4, "images": [images[2]], "conversations": [{"role": "user", "content": "[refuse] Shape?"}]},
+        {"id": 5, "images": [images[3], images[4]], "conversations": [{"role": "user", "content": "[429] Background colour?"}]},
+        {"id": 6, "images": [images[4]], "conversations": []},  # no user turn: error row
+    ])
+    vqa = PromptedVQAGenerator(chat_serving(chat_api, batch_size=2), save_interval=3, seed=4)
+    summary = vqa.run(FileStorage(entry, cache_path=tmp_path / "cache").step())
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (3, 7, 0, 0)
+    check_golden("prompted_vqa_generator", summary.output_path, tmp_path)  # the server judges pixels: exact
+
+
+def test_prompt_templated_vqa_generator_golden(tmp_path, chat_api):
+    images = shapes_images(tmp_path / "data")
+    entry = write_jsonl(tmp_path / "data" / "rows.jsonl", [
+        {"id": 0, "images": [images[0]], "thing": "shape", "meta": {"ask": "colour"}},
+        {"id": 1, "images": [images[1]], "thing": "background", "meta": {"ask": "colour"}},
+        {"id": 2, "images": [images[2]], "meta": {"ask": "colour"}},  # missing field: error row
+        {"id": 3, "images": [images[3]], "thing": "shape", "meta": {}},  # missing nested field: error row
+        {"id": 4, "images": ["images/corrupt.png"], "thing": "shape", "meta": {"ask": "shape"}},  # error row
+        {"id": 5, "images": [images[4]], "thing": "picture", "meta": {"ask": "shape"}},
+    ])
+    vqa = PromptTemplatedVQAGenerator(chat_serving(chat_api, batch_size=4), "What {meta[ask]} is the {thing}?",
+                                      save_interval=4)
+    summary = vqa.run(FileStorage(entry, cache_path=tmp_path / "cache").step(), output_answer_key="reply")
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (3, 6, 0, 0)
+    check_golden("prompt_templated_vqa_generator", summary.output_path, tmp_path)
+
+
+def test_image_qa_generator_golden(tmp_path, chat_api):
+    images = shapes_images(tmp_path / "data")
+    entry = write_jsonl(tmp_path / "data" / "rows.jsonl", [
+        {"id": 0, "images": [images[0]]},
+        {"id": 1, "images": [images[1], images[2]]},  # two images: two <image> lines
+        {"id": 2, "images": []},  # no image: error row
+        {"id": 3, "images": ["images/corrupt.png"]},  # unreadable: error row
+        {"id": 4, "images": images[3]},
+    ])
+    qa = ImageQAGenerator(chat_serving(chat_api, batch_size=2), num_questions=4, save_interval=3)
+    summary = qa.run(FileStorage(entry, cache_path=tmp_path / "cache").step())
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (2, 5, 0, 0)
+    check_golden("image_qa_generator", summary.output_path, tmp_path)

@@ -54,3 +54,29 @@ def test_paths_resolve_against_a_folder_and_back(tmp_path):
     absolute = resolve_paths(["pics/a.png", "https://x/y.png", None], data)
     assert absolute == [str(data / "pics" / "a.png"), "https://x/y.png", None]
     assert relative_paths(absolute, cache) == ["../data/pics/a.png", "https://x/y.png", None]
+
+
+def test_read_image_file_checks_the_header_and_decodes_nothing(tmp_path):
+    import struct
+    import zlib
+
+    from dataflowmm.io.images import read_image_file
+
+    Image.new("RGB", (7, 5), (1, 2, 3)).save(tmp_path / "rgb.png")
+    Image.new("RGBA", (7, 5)).save(tmp_path / "rgba.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "photo.jpg")
+    assert read_image_file(tmp_path / "rgb.png")[1:] == ("PNG", "RGB", (7, 5))  # from the IHDR chunk
+    assert read_image_file(tmp_path / "rgb.png").data == (tmp_path / "rgb.png").read_bytes()
+    assert read_image_file(tmp_path / "rgba.png")[1:] == ("PNG", "RGBA", (7, 5))  # Pillow's header parse
+    assert read_image_file(tmp_path / "photo.jpg")[1:] == ("JPEG", "RGB", (4, 4))
+    # A header claiming 100000 x 100000 pixels: refused before anything is decoded.
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk)
+    with pytest.raises(ImageReadError, match="100000x100000 pixels is over the decompression-bomb limit"):
+        read_image_file(tmp_path / "bomb.png")
+    (tmp_path / "secret.png").write_text("aws_secret_access_key = abc")
+    with pytest.raises(ImageReadError, match=r"secret\.png: not an image \(text\)"):
+        read_image_file(tmp_path / "secret.png")
+    with pytest.raises(ImageReadError, match="image not found"):
+        read_image_file(tmp_path)

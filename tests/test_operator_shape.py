@@ -16,9 +16,12 @@ from dataflowmm.operators import (
     ImageDeduplicator,
     ImageDifferenceRegions,
     ImageDiffusionAugmenter,
+    ImageQAGenerator,
     ImageTextMatchingFilter,
     PromptedImageGenerator,
+    PromptedVQAGenerator,
     PromptTemplate,
+    PromptTemplatedVQAGenerator,
 )
 
 OPERATORS = Path(__file__).resolve().parent.parent / "dataflowmm" / "operators"
@@ -105,6 +108,12 @@ def test_run_signatures_are_the_documented_ones():
     assert [name for name, _ in keywords(DifferenceCaptioner)][:4] == [
         "input_image1_key", "input_image2_key", "input_bbox_key", "output_bbox_key"]
     assert keywords(PromptTemplate) == [("output_key", "prompt")]
+    # DataFlow-MM's visual QA keys
+    assert keywords(PromptedVQAGenerator) == [("input_prompt_key", None), ("input_conversation_key", "conversations"),
+                                              ("input_image_key", "images"), ("output_answer_key", "answer")]
+    assert keywords(PromptTemplatedVQAGenerator) == [("input_image_key", "images"), ("output_answer_key", "answer")]
+    assert keywords(ImageQAGenerator) == [("input_image_key", "images"),
+                                          ("output_conversation_key", "conversations")]
     assert "output_image_key: column receiving the list of image paths" in PromptedImageGenerator.run.__doc__
 
 
@@ -124,5 +133,6 @@ def test_rows_per_batch_and_items_per_model_call_have_their_own_names():
     captioner = ImageCaptioner("some/model", batch_size=3)  # built lazily: nothing loads
     assert captioner.serving.batch_size == 3 and captioner.input_batch_size == 3
     assert DifferenceCaptioner(input_batch_size=6).input_batch_size == 6
+    assert PromptedVQAGenerator("some/vlm").input_batch_size == 8  # the VLM serving's batch_size
     with pytest.raises(TypeError, match="batch_size"):
         ImageDifferenceRegions(batch_size=5)

@@ -9,6 +9,7 @@ import pytest
 from dataflowmm.operators import ImageCaptioner, ImageDiffusionAugmenter, PromptedImageGenerator
 from dataflowmm.serving import (
     APIImageGenServing,
+    APIVLMServing,
     ClipServing,
     ImageTextMatchingServing,
     LocalCaptionServing,
@@ -25,6 +26,7 @@ SERVING_MODELS = {
     ImageTextMatchingServing: "tiny-blip-itm",
     LocalVLMServing: "tiny-chat-vlm",
     APIImageGenServing: None,
+    APIVLMServing: None,
 }
 
 

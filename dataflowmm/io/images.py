@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -99,16 +102,76 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
         name = name or f"image {source}"
         check_image_file(source)
         fp = source
-    limit = Image.MAX_IMAGE_PIXELS
+    with _reading(name), _checked_open(fp, name) as image:
+        image.load()
+        return to_rgb(image)
+
+
+class ImageFile(NamedTuple):
+    """An image file's bytes and what its header says (`Image.format`, `Image.mode`, size)."""
+
+    data: bytes
+    format: str
+    mode: str
+    size: tuple[int, int]
+
+
+def read_image_file(path: str | os.PathLike) -> ImageFile:
+    """An image file's bytes and header, checked as `open_image` checks them (format,
+    decompression-bomb limit) but with no pixel decoded: for passing a file on unchanged
+    (decode it with `open_image(data)`). ImageReadError otherwise; the rest of a file whose
+    first bytes are not an allowed image is never read."""
+    path = Path(path)
+    name = f"image {path}"
+    if not path.is_file():
+        raise ImageReadError(f"image not found: {path}")
     try:
-        with Image.open(fp, formats=_OPEN_FORMATS) as image:
-            if image.format not in ALLOWED_IMAGE_FORMATS:
-                _fail(name, f"format {image.format} is not read")
-            if limit and image.width * image.height > limit:
-                _fail(name, f"{image.width}x{image.height} pixels is over the decompression-bomb limit "
-                            f"of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)")
-            image.load()
-            return to_rgb(image)
+        with open(path, "rb") as file:
+            head = file.read(64)
+            check_image_bytes(head, name)
+            data = head + file.read()
+    except OSError as error:
+        raise ImageReadError(f"cannot read {name}: {error}") from None
+    size = _png_rgb8_size(data)  # the common case, read from the PNG header itself
+    if size is not None:
+        _check_pixels(name, size)
+        return ImageFile(data, "PNG", "RGB", size)
+    with _reading(name), _checked_open(io.BytesIO(data), name) as image:
+        return ImageFile(data, image.format, image.mode, image.size)
+
+
+def _png_rgb8_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of an 8-bit RGB PNG (Pillow's mode "RGB"), from its IHDR chunk, which
+    the format puts first; None for anything else."""
+    if len(data) < 26 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    if (data[24], data[25]) != (8, 2):  # bit depth 8, colour type 2 (truecolour)
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _check_pixels(name: str, size: tuple[int, int]) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > limit:
+        _fail(name, f"{size[0]}x{size[1]} pixels is over the decompression-bomb limit "
+                    f"of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)")
+
+
+@contextlib.contextmanager
+def _checked_open(fp, name: str) -> Iterator[Image.Image]:
+    """`Image.open` of an allowed format within the decompression-bomb limit (pixels not decoded)."""
+    with Image.open(fp, formats=_OPEN_FORMATS) as image:
+        if image.format not in ALLOWED_IMAGE_FORMATS:
+            _fail(name, f"format {image.format} is not read")
+        _check_pixels(name, image.size)
+        yield image
+
+
+@contextlib.contextmanager
+def _reading(name: str) -> Iterator[None]:
+    """Whatever reading an image raises, as an ImageReadError naming it."""
+    try:
+        yield
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:

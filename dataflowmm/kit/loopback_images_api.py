@@ -39,24 +39,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import json
-import threading
 import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
+from dataflowmm.kit.loopback_server import (
+    COMMON_SCRIPTS,
+    LoopbackHandler,
+    LoopbackServer,
+    error_body,
+    serve_until_interrupted,
+)
+
 SCRIPTS = {
-    "[429-wait]": ["429-wait", "ok"],
-    "[429]": ["429", "ok"],
-    "[500x2]": ["500", "500", "ok"],
-    "[500]": ["500"],
-    "[hang-once]": ["hang", "ok"],
-    "[hang]": ["hang"],
+    **COMMON_SCRIPTS,
     "[bad-b64]": ["bad-b64"],
     "[refuse]": ["refuse"],
-    "[echo-auth]": ["echo-auth"],
 }
 
 
@@ -72,7 +70,7 @@ def _png_b64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-class LoopbackImagesAPI:
+class LoopbackImagesAPI(LoopbackServer):
     """An OpenAI-compatible `/v1/images/generations` server on 127.0.0.1 (a thread per request).
 
     Args:
@@ -87,74 +85,16 @@ class LoopbackImagesAPI:
     and prints its base URL (the API key is `sk-loopback-secret` unless `--api-key` is given).
     """
 
+    path = "/images/generations"
+    scripts = SCRIPTS
+
     def __init__(self, latency: float = 0.0, api_key: str = "sk-loopback-secret",
                  hang_seconds: float = 5.0, image_size: int = 16, port: int = 0,
                  huge_bytes: int = 2 * 2**20):
-        self.latency = latency
-        self.api_key = api_key
-        self.hang_seconds = hang_seconds
+        super().__init__(latency=latency, api_key=api_key, hang_seconds=hang_seconds, port=port)
         self.huge_bytes = huge_bytes
         self.image_size = image_size
-        self.port = port
-        self.requests: Counter[str] = Counter()
-        self.arrivals: dict[str, list[float]] = {}
-        self.bodies: list[dict] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
         self._files: dict[str, bytes] = {}
-        self._server: ThreadingHTTPServer | None = None
-
-    @property
-    def base_url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1"
-
-    @property
-    def total_requests(self) -> int:
-        return sum(self.requests.values())
-
-    def wait_for_requests(self, total: int, timeout: float = 10.0) -> int:
-        """Wait until `total` requests have arrived (or `timeout` seconds pass); returns the count.
-
-        A client that timed out has already moved on while its last attempt may still sit in
-        this server's accept queue, so counts are only final once the server has read it.
-        """
-        deadline = time.monotonic() + timeout
-        while self.total_requests < total and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self.total_requests
-
-    def start(self) -> LoopbackImagesAPI:
-        handler = type("Handler", (_Handler,), {"api": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    def __enter__(self) -> LoopbackImagesAPI:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    # -- what the handler asks ----------------------------------------------------------
-    def _action(self, prompt: str) -> str:
-        with self._lock:
-            attempt = self.requests[prompt]
-            self.arrivals.setdefault(prompt, []).append(time.monotonic())
-            self.requests[prompt] += 1
-        for marker, script in SCRIPTS.items():
-            if marker in prompt:
-                return script[min(attempt, len(script) - 1)]
-        return "ok"
 
     def _answer(self, body: dict, host: str) -> dict:
         prompt, seed = body["prompt"], body.get("seed")
@@ -178,37 +118,14 @@ def _image_url(prompt: str, host: str, name: str) -> str:
     return f"http://{host}/{kinds[0] if kinds else 'files'}/{name}.png"
 
 
-def _error(message: str, code: str | None = None, kind: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": kind, "code": code, "param": None}}
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(LoopbackHandler):
     api: LoopbackImagesAPI
-    protocol_version = "HTTP/1.1"  # keep-alive, as real API servers
-    disable_nagle_algorithm = True  # headers and body go out at once: no 40 ms delayed-ACK stalls
-
-    def log_message(self, *args) -> None:  # quiet
-        pass
-
-    def _send(self, status: int, payload: dict | bytes, headers: dict | None = None,
-              content_type: str = "application/json") -> None:
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (time-out)
-            pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         kind, _, name = self.path.strip("/").rpartition("/")
         content = self.api._files.get(name.removesuffix(".png"))
         if content is None:
-            self._send(404, _error("no such file"))
+            self._send(404, error_body("no such file"))
         elif kind in ("redirect-host", "redirect-same"):
             host = f"http://localhost:{self.server.server_address[1]}" if kind == "redirect-host" else ""
             self._send(302, b"", {"Location": f"{host}/files/{name}"})
@@ -239,68 +156,28 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client gave up
             pass
 
-    def do_POST(self) -> None:  # noqa: N802
-        length = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(length) or b"{}")
-        if not self.path.rstrip("/").endswith("/images/generations"):
-            self._send(404, _error(f"unknown path {self.path}"))
-            return
-        authorization = self.headers.get("Authorization", "")
-        if authorization != f"Bearer {self.api.api_key}":
-            self._send(401, _error("invalid API key", "invalid_api_key"))
-            return
-        if not isinstance(body.get("prompt"), str):
-            self._send(400, _error("prompt is required"))
-            return
-        with self.api._lock:
-            self.api.bodies.append(body)
-            self.api.in_flight += 1
-            self.api.max_in_flight = max(self.api.max_in_flight, self.api.in_flight)
-        try:
-            self._generate(body)
-        finally:
-            with self.api._lock:
-                self.api.in_flight -= 1
+    def _invalid(self, body: dict) -> str | None:
+        return None if isinstance(body.get("prompt"), str) else "prompt is required"
 
-    def _generate(self, body: dict) -> None:
-        action = self.api._action(body["prompt"])
-        if self.api.latency:
-            time.sleep(self.api.latency)
+    def _action(self, body: dict) -> str:
+        return self.api._action(body["prompt"])
+
+    def _play(self, action: str, body: dict) -> None:
         if action == "ok":
             self._send(200, self.api._answer(body, self.headers.get("Host", "127.0.0.1")))
-        elif action == "429":
-            self._send(429, _error("rate limited", "rate_limit_exceeded", "requests"), {"Retry-After": "0.1"})
-        elif action == "429-wait":
-            self._send(429, _error("rate limited", "rate_limit_exceeded", "requests"), {"Retry-After": "1.2"})
-        elif action == "500":
-            self._send(500, _error("internal error", None, "server_error"))
-        elif action == "hang":
-            self.api._stopping.wait(self.api.hang_seconds)
-            self._send(500, _error("too late"))
         elif action == "bad-b64":
             self._send(200, {"created": 0, "data": [{"b64_json": "this is *not* base64!"}] * int(body.get("n") or 1)})
         elif action == "refuse":
-            self._send(400, _error("Your request was rejected as a result of our safety system.",
-                                   "content_policy_violation"))
-        elif action == "echo-auth":
-            self._send(401, _error(f"key not accepted: {self.headers.get('Authorization')}", "invalid_api_key"))
+            self._send(400, error_body("Your request was rejected as a result of our safety system.",
+                                       "content_policy_violation"))
+
+
+LoopbackImagesAPI.handler = _Handler
 
 
 def main(argv: list[str] | None = None) -> None:
     """Serve until interrupted: `python -m dataflowmm.kit.loopback_images_api --latency 0.05`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="A loopback OpenAI-compatible images API (for offline tries).")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds every request waits")
-    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free one)")
-    parser.add_argument("--api-key", default="sk-loopback-secret", help="the bearer token it requires")
-    args = parser.parse_args(argv)
-    api = LoopbackImagesAPI(latency=args.latency, api_key=args.api_key, port=args.port).start()
-    print(api.base_url, flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        api.stop()
+    serve_until_interrupted(LoopbackImagesAPI, "A loopback OpenAI-compatible images API (for offline tries).", argv)
 
 
 if __name__ == "__main__":

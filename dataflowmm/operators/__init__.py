@@ -13,6 +13,7 @@ from dataflowmm.operators.image_captioner import ImageCaptioner
 from dataflowmm.operators.image_deduplicator import ImageDeduplicator
 from dataflowmm.operators.image_difference_regions import ImageDifferenceRegions
 from dataflowmm.operators.image_diffusion_augmenter import ImageDiffusionAugmenter
+from dataflowmm.operators.image_qa import ImageQAGenerator
 from dataflowmm.operators.image_task import ImageGeneration, ImageTask
 from dataflowmm.operators.image_text_filters import (
     ClipScoreEvaluator,
@@ -21,6 +22,7 @@ from dataflowmm.operators.image_text_filters import (
 )
 from dataflowmm.operators.prompt_template import PromptTemplate
 from dataflowmm.operators.prompted_image_generator import PromptedImageGenerator
+from dataflowmm.operators.visual_qa import PromptedVQAGenerator, PromptTemplatedVQAGenerator
 
 __all__ = [
     "DROPPED_KEY",
@@ -35,10 +37,13 @@ __all__ = [
     "ImageGeneration",
     "ImageTask",
     "ImageDifferenceRegions",
+    "ImageQAGenerator",
     "Operator",
     "OperatorSettings",
     "PromptTemplate",
     "PromptedImageGenerator",
+    "PromptedVQAGenerator",
+    "PromptTemplatedVQAGenerator",
     "RowError",
     "StepContext",
 ]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageDraw
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.contract import Input, Operator, Output, StepContext
+from dataflowmm.contract import Input, Operator, Output, StepContext, is_transient
 from dataflowmm.io.images import image_file_name, save_png
 from dataflowmm.operators.boxes import (
     Box,
@@ -28,14 +28,23 @@ from dataflowmm.operators.boxes import (
     normalised_corners,
     parse_boxes,
 )
+from dataflowmm.operators.data_juicer_args import (
+    ITM_DEFAULTS,
+    MLLM_DEFAULTS,
+    SERVING_KEYS,
+    SIMILARITY_DEFAULTS,
+    build_from_args,
+    merged_args,
+    thresholds,
+)
 from dataflowmm.operators.image_difference_regions import load_pair
 from dataflowmm.seeds import derive_seed
-from dataflowmm.serving.common import build_serving
+from dataflowmm.serving.vlm_protocol import VLMPrompt
 
 if TYPE_CHECKING:
     from dataflowmm.serving.clip import ClipServing
     from dataflowmm.serving.itm import ImageTextMatchingServing
-    from dataflowmm.serving.vlm import LocalVLMServing
+    from dataflowmm.serving.vlm_protocol import VLMServing
 
 REGION_PROMPT = "Please provide a clear description for this region: {box}."
 DIFFERENCE_PROMPT = (
@@ -44,17 +53,6 @@ DIFFERENCE_PROMPT = (
     "the red bounding box in the right image is: {caption2}. What is their difference? "
     "Answer with a few concise sentences."
 )
-# Data-Juicer's fixed defaults, except the similarity maximum: its own test uses 0.8, and with
-# 1.0 a box whose two captions are identical (nothing differs) would be kept.
-MLLM_DEFAULTS = {"hf_model": "llava-hf/llava-v1.6-vicuna-7b-hf", "max_new_tokens": 256, "temperature": 0.2,
-                 "top_p": None, "num_beams": 1}
-ITM_DEFAULTS = {"hf_blip": "Salesforce/blip-itm-base-coco", "min_score": 0.1, "max_score": 1.0}
-SIMILARITY_DEFAULTS = {"hf_clip": "openai/clip-vit-base-patch32", "min_score": 0.1, "max_score": 0.8}
-# Serving settings the dicts may also carry.
-SERVING_KEYS = ("batch_size", "torch_dtype", "trust_remote_code")
-# Data-Juicer keys about its own execution; accepted so its recipes load, and ignored.
-DATA_JUICER_RUNTIME_KEYS = ("num_proc", "accelerator", "text_key_second", "any_or_all", "reduce_mode",
-                            "mem_required", "cpu_required")
 RED = (255, 0, 0)
 LINE_WIDTH, BOX_MARGIN, GAP_WIDTH = 3, 5, 20
 
@@ -67,11 +65,11 @@ class _Region:
     index: int  # the box's position in the row's input boxes: files and seeds use it
     box: Box
     crop: Corners
-    captions: tuple[str, str] = ("", "")
+    captions: tuple[str | Exception, str | Exception] = ("", "")
     itm_scores: tuple[float, float] = (0.0, 0.0)
     similarity: float | None = None
     marked: Image.Image | None = None
-    difference: str = ""
+    difference: str | Exception = ""
 
 
 @dataclass
@@ -81,40 +79,16 @@ class _Pair:
     regions: list[_Region] = field(default_factory=list)
 
 
-def _thresholds(args: dict, name: str) -> tuple[float, float]:
-    low, high = args["min_score"], args["max_score"]
-    for key, value in (("min_score", low), ("max_score", high)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name}[{key!r}] must be a number, got {value!r}")
-    if low > high:
-        raise ValueError(f"{name}: min_score {low} is above max_score {high}")
-    return float(low), float(high)
-
-
-def _merged_args(given: dict | None, defaults: dict, name: str, model_key: str, extra: tuple[str, ...] = ()) -> dict:
-    """Data-Juicer's dict with its defaults filled in, as a new dict (neither input is mutated)."""
-    given = dict(given or {})
-    known = set(defaults) | set(SERVING_KEYS) | set(DATA_JUICER_RUNTIME_KEYS) | set(extra)
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise ValueError(f"{name} has unknown keys {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
-    return {**defaults, **given, "_given": given, "_model_key": model_key}
-
-
-def _serving_settings(args: dict, keys: tuple[str, ...]) -> dict:
-    """The serving settings a dict gave explicitly (None = not given, so a passed serving is checked
-    only against what the user actually asked for)."""
-    return {key: args["_given"].get(key) for key in keys}
-
-
-def _build(serving: Any, args: dict, name: str, argument: str, serving_class: type, methods: tuple[str, ...],
-           setting_keys: tuple[str, ...], defaults: dict) -> Any:
-    model_key = args["_model_key"]
-    if serving is not None and model_key in args["_given"]:
-        raise ValueError(f"give either {argument} or {name}[{model_key!r}], not both")
-    source = serving if serving is not None else args[model_key]
-    return build_serving(source, serving_class, argument=argument, methods=methods,
-                         settings=_serving_settings(args, setting_keys), defaults=defaults)
+def _answered(regions: list[_Region], answers: Any, failed: dict[int, str], transient: set[int]) -> list[_Region]:
+    """The regions of rows whose VLM answers all came; a failed answer (an exception in its
+    place) fails its row with that reason, and the row's other regions go no further."""
+    for region in regions:
+        for answer in answers(region):
+            if isinstance(answer, BaseException) and region.offset not in failed:
+                failed[region.offset] = f"box {region.index}: {answer}"
+                if is_transient(answer):
+                    transient.add(region.offset)
+    return [region for region in regions if region.offset not in failed]
 
 
 def marked_pair(first: Image.Image, second: Image.Image, box: Box) -> Image.Image:
@@ -167,8 +141,11 @@ class DifferenceCaptioner(Operator):
             (**0.8**; Data-Juicer's default 1.0 keeps pairs whose captions are identical), plus
             serving settings. Data-Juicer's `num_proc`, `accelerator`, `text_key_second`, ... are
             accepted in all three dicts and ignored.
-        vlm_serving (`LocalVLMServing`, *optional*):
-            A serving to use instead of building one from `mllm_mapper_args["hf_model"]`.
+        vlm_serving (`LocalVLMServing` or `APIVLMServing`, *optional*):
+            A VLM serving (any serving of the VLM protocol: a local model, or a vLLM/SGLang/OpenAI
+            server) to use instead of building one from `mllm_mapper_args["hf_model"]`. A
+            region whose answer fails fails its row, with `transient` failures retried by the
+            step's next run.
         itm_serving (`ImageTextMatchingServing`, *optional*):
             Instead of `image_text_matching_filter_args["hf_blip"]`.
         clip_serving (`ClipServing`, *optional*):
@@ -218,7 +195,7 @@ class DifferenceCaptioner(Operator):
         image_text_matching_filter_args: dict | None = None,
         text_pair_similarity_filter_args: dict | None = None,
         *,
-        vlm_serving: LocalVLMServing | str | os.PathLike | None = None,
+        vlm_serving: VLMServing | str | os.PathLike | None = None,
         itm_serving: ImageTextMatchingServing | str | os.PathLike | None = None,
         clip_serving: ClipServing | str | os.PathLike | None = None,
         max_area_ratio: float = 0.1,
@@ -234,24 +211,24 @@ class DifferenceCaptioner(Operator):
         from dataflowmm.serving.itm import ImageTextMatchingServing
         from dataflowmm.serving.vlm import LocalVLMServing
 
-        mllm = _merged_args(mllm_mapper_args, MLLM_DEFAULTS, "mllm_mapper_args", "hf_model")
-        itm = _merged_args(image_text_matching_filter_args, ITM_DEFAULTS, "image_text_matching_filter_args",
-                           "hf_blip")
-        similarity = _merged_args(text_pair_similarity_filter_args, SIMILARITY_DEFAULTS,
-                                  "text_pair_similarity_filter_args", "hf_clip")
-        self.itm_range = _thresholds(itm, "image_text_matching_filter_args")
-        self.similarity_range = _thresholds(similarity, "text_pair_similarity_filter_args")
+        mllm = merged_args(mllm_mapper_args, MLLM_DEFAULTS, "mllm_mapper_args", "hf_model")
+        itm = merged_args(image_text_matching_filter_args, ITM_DEFAULTS, "image_text_matching_filter_args",
+                          "hf_blip")
+        similarity = merged_args(text_pair_similarity_filter_args, SIMILARITY_DEFAULTS,
+                                 "text_pair_similarity_filter_args", "hf_clip")
+        self.itm_range = thresholds(itm, "image_text_matching_filter_args")
+        self.similarity_range = thresholds(similarity, "text_pair_similarity_filter_args")
         if not 0 < max_area_ratio <= 1:
             raise ValueError(f"max_area_ratio must be in (0, 1], got {max_area_ratio!r}")
         check_positive_int("input_batch_size", input_batch_size)
         generation = ("max_new_tokens", "temperature", "top_p", "num_beams")
-        self.vlm = _build(vlm_serving, mllm, "mllm_mapper_args", "vlm_serving", LocalVLMServing,
-                          ("generate", "config"), generation + SERVING_KEYS,
-                          {key: mllm[key] for key in generation})
-        self.itm = _build(itm_serving, itm, "image_text_matching_filter_args", "itm_serving",
-                          ImageTextMatchingServing, ("score", "config"), SERVING_KEYS, {})
-        self.clip = _build(clip_serving, similarity, "text_pair_similarity_filter_args", "clip_serving",
-                           ClipServing, ("text_text_similarity", "config"), SERVING_KEYS, {})
+        self.vlm = build_from_args(vlm_serving, mllm, "mllm_mapper_args", "vlm_serving", LocalVLMServing,
+                                   ("generate", "config"), generation + SERVING_KEYS,
+                                   {key: mllm[key] for key in generation})
+        self.itm = build_from_args(itm_serving, itm, "image_text_matching_filter_args", "itm_serving",
+                                   ImageTextMatchingServing, ("score", "config"), SERVING_KEYS, {})
+        self.clip = build_from_args(clip_serving, similarity, "text_pair_similarity_filter_args", "clip_serving",
+                                    ClipServing, ("text_text_similarity", "config"), SERVING_KEYS, {})
         self.max_area_ratio = float(max_area_ratio)
         self.save_marked_pairs = bool(save_marked_pairs)
 
@@ -259,6 +236,7 @@ class DifferenceCaptioner(Operator):
     def process_batch(self, rows: list[dict], row_ids: list[str], context: StepContext) -> list[dict]:
         pairs: dict[int, _Pair] = {}
         failed: dict[int, str] = {}
+        transient: set[int] = set()  # rows failed by a VLM answer that may come on a later run
         for offset, row in enumerate(rows):
             try:
                 pairs[offset] = self._plan(row, offset)
@@ -266,13 +244,16 @@ class DifferenceCaptioner(Operator):
                 failed[offset] = str(error)
         regions = [region for pair in pairs.values() for region in pair.regions]
         self._describe(regions, pairs, row_ids)
+        regions = _answered(regions, lambda region: region.captions, failed, transient)
         matched = self._match(regions, pairs)
         kept = self._compare(matched)
         self._explain(kept, pairs, row_ids)
+        kept = _answered(kept, lambda region: (region.difference,), failed, transient)
         out = []
         for offset, row in enumerate(rows):
             if offset in failed:
-                out.append(self.row_failed(row, failed[offset], offset, self._empty_outputs()))
+                out.append(self.row_failed(row, failed[offset], offset, self._empty_outputs(),
+                                           transient=offset in transient))
                 continue
             row_kept = [region for region in kept if region.offset == offset]
             out.append({**row, **self._outputs(row_kept, row_ids[offset], context)})
@@ -297,8 +278,6 @@ class DifferenceCaptioner(Operator):
 
     def _describe(self, regions: list[_Region], pairs: dict[int, _Pair], row_ids: list[str]) -> None:
         """Step 1: one VLM call for every region of every row, in each image."""
-        from dataflowmm.serving.vlm import VLMPrompt
-
         prompts, seeds = [], []
         for region in regions:
             pair = pairs[region.offset]
@@ -338,8 +317,6 @@ class DifferenceCaptioner(Operator):
 
     def _explain(self, regions: list[_Region], pairs: dict[int, _Pair], row_ids: list[str]) -> None:
         """Step 6: each kept box marked on the joined pair, and its difference asked in one VLM call."""
-        from dataflowmm.serving.vlm import VLMPrompt
-
         prompts, seeds = [], []
         for region in regions:
             pair = pairs[region.offset]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.contract import Input, Operator, Output, StepContext
+from dataflowmm.contract import Input, Operator, Output, StepContext, is_transient
 from dataflowmm.io.images import ImageReadError, load_image
 from dataflowmm.operators.sample_format import (
     EOC_TOKEN,
@@ -27,11 +27,15 @@ from dataflowmm.operators.sample_format import (
 )
 from dataflowmm.seeds import derive_seed
 from dataflowmm.serving.common import build_serving
+from dataflowmm.serving.vlm_protocol import VLMPrompt
 
 if TYPE_CHECKING:
     from dataflowmm.serving.caption import LocalCaptionServing
+    from dataflowmm.serving.vlm_protocol import VLMServing
 
 KEEP_CANDIDATE_MODES = ("random_any", "similar_one_simhash", "all")
+# What a VLM serving is asked for each caption when neither `prompt` nor `prompt_key` says.
+VLM_CAPTION_PROMPT = "Describe this image in one sentence."
 
 
 @dataclass
@@ -66,14 +70,18 @@ class ImageCaptioner(Operator):
     A row that cannot be captioned is kept once, unchanged, with its `error` set.
 
     Args:
-        caption_serving: a `LocalCaptionServing`, or a model id/folder to build one from.
+        caption_serving: a `LocalCaptionServing`, or a model id/folder to build one from; or a
+            VLM serving (`LocalVLMServing`, `APIVLMServing`: a chat VLM, local or behind a
+            vLLM/SGLang/OpenAI server), asked `caption_num` times per image (each with its own
+            seed) with the row's prompt, else `VLM_CAPTION_PROMPT`. A VLM answer that fails
+            fails its row (a transient failure is retried by the step's next run).
         hf_img2seq: model id/folder used when `caption_serving` is not given.
         caption_num: candidate captions generated per image (> 0).
         keep_candidate_mode: `random_any` (one seeded random candidate), `similar_one_simhash`
             (the candidate whose 64-bit SimHash over word bigrams is closest to the original
             text; ties to the first) or `all` (one generated row per candidate).
         keep_original_sample: keep each original row before its generated rows.
-        prompt: text prompt conditioning every caption.
+        prompt: text prompt conditioning every caption (a VLM serving's instruction).
         prompt_key: row field holding a per-row prompt; wins over `prompt` when both are set.
         batch_size: images per forward pass of the serving built here (default 8), and rows
             per batch. With a serving passed in, its own `batch_size` applies; giving a different
@@ -95,7 +103,7 @@ class ImageCaptioner(Operator):
 
     def __init__(
         self,
-        caption_serving: LocalCaptionServing | str | os.PathLike | None = None,
+        caption_serving: LocalCaptionServing | VLMServing | str | os.PathLike | None = None,
         *,
         hf_img2seq: str | os.PathLike = "Salesforce/blip2-opt-2.7b",
         caption_num: int = 1,
@@ -126,7 +134,8 @@ class ImageCaptioner(Operator):
         self.serving = build_serving(
             caption_serving or hf_img2seq, LocalCaptionServing, argument="caption_serving",
             settings={"batch_size": batch_size, "torch_dtype": torch_dtype, "trust_remote_code": trust_remote_code},
-            defaults={"caption_num": caption_num}, methods=("caption", "config"))
+            defaults={"caption_num": caption_num},
+            methods=("generate", "config") if _is_vlm(caption_serving) else ("caption", "config"))
         self.caption_num = caption_num
         self.keep_candidate_mode = keep_candidate_mode
         self.keep_original_sample = keep_original_sample
@@ -202,12 +211,16 @@ class ImageCaptioner(Operator):
             except ValueError as error:
                 failed[offset] = str(error)
 
-        self._caption(plans, row_ids)
+        transient = set()
+        for offset, answer in self._caption(plans, row_ids).items():
+            failed[offset] = str(answer)
+            if is_transient(answer):
+                transient.add(offset)
 
         out_rows = []
         for offset, row in enumerate(rows):
             if offset in failed:
-                out_rows.append(self.row_failed(row, failed[offset], offset))
+                out_rows.append(self.row_failed(row, failed[offset], offset, transient=offset in transient))
                 continue
             if self.keep_original_sample:
                 out_rows.append(row)
@@ -216,16 +229,43 @@ class ImageCaptioner(Operator):
                                 for text in self._generated_texts(plans[offset], row_ids[offset]))
         return out_rows
 
-    def _caption(self, plans: dict[int, _RowPlan], row_ids: list[str]) -> None:
-        """One serving call for every image of every row in the batch."""
+    def _caption(self, plans: dict[int, _RowPlan], row_ids: list[str]) -> dict[int, Exception]:
+        """One serving call for every image of every row in the batch; returns the rows whose
+        captions failed (a VLM serving's answer), with the first failure of each."""
         jobs = [(offset, index) for offset, plan in plans.items() for index in range(len(plan.images))]
         if not jobs:
-            return
+            return {}
+        seeds = [derive_seed(self.settings.seed, row_ids[offset], index) for offset, index in jobs]
+        if _is_vlm(self.serving):
+            return self._caption_with_vlm(plans, jobs, seeds)
         captions = self.serving.caption(
             [plans[offset].images[index] for offset, index in jobs],
             prompts=[plans[offset].prompt for offset, _ in jobs],
-            seeds=[derive_seed(self.settings.seed, row_ids[offset], index) for offset, index in jobs],
+            seeds=seeds,
             caption_num=self.caption_num,
         )
         for (offset, _), candidates in zip(jobs, captions, strict=True):
             plans[offset].captions.append(candidates)
+        return {}
+
+    def _caption_with_vlm(self, plans: dict[int, _RowPlan], jobs: list[tuple[int, int]],
+                          seeds: list[int]) -> dict[int, Exception]:
+        """`caption_num` prompts per image (candidate k > 0 seeded apart), one serving call."""
+        prompts = [VLMPrompt((plans[offset].images[index],), plans[offset].prompt or VLM_CAPTION_PROMPT)
+                   for offset, index in jobs for _ in range(self.caption_num)]
+        candidate_seeds = [seed if k == 0 else derive_seed(seed, "candidate", k)
+                           for seed in seeds for k in range(self.caption_num)]
+        answers = self.serving.generate(prompts, candidate_seeds)
+        failures: dict[int, Exception] = {}
+        for position, (offset, _) in enumerate(jobs):
+            candidates = answers[position * self.caption_num:(position + 1) * self.caption_num]
+            failure = next((answer for answer in candidates if isinstance(answer, BaseException)), None)
+            if failure is not None:
+                failures.setdefault(offset, failure)
+            plans[offset].captions.append(candidates)
+        return failures
+
+
+def _is_vlm(serving: object) -> bool:
+    """A VLM serving (prompts in, texts out) rather than a captioning one."""
+    return callable(getattr(serving, "generate", None)) and not callable(getattr(serving, "caption", None))

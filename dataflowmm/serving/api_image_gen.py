@@ -4,37 +4,22 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from PIL import Image
 
 from dataflowmm.checks import check_positive_int
 from dataflowmm.io.images import ImageReadError, open_image
-from dataflowmm.serving.common import jsonable
+from dataflowmm.serving.api_client import REFUSAL_CODES, OpenAICompatibleServing
+from dataflowmm.serving.common import GenerationFailed, jsonable
 from dataflowmm.serving.downloads import DownloadRefused, download, url_is_internal
 
 RESPONSE_FORMATS = ("b64_json", "url")
-# Error codes an images API gives for a prompt it refuses to draw: never worth a retry.
-REFUSAL_CODES = ("content_policy_violation", "moderation_blocked", "content_filter")
+
+__all__ = ["REFUSAL_CODES", "RESPONSE_FORMATS", "APIImageGenServing", "GenerationFailed"]
 
 
-class GenerationFailed(Exception):
-    """One prompt's request failed for good; `generate` returns it in place of that prompt's images.
-
-    `transient` is true when the failure may pass later (429, 5xx, time-out, connection error):
-    the step records the row as such and its next run retries it."""
-
-    def __init__(self, message: str, transient: bool = False):
-        super().__init__(message)
-        self.transient = transient
-
-    def __reduce__(self):  # picklable with its flag (results cross process boundaries)
-        return (type(self), (str(self), self.transient))
-
-
-class APIImageGenServing:
+class APIImageGenServing(OpenAICompatibleServing):
     r"""
     Generate images with any server that speaks the OpenAI images API (OpenAI, Azure-style
     gateways, self-hosted compatible servers), through the official `openai` client.
@@ -110,72 +95,29 @@ class APIImageGenServing:
         extra_body: dict | None = None,
         max_download_bytes: int = 64 * 2**20,
     ) -> None:
-        if not isinstance(model, str) or not model:
-            raise ValueError(f"model must be a non-empty model name, got {model!r}")
         if response_format not in RESPONSE_FORMATS:
             raise ValueError(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got {response_format!r}")
         check_positive_int("n", n)
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("max_concurrency", max_concurrency)
         check_positive_int("max_download_bytes", max_download_bytes)
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
-        if not float(timeout) > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        if extra_body is not None and not isinstance(extra_body, dict):
-            raise ValueError(f"extra_body must be a dict, got {type(extra_body).__name__}")
-        key = api_key if api_key is not None else os.environ.get(api_key_env)
-        if not key:
-            raise ValueError(f"no API key: set the environment variable {api_key_env} or pass api_key= "
-                             "(servers without authentication accept any value, e.g. api_key='none')")
-        self.model = model
-        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        self._set_client_settings(model, base_url=base_url, api_key=api_key, api_key_env=api_key_env,
+                                  seed_parameter=seed_parameter, batch_size=batch_size,
+                                  max_concurrency=max_concurrency, max_retries=max_retries, timeout=timeout,
+                                  extra_body=extra_body)
         self.size = size
         self.quality = quality
         self.style = style
         self.n = n
         self.response_format = response_format
-        self.seed_parameter = seed_parameter
-        self.batch_size = batch_size
-        self.max_concurrency = max_concurrency
-        self.max_retries = max_retries
-        self.timeout = float(timeout)
-        self.extra_body = dict(extra_body or {})
         self.max_download_bytes = max_download_bytes
-        self._api_key = key
-        self._client: Any = None
         self._internal_ok = False  # set on load: may `url` answers point at internal addresses?
 
-    @property
-    def model_name(self) -> str:
-        return self.model
-
-    # ----------------------------------------------------------------- loading
     def load(self) -> None:
         """Make the HTTP client (nothing is sent until `generate`)."""
         if self._client is not None:
             return
-        try:
-            import openai
-        except ImportError:
-            raise ImportError("APIImageGenServing needs the openai client: pip install 'dataflowmm[api]'") from None
-        self._client = openai.OpenAI(api_key=self._api_key, base_url=self.base_url,
-                                     max_retries=self.max_retries, timeout=self.timeout)
+        super().load()
         # A self-hosted server (base_url on an internal address) may hand out internal URLs.
         self._internal_ok = url_is_internal(self.base_url)
-
-    def cleanup(self) -> None:
-        """Close the client's connections; a later `generate` makes a new one."""
-        if self._client is not None:
-            self._client.close()
-        self._client = None
-
-    @property
-    def loaded(self) -> bool:
-        return self._client is not None
-
-    def __getstate__(self) -> dict:  # travels to Ray actors without its open connections
-        return {**self.__dict__, "_client": None}
 
     # -------------------------------------------------------------- generating
     def generate(self, prompts: list[str], seeds: list[int]) -> list[list[Image.Image] | GenerationFailed]:
@@ -188,20 +130,10 @@ class APIImageGenServing:
             raise ValueError("prompts must be a list of strings, not one string")
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-        if not prompts:
-            return []
-        self.load()
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
-            return list(pool.map(self._generate_one, prompts, seeds))
+        return self._each(self._generate_one, list(prompts), list(seeds))
 
-    def _generate_one(self, prompt: str, seed: int) -> list[Image.Image] | GenerationFailed:
-        try:
-            response = self._client.images.generate(**self._request(prompt, seed))
-            return self._images(response)
-        except GenerationFailed as failure:
-            return GenerationFailed(self._redacted(str(failure)))
-        except Exception as error:  # noqa: BLE001 - every request failure becomes that prompt's error
-            return GenerationFailed(self._redacted(_describe(error, self.max_retries)), _transient(error))
+    def _generate_one(self, prompt: str, seed: int) -> list[Image.Image]:
+        return self._images(self._client.images.generate(**self._request(prompt, seed)))
 
     def _request(self, prompt: str, seed: int) -> dict[str, Any]:
         request: dict[str, Any] = {"prompt": prompt, "model": self.model, "n": self.n,
@@ -209,9 +141,7 @@ class APIImageGenServing:
         for name in ("size", "quality", "style"):
             if getattr(self, name) is not None:
                 request[name] = getattr(self, name)
-        extra = dict(self.extra_body)
-        if self.seed_parameter:
-            extra[self.seed_parameter] = seed
+        extra = self._extra_body(seed)
         if extra:
             request["extra_body"] = extra
         return request
@@ -244,10 +174,6 @@ class APIImageGenServing:
         except DownloadRefused as error:
             raise GenerationFailed(f"downloading the image URL failed: {error}") from None
 
-    def _redacted(self, text: str) -> str:
-        """`text` with the API key blotted out (servers may echo request headers in errors)."""
-        return text.replace(self._api_key, "***") if len(self._api_key) >= 4 else text
-
     # ------------------------------------------------------------------ config
     def config(self) -> dict:
         """What changes the images (fingerprints cached steps); never the key, concurrency or retries."""
@@ -262,36 +188,3 @@ class APIImageGenServing:
             "seed_parameter": self.seed_parameter,
             "extra_body": self.extra_body,
         })
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r}, "
-                f"max_concurrency={self.max_concurrency})")
-
-
-def _transient(error: Exception) -> bool:
-    """A failure that may pass if the request is sent again later."""
-    import openai
-
-    if isinstance(error, (openai.APITimeoutError, openai.APIConnectionError)):
-        return True
-    status = getattr(error, "status_code", None)
-    return isinstance(error, openai.APIStatusError) and isinstance(status, int) and (status == 429 or status >= 500)
-
-
-def _describe(error: Exception, max_retries: int) -> str:
-    """One line on why a request failed for good."""
-    import openai
-
-    retried = f" (after {max_retries} retries)" if max_retries else ""
-    if isinstance(error, openai.APITimeoutError):
-        return f"request timed out{retried}"
-    if isinstance(error, openai.APIConnectionError):
-        return f"connection failed{retried}: {error.__cause__ or error}"
-    if isinstance(error, openai.APIStatusError):
-        code = getattr(error, "code", None)
-        message = " ".join(str(getattr(error, "message", error)).split())
-        if code in REFUSAL_CODES:
-            return f"refused by the server's content policy ({code}): {message}"
-        retryable = error.status_code == 429 or error.status_code >= 500
-        return f"HTTP {error.status_code}{retried if retryable else ''}: {message}"
-    return f"{type(error).__name__}: {error}"

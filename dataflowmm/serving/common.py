@@ -57,6 +57,21 @@ def dtype_keyword(library: str = "transformers") -> str:
     return "dtype" if Version(version) >= Version(_DTYPE_KEYWORD_SINCE[library]) else "torch_dtype"
 
 
+class GenerationFailed(Exception):
+    """One item of a serving call failed; the serving returns it in that item's place, so
+    only its row fails and the rest of the batch goes on.
+
+    `transient` is true when the failure may pass later (429, 5xx, time-out, connection
+    error, out of memory): the step records the row as such and its next run retries it."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self):  # picklable with its flag (results cross process boundaries)
+        return (type(self), (str(self), self.transient))
+
+
 def jsonable(value: Any) -> Any:
     """`value` turned into plain JSON types (anything else becomes its str)."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))

@@ -1,42 +1,33 @@
-"""Chat vision-language models answering prompts that carry one or more images each.
+"""Chat vision-language models answering prompts that carry zero or more images each.
 
 Any model `AutoModelForImageTextToText` loads with a chat template (LLaVA-1.5, LLaVA-NeXT,
 Qwen2-VL, ...). Prompts of one batch go through one `generate` call, left-padded; only the
 new tokens are decoded, whatever the template (no splitting on "ASSISTANT:"). Sampled
 answers are seeded per prompt, so an answer does not depend on its batch neighbours' draws.
+Follows the VLM serving protocol (`dataflowmm.serving.vlm_protocol`): a prompt that fails
+(an image the processor rejects, out of memory) gets a `GenerationFailed` in its place.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
-from PIL import Image
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.serving.common import LocalModelServing
+from dataflowmm.io.images import ImageReadError
+from dataflowmm.serving.common import GenerationFailed, LocalModelServing
 from dataflowmm.serving.generation import (
     SeededSamplingLogitsProcessor,
     check_generate_kwargs,
     to_device,
 )
 from dataflowmm.serving.model_source import model_content
+from dataflowmm.serving.vlm_protocol import VLMAnswer, VLMPrompt, check_vlm_prompts, prompt_images
 
-
-@dataclass(frozen=True)
-class VLMPrompt:
-    """One question about one or more images; the images come first in the user turn, in order."""
-
-    images: tuple[Image.Image, ...]
-    text: str
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.text, str) or not self.text.strip():
-            raise ValueError(f"a VLM prompt needs text, got {self.text!r}")
-        if not self.images or not all(isinstance(image, Image.Image) for image in self.images):
-            raise ValueError("a VLM prompt needs at least one PIL image")
+__all__ = ["GenerationFailed", "LocalVLMServing", "VLMPrompt"]
 
 
 class LocalVLMServing(LocalModelServing):
@@ -123,34 +114,57 @@ class LocalVLMServing(LocalModelServing):
         self._model = model.to(self.device).eval()
 
     # --------------------------------------------------------------- generation
-    def generate(self, prompts: Sequence[VLMPrompt], seeds: Sequence[int] | None = None) -> list[str]:
+    def generate(self, prompts: Sequence[VLMPrompt], seeds: Sequence[int] | None = None) -> list[VLMAnswer]:
         """One answer per prompt, in order, stripped; prompts go `batch_size` per `generate` call.
+
+        A prompt whose image file cannot be read, or that fails on its own (a batch whose call
+        fails is answered prompt by prompt: an image the processor rejects, out of memory), gets
+        a `GenerationFailed` in its place (`transient` for out of memory), the others their answers.
 
         Args:
             prompts (`list[VLMPrompt]`):
-                Each prompt's images and question.
+                Each prompt's images (none: a text-only turn) and question.
             seeds (`list[int]`, *optional*):
                 One sampling seed per prompt (default 0 for all).
         """
-        prompts = list(prompts)
-        if not all(isinstance(prompt, VLMPrompt) for prompt in prompts):
-            raise TypeError("prompts must be VLMPrompt objects")
-        seeds = [0] * len(prompts) if seeds is None else list(seeds)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"seeds must have one entry per prompt: {len(seeds)} for {len(prompts)} prompts")
+        prompts, seeds = check_vlm_prompts(prompts, seeds)
         if not prompts:
             return []
         self.load()
-        answers: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            end = start + self.batch_size
-            answers.extend(self._generate_batch(prompts[start:end], seeds[start:end]))
+        answers: list[VLMAnswer | None] = [None] * len(prompts)
+        ready: list[tuple[int, VLMPrompt]] = []  # prompts whose images could be read, images loaded
+        for index, prompt in enumerate(prompts):
+            try:
+                ready.append((index, replace(prompt, images=tuple(prompt_images(prompt)))))
+            except ImageReadError as error:
+                answers[index] = GenerationFailed(str(error))
+        for start in range(0, len(ready), self.batch_size):
+            batch = ready[start:start + self.batch_size]
+            texts = self._answers([prompt for _, prompt in batch], [seeds[index] for index, _ in batch])
+            for (index, _), text in zip(batch, texts, strict=True):
+                answers[index] = text
         return answers
+
+    def _answers(self, prompts: list[VLMPrompt], seeds: list[int]) -> list[VLMAnswer]:
+        """The batch's answers; when its call fails, each prompt's on its own."""
+        try:
+            return self._generate_batch(prompts, seeds)
+        except (RuntimeError, ValueError) as error:  # torch (out of memory included) and processor errors
+            out_of_memory = type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error)
+            if out_of_memory:
+                from dataflowmm.serving.device import free_memory
+
+                free_memory()
+            if len(prompts) > 1:
+                return [answer for prompt, seed in zip(prompts, seeds, strict=True)
+                        for answer in self._answers([prompt], [seed])]
+            detail = " ".join(str(error).split())[:500]
+            return [GenerationFailed(f"{self.model}: {type(error).__name__}: {detail}", transient=out_of_memory)]
 
     def _generate_batch(self, prompts: list[VLMPrompt], seeds: list[int]) -> list[str]:
         texts = [self._chat_text(prompt) for prompt in prompts]
         images = [image.convert("RGB") for prompt in prompts for image in prompt.images]
-        encoded = self._processor(images=images, text=texts, return_tensors="pt", padding=True)
+        encoded = self._processor(images=images or None, text=texts, return_tensors="pt", padding=True)
         inputs = to_device(dict(encoded), self.device, self.dtype)
         with torch.inference_mode():
             output = self._model.generate(**inputs, **self._generation_arguments(seeds))
@@ -161,8 +175,10 @@ class LocalVLMServing(LocalModelServing):
 
     def _chat_text(self, prompt: VLMPrompt) -> str:
         content = [{"type": "image"} for _ in prompt.images] + [{"type": "text", "text": prompt.text}]
-        return self._processor.apply_chat_template([{"role": "user", "content": content}],
-                                                   add_generation_prompt=True, tokenize=False)
+        messages = [{"role": "user", "content": content}]
+        if prompt.system:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": prompt.system}]})
+        return self._processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _generation_arguments(self, seeds: list[int]) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, **self.generate_kwargs}
