@@ -31,7 +31,7 @@ class PromptTemplate(Operator):
     default_input_batch_size = 1024  # no model: a batch is just a unit of work
 
     def __init__(self, template: str, *, save_interval: int = 10_000, strict: bool = False):
-        self.fields = sorted({_root(name) for _, name, _, _ in string.Formatter().parse(template) if name})
+        self.fields = template_fields(template)
         if not self.fields:
             raise ValueError(f"template {template!r} names no {{field}}")
         self.template = template
@@ -42,31 +42,33 @@ class PromptTemplate(Operator):
     def process_batch(self, rows: list[dict], row_ids: list[str], context) -> list[dict]:
         out = []
         for offset, row in enumerate(rows):
-            missing = [field for field in self.fields if row.get(field) is None]
-            if missing:
-                out.append(self.row_failed(row, f"key {missing[0]!r}: missing", offset))
-                continue
             try:
-                text = self.template.format(**row)
-            except (KeyError, IndexError, AttributeError, TypeError, ValueError) as error:
-                # a nested field the row lacks ({meta[lang]} with no "lang"; meta not a dict)
-                out.append(self.row_failed(row, f"template field: {_reason(error)}", offset))
-                continue
-            out.append({**row, self.keys.output: text})
+                out.append({**row, self.keys.output: filled_template(self.template, self.fields, row)})
+            except ValueError as error:
+                out.append(self.row_failed(row, str(error), offset))
         return out
 
 
-def _reason(error: Exception) -> str:
-    if isinstance(error, KeyError):
-        return f"key {error.args[0]!r}: missing"
-    if isinstance(error, IndexError):
-        return f"index out of range ({error})"
-    return str(error)
+def template_fields(template: str) -> list[str]:
+    """The columns a `str.format` template reads: `meta` for `{meta[lang]}` or `{meta.lang}`."""
+    names = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    return sorted({name.split(".")[0].split("[")[0] for name in names})
 
 
-def _root(field: str) -> str:
-    """The column a template field reads: `meta` for `{meta[lang]}` or `{meta.lang}`."""
-    return field.split(".")[0].split("[")[0]
+def filled_template(template: str, fields: list[str], row: dict) -> str:
+    """`template` filled with the row; ValueError naming the first of its `fields` the row
+    lacks (or holds null in), or the nested field it lacks ({meta[lang]} with no "lang")."""
+    missing = [field for field in fields if row.get(field) is None]
+    if missing:
+        raise ValueError(f"key {missing[0]!r}: missing")
+    try:
+        return template.format(**row)
+    except KeyError as error:
+        raise ValueError(f"template field: key {error.args[0]!r}: missing") from None
+    except IndexError as error:
+        raise ValueError(f"template field: index out of range ({error})") from None
+    except (AttributeError, TypeError, ValueError) as error:  # meta not a dict, a bad format spec
+        raise ValueError(f"template field: {error}") from None
 
 
-__all__ = ["PromptTemplate"]
+__all__ = ["PromptTemplate", "filled_template", "template_fields"]

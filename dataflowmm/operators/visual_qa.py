@@ -12,7 +12,6 @@ is retried by the step's next run.
 from __future__ import annotations
 
 import os
-import string
 from abc import abstractmethod
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ from dataflowmm.io.images import (
     load_image,
     looks_like_base64_image,
 )
+from dataflowmm.operators.prompt_template import filled_template, template_fields
 from dataflowmm.operators.prompted_image_generator import column_prompt, conversation_prompts
 from dataflowmm.operators.sample_format import row_image_paths
 from dataflowmm.seeds import derive_seed
@@ -236,24 +236,5 @@ class PromptTemplatedVQAGenerator(VLMRowOperator):
         return {self.keys.answer: answer}
 
 
-def template_fields(template: str) -> list[str]:
-    """The columns a `str.format` template reads: `meta` for `{meta[lang]}` or `{meta.lang}`."""
-    names = {name for _, name, _, _ in string.Formatter().parse(template) if name}
-    return sorted({name.split(".")[0].split("[")[0] for name in names})
-
-
-def filled_template(template: str, fields: list[str], row: dict) -> str:
-    """`template` filled with the row; ValueError naming the first field the row lacks."""
-    missing = [name for name in fields if row.get(name) is None]
-    if missing:
-        raise ValueError(f"key {missing[0]!r}: missing")
-    try:
-        return template.format(**row)
-    except KeyError as error:  # a nested field the row lacks ({meta[lang]} with no "lang")
-        raise ValueError(f"template field: key {error.args[0]!r}: missing") from None
-    except (IndexError, AttributeError, TypeError, ValueError) as error:
-        raise ValueError(f"template field: {error}") from None
-
-
 __all__ = ["PromptTemplatedVQAGenerator", "PromptedVQAGenerator", "VLMRowOperator", "as_vlm_serving",
-           "filled_template", "row_images", "template_fields"]
+           "row_images"]
