@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from dataflowmm.checks import is_out_of_memory
 from dataflowmm.seeds import ROW_POSITION_KEY
 
 ERROR_KEY = "error"
@@ -43,12 +44,13 @@ class TransientError(Exception):
 
 def is_transient(error: BaseException | None) -> bool:
     """Whether `error` may pass if tried again: a `TransientError`, an exception with a true
-    `transient` attribute, or a CUDA out-of-memory error."""
+    `transient` attribute, or an accelerator out-of-memory error."""
     if error is None:
         return False
     if getattr(error, "transient", False) is True:
         return True
-    return type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(error)
+    return is_out_of_memory(error)
+
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from dataflowmm.checks import check_positive_int
+from dataflowmm.checks import check_positive_int, is_out_of_memory
 from dataflowmm.io.images import ImageReadError
 from dataflowmm.serving.common import GenerationFailed, LocalModelServing
 from dataflowmm.serving.generation import (
@@ -150,7 +150,7 @@ class LocalVLMServing(LocalModelServing):
         try:
             return self._generate_batch(prompts, seeds)
         except (RuntimeError, ValueError) as error:  # torch (out of memory included) and processor errors
-            out_of_memory = type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error)
+            out_of_memory = is_out_of_memory(error)
             if out_of_memory:
                 from dataflowmm.serving.device import free_memory
 
