@@ -74,15 +74,21 @@ def check_image_bytes(header: bytes, name: str = "image") -> str:
 
 def check_image_file(path: str | os.PathLike) -> str:
     """`check_image_bytes` on a regular file's first bytes; ImageReadError otherwise."""
-    path = Path(path)
+    return _checked_file_bytes(Path(path), whole=False)[0]
+
+
+def _checked_file_bytes(path: Path, whole: bool) -> tuple[str, bytes]:
+    """A regular file's allowed format and its first 64 bytes (all of them when `whole`: the
+    rest of a file whose header is not an allowed image is never read); ImageReadError otherwise."""
     if not path.is_file():
         raise ImageReadError(f"image not found: {path}")
     try:
         with open(path, "rb") as file:
-            header = file.read(64)
+            head = file.read(64)
+            found = check_image_bytes(head, f"image {path}")
+            return found, head + file.read() if whole else head
     except OSError as error:
         raise ImageReadError(f"cannot read image {path}: {error}") from None
-    return check_image_bytes(header, f"image {path}")
 
 
 def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
@@ -123,15 +129,7 @@ def read_image_file(path: str | os.PathLike) -> ImageFile:
     first bytes are not an allowed image is never read."""
     path = Path(path)
     name = f"image {path}"
-    if not path.is_file():
-        raise ImageReadError(f"image not found: {path}")
-    try:
-        with open(path, "rb") as file:
-            head = file.read(64)
-            check_image_bytes(head, name)
-            data = head + file.read()
-    except OSError as error:
-        raise ImageReadError(f"cannot read {name}: {error}") from None
+    data = _checked_file_bytes(path, whole=True)[1]
     size = _png_rgb8_size(data)  # the common case, read from the PNG header itself
     if size is not None:
         _check_pixels(name, size)
