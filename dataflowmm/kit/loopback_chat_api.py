@@ -43,8 +43,6 @@ its own process and prints its base URL (key `sk-loopback-secret` unless `--api-
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import itertools
 import json
@@ -53,7 +51,7 @@ import time
 
 from PIL import Image
 
-from dataflowmm.io.images import ImageReadError, open_image
+from dataflowmm.io.images import ImageReadError, decode_base64
 from dataflowmm.kit.loopback_server import (
     COMMON_SCRIPTS,
     LoopbackHandler,
@@ -146,8 +144,8 @@ def _data_url_image(url: str) -> Image.Image:
     if not url.startswith("data:image/") or ";base64," not in url:
         raise ValueError("the loopback server takes images as base64 data URLs only")
     try:
-        return open_image(base64.b64decode(url.partition(",")[2], validate=True), name="the request's image")
-    except (binascii.Error, ImageReadError) as error:
+        return decode_base64(url)
+    except ImageReadError as error:
         raise ValueError(f"cannot read an image: {error}") from None
 
 
