@@ -1,14 +1,19 @@
-"""The Ray runner against the local runner on this machine's CPUs.
+"""The Ray runner against the local runner on this machine's CPUs, start-up included.
 
+Two steps a user would hand to Ray (each runs for over a minute locally here):
 ImageDiffusionAugmenter on tiny-sd (64 px canvas, 4 steps) and PromptedImageGenerator
-(tiny-sd, 32 px, 4 steps): Ray with N one-thread actors vs the local runner with N torch
-threads, alternating rounds. Every Ray step starts a fresh actor pool (each actor imports
-torch and loads its model); that start-up is measured on its own (a 2-row step) and
-reported separately, and the ratios compare the work after it. Prints
-`ratio_ray_vs_local=` (img2img) and `ratio_ray_vs_local_t2i=` (local seconds / Ray seconds
-without start-up), and the same with start-up included.
+(tiny-sd, 32 px, 4 steps). Ray with N one-thread actors vs the local runner with N torch
+threads, alternating rounds. Each Ray run starts from no actors, so its time includes
+what a user pays at a pipeline's first step: starting the actors (a process, torch's
+import) and loading the model in each. Prints `ratio_ray_vs_local_with_startup=` (img2img)
+and `ratio_ray_vs_local_t2i_with_startup=` (local seconds / Ray seconds).
 
-    .venv/bin/python benchmarks/ray_runner.py [--images 32] [--prompts 64] [--rounds 3] [--replicas 2]
+Then a 3-step pipeline (text-to-image, image-to-image on its images, captions of those) on
+a few rows per step, so its time is mostly start-up: once with the actors ended after each
+step (as every Ray step did before actors lived across steps), once with one pool for the
+whole pipeline. Prints `pipeline_startup_per_step_pools_s=` and `pipeline_startup_one_pool_s=`.
+
+    .venv/bin/python benchmarks/ray_runner.py [--images 192] [--prompts 1024] [--rounds 2] [--replicas 2]
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ import torch
 from PIL import Image
 
 from dataflowmm import FileStorage
+from dataflowmm.execution.ray_actors import close_actor_pool
 from dataflowmm.execution.ray_runner import RayRunner, connect
 from dataflowmm.models.tiny import tiny_model_path
-from dataflowmm.operators import ImageDiffusionAugmenter, PromptedImageGenerator
-from dataflowmm.serving import LocalImageGenServing
+from dataflowmm.operators import ImageCaptioner, ImageDiffusionAugmenter, PromptedImageGenerator
+from dataflowmm.serving import LocalCaptionServing, LocalImageGenServing
 
 
 def write_inputs(work: Path, images: int, prompts: int) -> dict[str, Path]:
@@ -41,41 +47,60 @@ def write_inputs(work: Path, images: int, prompts: int) -> dict[str, Path]:
         pixels = np.random.default_rng(index).integers(0, 255, (48, 64, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(pictures / f"{index}.png")
         rows.append({"images": [f"pics/{index}.png"], "caption": f"picture {index}"})
-    inputs = {"img2img": work / "images.jsonl", "t2i": work / "prompts.jsonl"}
+    inputs = {"img2img": work / "images.jsonl", "t2i": work / "prompts.jsonl", "pipeline": work / "few.jsonl"}
     inputs["img2img"].write_text("".join(json.dumps(row) + "\n" for row in rows))
     inputs["t2i"].write_text("".join(json.dumps({"prompt": f"a shape number {i}"}) + "\n" for i in range(prompts)))
-    inputs["img2img_tiny"] = work / "images_2.jsonl"
-    inputs["img2img_tiny"].write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))
-    inputs["t2i_tiny"] = work / "prompts_2.jsonl"
-    inputs["t2i_tiny"].write_text("".join(json.dumps({"prompt": f"warm {i}"}) + "\n" for i in range(2)))
+    inputs["pipeline"].write_text("".join(json.dumps({"prompt": f"a few {i}"}) + "\n" for i in range(4)))
     return inputs
 
 
-def operator(kind: str, model: str):
+def operator(kind: str, sd: str):
     if kind == "img2img":
-        serving = LocalImageGenServing(model, task="image2image", batch_size=4, num_inference_steps=4)
+        serving = LocalImageGenServing(sd, task="image2image", batch_size=4, num_inference_steps=4)
         return ImageDiffusionAugmenter(serving, caption_key="caption", image_size=64, save_interval=4), {}
-    serving = LocalImageGenServing(model, batch_size=4, num_inference_steps=4, height=32, width=32)
+    serving = LocalImageGenServing(sd, batch_size=4, num_inference_steps=4, height=32, width=32)
     return PromptedImageGenerator(serving, save_interval=4), {"input_prompt_key": "prompt"}
 
 
-def timed_step(entry: Path, cache: Path, kind: str, model: str, runner) -> float:
+def timed_step(entry: Path, cache: Path, kind: str, sd: str, runner) -> float:
     shutil.rmtree(cache, ignore_errors=True)
-    op, kwargs = operator(kind, model)
+    op, kwargs = operator(kind, sd)
+    close_actor_pool()  # every Ray run starts without actors: start-up is inside the timing
     started = time.perf_counter()
     op.run(FileStorage(entry, cache_path=cache, runner=runner).step(), **kwargs)
     return time.perf_counter() - started
 
 
+def timed_pipeline(entry: Path, cache: Path, sd: str, blip: str, runner: RayRunner, pool_per_step: bool) -> float:
+    """Seconds of text-to-image -> image-to-image -> captions on Ray, from no actors."""
+    shutil.rmtree(cache, ignore_errors=True)
+    close_actor_pool()
+    storage = FileStorage(entry, cache_path=cache, runner=runner)
+    steps = [
+        (PromptedImageGenerator(LocalImageGenServing(sd, batch_size=2, num_inference_steps=2, height=32, width=32),
+                                save_interval=2), {"input_prompt_key": "prompt", "output_image_key": "images"}),
+        (ImageDiffusionAugmenter(LocalImageGenServing(sd, task="image2image", batch_size=2, num_inference_steps=2),
+                                 caption_key="prompt", image_size=32, save_interval=2), {"output_image_key": "augmented"}),
+        (ImageCaptioner(LocalCaptionServing(blip, batch_size=2, max_new_tokens=4), save_interval=2),
+         {"input_image_key": "augmented"}),
+    ]
+    started = time.perf_counter()
+    for op, kwargs in steps:
+        op.run(storage.step(), **kwargs)
+        if pool_per_step:
+            close_actor_pool()
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--prompts", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--replicas", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
 
-    model = str(tiny_model_path("tiny-sd"))
+    sd, blip = str(tiny_model_path("tiny-sd")), str(tiny_model_path("tiny-blip"))
     work = Path(tempfile.mkdtemp(prefix="dataflowmm-ray-bench-"))
     inputs = write_inputs(work, args.images, args.prompts)
     torch.set_num_threads(args.replicas)
@@ -85,31 +110,31 @@ def main() -> None:
     ray = RayRunner(replicas=args.replicas)
 
     print(f"ray runner: {args.replicas} actors x 1 torch thread vs local with {args.replicas} threads; "
-          f"cluster start {cluster_start:.1f} s")
-    print(f"{'task':>8} | {'round':>5} | {'local s':>8} | {'ray s':>7} | {'start-up s':>10} | "
-          f"{'ratio':>6} | {'ratio incl. start-up':>20}")
-    results = {}
-    for kind, items in (("img2img", args.images), ("t2i", args.prompts)):
-        timed_step(inputs[kind], work / "warm", kind, model, None)  # model load and first call out of the rounds
-        ratios, ratios_with_startup = [], []
+          f"cluster start {cluster_start:.1f} s (not counted: `ray start` on a cluster)")
+    print(f"{'task':>8} | {'rows':>5} | {'round':>5} | {'local s':>8} | {'ray s (start-up incl.)':>22} | {'ratio':>6}")
+    ratios = {}
+    for kind, rows in (("img2img", args.images), ("t2i", args.prompts)):
+        timed_step(inputs["pipeline" if kind == "t2i" else kind], work / "warm", kind, sd, None)  # first load
+        per_round = []
         for round_index in range(args.rounds):
             order = ["local", "ray"] if round_index % 2 == 0 else ["ray", "local"]
-            seconds = {}
-            for name in order:
-                runner = None if name == "local" else ray
-                seconds[name] = timed_step(inputs[kind], work / name, kind, model, runner)
-            startup = timed_step(inputs[f"{kind}_tiny"], work / "startup", kind, model, ray)
-            work_seconds = max(seconds["ray"] - startup, 1e-9)
-            ratios.append(seconds["local"] / work_seconds)
-            ratios_with_startup.append(seconds["local"] / seconds["ray"])
-            print(f"{kind:>8} | {round_index + 1:>5} | {seconds['local']:>8.1f} | {seconds['ray']:>7.1f} | "
-                  f"{startup:>10.1f} | {ratios[-1]:>6.2f} | {ratios_with_startup[-1]:>20.2f}")
-        results[kind] = (statistics.median(ratios), statistics.median(ratios_with_startup), items)
+            seconds = {name: timed_step(inputs[kind], work / name, kind, sd, None if name == "local" else ray)
+                       for name in order}
+            per_round.append(seconds["local"] / seconds["ray"])
+            print(f"{kind:>8} | {rows:>5} | {round_index + 1:>5} | {seconds['local']:>8.1f} | "
+                  f"{seconds['ray']:>22.1f} | {per_round[-1]:>6.3f}")
+        ratios[kind] = statistics.median(per_round)
+
+    pipeline = {per_step: timed_pipeline(inputs["pipeline"], work / "pipeline", sd, blip, ray, per_step)
+                for per_step in (True, False)}
+    print(f"3-step pipeline on 4 rows (t2i -> img2img -> captions): {pipeline[True]:.1f} s with a new pool "
+          f"per step, {pipeline[False]:.1f} s with one pool")
+    close_actor_pool()
     shutil.rmtree(work, ignore_errors=True)
-    print(f"ratio_ray_vs_local={results['img2img'][0]:.3f}")
-    print(f"ratio_ray_vs_local_t2i={results['t2i'][0]:.3f}")
-    print(f"ratio_ray_vs_local_with_startup={results['img2img'][1]:.3f}")
-    print(f"ratio_ray_vs_local_t2i_with_startup={results['t2i'][1]:.3f}")
+    print(f"ratio_ray_vs_local_with_startup={ratios['img2img']:.3f}")
+    print(f"ratio_ray_vs_local_t2i_with_startup={ratios['t2i']:.3f}")
+    print(f"pipeline_startup_per_step_pools_s={pipeline[True]:.1f}")
+    print(f"pipeline_startup_one_pool_s={pipeline[False]:.1f}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from dataflowmm import FileStorage  # noqa: E402
 from dataflowmm.contract import Input, Operator, Output, RowError, StepContext  # noqa: E402
 from dataflowmm.execution import LocalRunner  # noqa: E402
 from dataflowmm.execution.checkpoints import finished_chunks  # noqa: E402
-from dataflowmm.execution.ray_runner import RayRunner, StorageNotShared, _storage_problem  # noqa: E402
+from dataflowmm.execution.ray_runner import RayRunner, StorageNotShared, storage_problem  # noqa: E402
 from dataflowmm.io.images import image_file_name, save_png  # noqa: E402
 from dataflowmm.operators import ImageCaptioner, ImageDiffusionAugmenter, PromptedImageGenerator  # noqa: E402
 from dataflowmm.seeds import derive_seed  # noqa: E402
@@ -205,12 +205,75 @@ def test_built_in_operators_on_ray_match_local(tmp_path, ray_cluster, tiny_model
         assert local.errors == on_ray.errors == 1 and local.images_written == on_ray.images_written
 
 
+class CountingServing:
+    """A serving that counts its loads in the process it lives in."""
+
+    loads_here = 0
+
+    def __init__(self, name):
+        self.name, self._loaded = name, False
+
+    def config(self):
+        return {"name": self.name}
+
+    def load(self):
+        if not self._loaded:
+            CountingServing.loads_here += 1
+            self._loaded = True
+
+    def cleanup(self):
+        self._loaded = False
+
+    @property
+    def loaded(self):
+        return self._loaded
+
+
+class WhereServed(Operator):
+    """Writes which process served each row and how many loads that process has done."""
+
+    columns = [Input("text", "input_text_key", "text"), Output("served", "output_key", "served")]
+    default_input_batch_size = 1
+
+    def __init__(self, serving, save_interval=1):
+        self.serving = serving
+
+    def process_batch(self, rows, row_ids, context):
+        self.serving.load()
+        return [{**row, "served": [os.getpid(), CountingServing.loads_here]} for row in rows]
+
+
+def test_a_pipeline_starts_its_actors_once_and_reuses_their_loaded_servings(tmp_path, ray_cluster):
+    from dataflowmm.execution.ray_actors import close_actor_pool
+
+    close_actor_pool()
+    entry = entry_file(tmp_path, n=6, empty_at=())
+    storage = FileStorage(entry, cache_path=tmp_path / "pipeline", runner=RayRunner(replicas=2))
+
+    def served(serving_name, other_runner=None):
+        step = storage.step() if other_runner is None else \
+            FileStorage(entry, cache_path=tmp_path / "other", runner=other_runner).step()
+        summary = WhereServed(CountingServing(serving_name)).run(step)
+        return [tuple(json.loads(line)["served"]) for line in Path(summary.output_path).read_text().splitlines()]
+
+    first = served("a")
+    assert len({pid for pid, _ in first}) == 2  # both actors worked
+    # the next step (and another runner with the same placement) go to the same actors, whose
+    # equal serving is already loaded: no new load
+    assert set(served("a")) == set(first)
+    assert set(served("a", RayRunner(replicas=2))) == set(first)
+    # a serving with another configuration is loaded once more, in the same processes
+    assert {(pid, loads - 1) for pid, loads in served("b")} == set(first)
+    RayRunner().close()
+    assert not {pid for pid, _ in served("a")} & {pid for pid, _ in first}  # closed: new actors
+
+
 def test_workers_that_cannot_see_the_files_fail_with_what_to_fix(tmp_path):
     context = StepContext(1, tmp_path, tmp_path / "not-here", tmp_path)
-    problem = _storage_problem(context, str(tmp_path))
+    problem = storage_problem(context, str(tmp_path))
     assert isinstance(problem, StorageNotShared)
     assert re.search("cache_path .*not-here is not visible on Ray node .*shared file system", str(problem))
-    assert _storage_problem(StepContext(1, tmp_path, tmp_path, tmp_path), str(tmp_path)) is None
+    assert storage_problem(StepContext(1, tmp_path, tmp_path, tmp_path), str(tmp_path)) is None
 
 
 def test_clear_errors_without_ray_or_without_a_cluster(monkeypatch):
