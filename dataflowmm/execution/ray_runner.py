@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dataflowmm.checks import check_positive_int
-from dataflowmm.execution.batch import apply_chunk, finish_chunk
+from dataflowmm.execution.batch import apply_chunk, finish_chunk, fitted_batch_sizes
 from dataflowmm.execution.cache_lock import cache_lock
 from dataflowmm.execution.checkpoints import chunk_digest
 from dataflowmm.execution.progress import progress_bar
@@ -229,7 +229,9 @@ class _ChunkWorker:
                 out = apply_chunk(self.operator, rows, self.context, first_row=int(batch["first"][index]),
                                   batch_size=self.batch_size, source=self.source)
                 payload, record = finish_chunk(out)
-                rows_in, meta = len(rows), json.dumps({**record, "input": input_digest}).encode()
+                # The servings live here, in the actor: what fit in its memory travels with the chunk.
+                record = {**record, "input": input_digest, **fitted_batch_sizes(self.operator)}
+                rows_in, meta = len(rows), json.dumps(record).encode()
             except _DATA_ERRORS as error:
                 failure = pickle.dumps(error)
             results["chunk"].append(int(batch["chunk"][index]))
