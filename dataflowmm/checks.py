@@ -15,3 +15,11 @@ def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` is an accelerator running out of memory (torch's `OutOfMemoryError`,
     or a backend's "... out of memory" RuntimeError)."""
     return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error)
+
+
+class ItemOutOfMemory(RuntimeError):
+    """One item does not fit in accelerator memory even alone: a serving split its batch down
+    to that item (`dataflowmm.serving.fitting`). Execution fails the item's row, transiently
+    (its next run retries it), and the step goes on."""
+
+    transient = True

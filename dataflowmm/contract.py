@@ -223,6 +223,12 @@ class Operator(ABC):
         instead of vanishing: the `keep_dropped` argument, when the operator has one."""
         return bool(self.__dict__.get("_arguments", {}).get("keep_dropped", False))
 
+    def fitted_batch_sizes(self) -> dict[str, int]:
+        """By attribute, the batch sizes its servings shrank to so that a batch fits in memory
+        (their `fitted_batch_size`); execution records them in the step's manifest."""
+        return {name: value.fitted_batch_size for name, value in sorted(vars(self).items())
+                if _is_serving(value) and type(getattr(value, "fitted_batch_size", None)) is int}
+
     def final_pass(self, rows: Iterator[dict]) -> Iterator[dict]:
         """The step's output rows, in order, once all batches are done: rows may be marked
         dropped (`drop_row`) or changed. Runs in the driver, on rows read back from the

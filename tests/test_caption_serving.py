@@ -145,7 +145,7 @@ def test_prompts_per_image_and_length_check(servings):
 
 
 def _raw_generate(serving, **inputs) -> torch.Tensor:
-    model = next(iter(serving._components.replicas.values()))
+    model = serving._components.replicas[0]
     with torch.inference_mode():
         return model.generate(**inputs, max_new_tokens=serving.max_new_tokens)
 
@@ -183,7 +183,7 @@ def test_vision_encoder_decoder_prompt_is_a_decoder_prefix(tiny_model):
     images = _images(1)
     captions = serving.caption(images, prompts="a photo of")
     tokenizer = serving._components.tokenizer
-    model = next(iter(serving._components.replicas.values()))
+    model = serving._components.replicas[0]
     start = model.generation_config.decoder_start_token_id
     prefix = [start] + tokenizer("a photo of", add_special_tokens=False)["input_ids"]
     pixels = serving._components.image_processor(images=images, return_tensors="pt")["pixel_values"]

@@ -81,7 +81,7 @@ def test_empty_inputs_and_mismatched_pairs(clip):
 def test_cleanup_frees_the_model_and_reloads(tiny_model):
     serving = ClipServing(tiny_model("tiny-clip"))
     before = serving.embed_texts(["a cat"])
-    model = weakref.ref(serving._model)
+    model = weakref.ref(serving._replicas[0].model)
     serving.cleanup()
     gc.collect()
     assert not serving.loaded and model() is None

@@ -254,12 +254,13 @@ def test_the_local_vlm_answers_what_it_can_when_one_prompt_fails(local_vlm, monk
     expected = local_vlm.generate(prompts[::2], seeds=[1, 3])
     original = local_vlm._generate_batch
 
-    def failing(batch, seeds):
+    def failing(replica, batch, seeds):
         if any(prompt.text == "boom" for prompt in batch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(batch, seeds)
+        return original(replica, batch, seeds)
 
     monkeypatch.setattr(local_vlm, "_generate_batch", failing)
+    monkeypatch.setattr(local_vlm, "fitted_batch_size", None)  # the module's serving: restored after
     answers = local_vlm.generate(prompts, seeds=[1, 2, 3])
     assert [answers[0], answers[2]] == expected
     assert isinstance(answers[1], GenerationFailed) and answers[1].transient

@@ -23,8 +23,9 @@ class CountingGenerate:
     """Wraps a loaded model's generate to record each call's batch size and input length."""
 
     def __init__(self, serving):
-        self.calls, self.original = [], serving._model.generate
-        serving._model.generate = self
+        model = serving._replicas[0].model
+        self.calls, self.original = [], model.generate
+        model.generate = self
 
     def __call__(self, **kwargs):
         self.calls.append((kwargs["input_ids"].shape[0], int(kwargs["pixel_values"].shape[0])))

@@ -11,12 +11,14 @@ records what they said. Runners only decide where these functions are called.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dataflowmm.checks import ItemOutOfMemory
 from dataflowmm.execution.protocol import (
     ERROR_KEY,
+    FITTED_KEY,
     ROW_MARK,
     TRANSIENT_MARK,
     UPSTREAM_MARK,
@@ -62,7 +64,7 @@ def apply_batch(
         row[ROW_MARK] = first_row + offset
     ids = row_ids if len(todo) == len(rows) else _Subset(row_ids, todo)
     try:
-        out = operator.process_batch(given, ids, context) if given else []
+        out = _process(operator, given, ids, context) if given else []
     except RowError as error:
         offset = todo[error.row_offset] if 0 <= error.row_offset < len(todo) else error.row_offset
         raise RowError(f"{source}: row {first_row + offset}: {error}", first_row + offset) from error
@@ -76,6 +78,26 @@ def apply_batch(
     for row in out:
         if ERROR_KEY not in row:
             row[ERROR_KEY] = None
+    return out
+
+
+def _process(operator: StepOperator, rows: list[dict], row_ids: Sequence[str], context: StepContext) -> list[dict]:
+    """`operator.process_batch`, or, when a serving found an item that does not fit in memory
+    even alone (`ItemOutOfMemory`), the same row by row: only the rows that do not fit fail,
+    transiently (retried by the step's next run), and the step goes on."""
+    try:
+        return operator.process_batch(rows, row_ids, context)
+    except ItemOutOfMemory as error:
+        reason = str(error)
+    # Out of the except block: the failed batch's tensors, held by its traceback, are freed.
+    if len(rows) == 1:
+        return [operator.row_failed(rows[0], reason, 0, transient=True)]
+    out: list[dict] = []
+    for offset, row in enumerate(rows):
+        try:
+            out.extend(_process(operator, [row], [row_ids[offset]], context))
+        except RowError as error:  # strict: name the row by its place in the batch
+            raise RowError(str(error), offset) from error
     return out
 
 
@@ -143,6 +165,25 @@ def finish_chunk(rows: list[dict]) -> tuple[bytes, dict]:
     if records:
         meta["failed"] = records
     return dumps_rows(rows), meta
+
+
+def fitted_batch_sizes(operator: StepOperator) -> dict[str, Any]:
+    """`{FITTED_KEY: {serving attribute: size}}` for the operator's servings whose batches had
+    to shrink to fit in memory (its optional `fitted_batch_sizes()`), else `{}`: recorded
+    with each chunk, so a step run by actors elsewhere reports them too."""
+    hook = getattr(operator, "fitted_batch_sizes", None)
+    sizes = hook() if callable(hook) else {}
+    return {FITTED_KEY: dict(sorted(sizes.items()))} if sizes else {}
+
+
+def merged_fitted_sizes(records: Iterable[dict]) -> dict[str, Any]:
+    """`{FITTED_KEY: ...}` with each serving's smallest fitted size over the chunk records (or
+    manifests), else `{}`: the manifest's record of the sizes a step ran at."""
+    merged: dict[str, int] = {}
+    for record in records:
+        for name, size in (record.get(FITTED_KEY) or {}).items():
+            merged[name] = min(size, merged.get(name, size))
+    return {FITTED_KEY: dict(sorted(merged.items()))} if merged else {}
 
 
 def apply_chunk(

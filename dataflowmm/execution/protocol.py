@@ -32,6 +32,9 @@ TRANSIENT_MARK = "\x00transient"
 ROW_MARK = ROW_POSITION_KEY
 # Set by execution on an input row that arrived failed and was passed through unprocessed.
 UPSTREAM_MARK = "\x00upstream"
+# The chunk record and manifest key of the batch sizes that fit in memory, by serving
+# attribute, for the servings whose batches had to shrink (absent when none did).
+FITTED_KEY = "fitted_batch_size"
 
 
 class TransientError(Exception):
@@ -113,6 +116,8 @@ class StepOperator(Protocol):
     has_final_pass: bool
     # (optional attribute) `run(..., retry_errors=True)`: recompute every failed row of a
     # finished step, not only those that failed transiently. Read with getattr(..., False).
+    # (optional method) `fitted_batch_sizes() -> dict[str, int]`: the batch sizes its servings
+    # shrank to, to fit in memory, by attribute; recorded in the step's manifest.
 
     def params(self) -> dict[str, Any]:
         """Everything that changes the output, JSON-able: it fingerprints the cached step."""
@@ -134,6 +139,11 @@ class StepOperator(Protocol):
     def final_pass(self, rows: Iterator[dict]) -> Iterator[dict]: ...
 
     def process_batch(self, rows: list[dict], row_ids: Sequence[str], context: StepContext) -> list[dict]: ...
+
+    def row_failed(self, row: dict, message: str, row_offset: int, empty_outputs: dict | None = None, *,
+                   transient: bool = False) -> dict:
+        """The row kept with its error (execution fails a row that does not fit in memory
+        alone); raises `RowError` when strict."""
 
 
 class Runner(Protocol):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dataflowmm.execution.batch import apply_chunk, finish_chunk
+from dataflowmm.execution.batch import apply_chunk, finish_chunk, fitted_batch_sizes
 from dataflowmm.execution.checkpoints import chunk_digest
 from dataflowmm.execution.protocol import RowError, StepContext
 from dataflowmm.io.records import JsonlSpan, StorageError, read_jsonl_span
@@ -182,7 +182,9 @@ class _PipelineActor:
             out = apply_chunk(operator, rows, context, first_row=chunk["first"], batch_size=batch_size,
                               source=source)
             payload, record = finish_chunk(out)
-            rows_in, meta = len(rows), json.dumps({**record, "input": input_digest}).encode()
+            # The servings live here, in the actor: what fit in its memory travels with the chunk.
+            record = {**record, "input": input_digest, **fitted_batch_sizes(operator)}
+            rows_in, meta = len(rows), json.dumps(record).encode()
         except _DATA_ERRORS as error:
             failure = pickle.dumps(error)
         return chunk["chunk"], rows_in, payload, meta, failure

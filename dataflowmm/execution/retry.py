@@ -18,7 +18,12 @@ from collections.abc import Iterator
 import orjson
 from tqdm.auto import tqdm
 
-from dataflowmm.execution.batch import OutputCounts, apply_batch
+from dataflowmm.execution.batch import (
+    OutputCounts,
+    apply_batch,
+    fitted_batch_sizes,
+    merged_fitted_sizes,
+)
 from dataflowmm.execution.protocol import (
     DROP_MARK,
     DROPPED_KEY,
@@ -74,7 +79,8 @@ def retry_rows(step: PreparedStep) -> StepSummary:
             extra={"rows_in": manifest.get("rows_in", written), "errors": counts.errors - upstream,
                    "images_written": counts.images, "rows_dropped": manifest.get("rows_dropped", 0) + len(dropped),
                    "failed_upstream": upstream, "failed_rows": failed,
-                   "transient_rows": sum(record[3] for record in failed)})
+                   "transient_rows": sum(record[3] for record in failed),
+                   **merged_fitted_sizes([manifest, fitted_batch_sizes(operator)])})
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     summary = StepSummary(storage.operator_step, operator.name, manifest.get("rows_in", written), written,

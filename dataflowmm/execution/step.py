@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from tqdm.auto import tqdm
 
-from dataflowmm.execution.batch import OutputCounts, finish_chunk
+from dataflowmm.execution.batch import (
+    OutputCounts,
+    finish_chunk,
+    fitted_batch_sizes,
+    merged_fitted_sizes,
+)
 from dataflowmm.execution.checkpoints import StepCheckpoint
 from dataflowmm.execution.cleanup import remove_empty_folders, remove_stale_temp_files
 from dataflowmm.execution.protocol import DROP_MARK, DROPPED_KEY, StepContext, StepOperator
@@ -250,7 +255,8 @@ class StepOutput:
         """One more finished chunk (its input's size and `chunk_digest`, its output rows in
         order), checkpointed at once."""
         payload, meta = finish_chunk(rows)
-        self.checkpoint.append(rows_in, payload, len(rows), {**meta, "input": input_digest})
+        self.checkpoint.append(rows_in, payload, len(rows),
+                               {**meta, "input": input_digest, **fitted_batch_sizes(self.step.operator)})
         self._count(rows)
 
     def add_serialized_chunk(self, rows_in: int, payload: bytes, meta: dict | None = None) -> None:
@@ -293,7 +299,8 @@ class StepOutput:
                                                          "images_written": self.counts.images,
                                                          "rows_dropped": dropped, "failed_upstream": upstream,
                                                          "failed_rows": failed,
-                                                         "transient_rows": sum(r[3] for r in failed)})
+                                                         "transient_rows": sum(r[3] for r in failed),
+                                                         **merged_fitted_sizes(self.checkpoint.chunks)})
         self.checkpoint.remove()
         self._remove_unreferenced_images()
         kept_in = str(storage.dropped_path) if step.operator.keep_dropped_rows() else None

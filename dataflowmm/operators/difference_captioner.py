@@ -349,6 +349,12 @@ class DifferenceCaptioner(Operator):
                                      for region in kept]
         return out
 
+    def row_failed(self, row: dict, message: str, row_offset: int, empty_outputs: dict | None = None, *,
+                   transient: bool = False) -> dict:
+        """`Operator.row_failed`, with this operator's empty outputs by default."""
+        empty = self._empty_outputs() if empty_outputs is None else empty_outputs
+        return super().row_failed(row, message, row_offset, empty, transient=transient)
+
     def _empty_outputs(self) -> dict:
         """Outputs of a failed row: empty lists; its input boxes stay as they were."""
         keys = self.keys

@@ -291,6 +291,12 @@ class ImageTask(Operator):
                 stored[f"{name}_path"] = None if self.image_output.images_in_rows else stored[name]
         return stored
 
+    def row_failed(self, row: dict, message: str, row_offset: int, empty_outputs: dict | None = None, *,
+                   transient: bool = False) -> dict:
+        """`Operator.row_failed`, with this operator's empty outputs by default."""
+        empty = self._empty_outputs() if empty_outputs is None else empty_outputs
+        return super().row_failed(row, message, row_offset, empty, transient=transient)
+
     def _empty_outputs(self) -> dict:
         empty = {self._output_column(name): None for name in self.output_columns}
         empty[self._output_column(MODEL_NAME)] = self.model_name

@@ -16,7 +16,8 @@ from PIL import Image
 
 from dataflowmm.io.images import to_rgb
 from dataflowmm.seeds import derive_seed
-from dataflowmm.serving.common import LocalModelServing, model_load_error, on_replicas
+from dataflowmm.serving.common import LocalModelServing, model_load_error
+from dataflowmm.serving.fitting import run_on_replicas
 from dataflowmm.serving.generation import (
     SeededSamplingLogitsProcessor,
     check_generate_kwargs,
@@ -37,7 +38,7 @@ class _Components:
     tokenizer: Any
     image_processor: Any
     family: str  # one of CAPTIONER_TYPES, "chat" or "generic"
-    replicas: dict[str, Any] = field(default_factory=dict)  # device -> model
+    replicas: list[Any] = field(default_factory=list)  # one model per device, in device order
 
 
 @dataclass
@@ -54,6 +55,13 @@ class LocalCaptionServing(LocalModelServing):
     Loads BLIP, BLIP-2, vision-encoder-decoder (e.g. ViT+GPT-2) and chat-template models
     (LLaVA-, Qwen2-VL-like) through `AutoProcessor` and `AutoModelForImageTextToText`,
     lazily on the first `caption` call, one replica per device.
+
+    Several devices: a call's batches are spread over the replicas (replica r takes batches
+    r, r + R, ..., in threads), so each batch and its captions are as on one device.
+    Out of memory: a batch that does not fit is split and retried, down to one image; the
+    size that fit (`fitted_batch_size`) is used from then on (until `cleanup`). An image that
+    does not fit alone raises `dataflowmm.checks.ItemOutOfMemory`, which an operator's step
+    records as its row's transient failure (retried by the step's next run).
 
     Args:
         model (`str` or `os.PathLike`, defaults to `"Salesforce/blip2-opt-2.7b"`):
@@ -75,8 +83,10 @@ class LocalCaptionServing(LocalModelServing):
             Nucleus sampling mass.
         torch_dtype (`str`, defaults to `"auto"`):
             "fp32", "fp16", "bf16" or "auto" (bf16 on CUDA, fp32 on CPU).
-        device (`str`, *optional*):
-            Pin one device ("cpu", "cuda:1"); by default every GPU, else the CPU.
+        device (`str` or `list[str]`, *optional*):
+            Pin one device (`"cpu"`, `"cuda:1"`), or list the devices that hold one replica
+            each (`["cuda:0", "cuda:1"]`; `["cpu", "cpu"]` takes the several-replica path on a
+            CPU); by default every visible GPU, else the CPU.
         revision (`str`, *optional*):
             Hub revision of `model`.
         trust_remote_code (`bool`, defaults to `False`):
@@ -97,7 +107,7 @@ class LocalCaptionServing(LocalModelServing):
         temperature: float = 1.0,
         top_p: float = 0.9,
         torch_dtype: str = "auto",
-        device: str | None = None,
+        device: str | list[str] | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
         generate_kwargs: dict | None = None,
@@ -129,10 +139,10 @@ class LocalCaptionServing(LocalModelServing):
             components = _load_processor(source, options)
             models = self._load_replicas(lambda device: AutoModelForImageTextToText.from_pretrained(
                 source, **dtype, **options).to(device).eval())
-            components.replicas = dict(zip(self.devices, models, strict=True))
+            components.replicas = models
         except Exception as exc:
             raise model_load_error(self.model, exc) from exc
-        components.family = _family(next(iter(components.replicas.values())), components.processor)
+        components.family = _family(components.replicas[0], components.processor)
         if components.family not in ("blip", "vision-encoder-decoder"):
             components.tokenizer.padding_side = "left"  # decoder-only prompts end where text starts
         self._components = components
@@ -166,16 +176,20 @@ class LocalCaptionServing(LocalModelServing):
         if not images:
             return []
         self.load()
+        # A batch's items are (its shared prompt, image index) pairs.
+        jobs = [[(prompt, index) for index in indices] for prompt, indices in _plan_batches(prompts, self.batch_size)]
+
+        def run(replica: tuple[str, Any], batch: list[tuple[str | None, int]]) -> list[list[str]]:
+            indices = [index for _, index in batch]
+            texts = self._generate(*replica, [images[i] for i in indices], batch[0][0], [seeds[i] for i in indices],
+                                   count)
+            return [texts[position * count:(position + 1) * count] for position in range(len(indices))]
+
         results: list[list[str]] = [[] for _ in images]
-
-        def run(device: str, batches: list[tuple[str | None, list[int]]]) -> None:
-            for prompt, indices in batches:
-                texts = self._generate(device, [images[i] for i in indices], prompt,
-                                       [seeds[i] for i in indices], count)
-                for position, index in enumerate(indices):
-                    results[index] = texts[position * count : (position + 1) * count]
-
-        on_replicas(self.devices, _plan_batches(prompts, self.batch_size), run)
+        replicas = list(zip(self.devices, self._components.replicas, strict=True))
+        for job, captions in zip(jobs, run_on_replicas(self, replicas, jobs, run), strict=True):
+            for (_, index), candidates in zip(job, captions, strict=True):
+                results[index] = candidates
         return results
 
     def config(self) -> dict:
@@ -201,11 +215,11 @@ class LocalCaptionServing(LocalModelServing):
 
     # ------------------------------------------------------------------ internals
 
-    def _generate(self, device: str, images: list[Image.Image], prompt: str | None,
+    def _generate(self, device: str, model: Any, images: list[Image.Image], prompt: str | None,
                   seeds: list[int], count: int) -> list[str]:
-        """`count` captions per image (image-major) for images sharing one prompt."""
+        """`count` captions per image (image-major) for images sharing one prompt, by the
+        replica `model` on `device`."""
         components = self._components
-        model = components.replicas[device]
         encoded = _encode(components, model, images, prompt)
         inputs = to_device(encoded.inputs, device, self.dtype)
         kwargs = self._generation_arguments(seeds, count)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -150,7 +152,7 @@ class TravellingServing:
     """
 
     _unloaded: dict[str, Any] = {}
-    _device_request: str | None = None
+    _device_request: str | Sequence[str] | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, **{name: copy.copy(value) for name, value in self._unloaded.items()}}
@@ -159,9 +161,19 @@ class TravellingServing:
         self.__dict__.update(state)
         self._place(self._device_request)
 
-    def _place(self, device: str | None) -> None:
+    def _place(self, device: str | Sequence[str] | None) -> None:
         """Choose devices (and dtypes) for `device`, or for this process when None."""
         raise NotImplementedError
+
+
+@dataclass
+class Replica:
+    """One copy of a model on one device, with its own processor: a fast tokenizer must not
+    be used by two threads at once, and the replicas run in threads."""
+
+    device: str
+    processor: Any
+    model: Any
 
 
 class LocalModelServing(TravellingServing):
@@ -170,17 +182,22 @@ class LocalModelServing(TravellingServing):
     its loading.
 
     Placement: one replica per device of `self.devices`, every visible GPU (else the CPU)
-    unless `device` pins one; `self.dtype` is `torch_dtype` resolved for them ("auto":
-    bfloat16 on CUDA, float32 on CPU). A serving that holds a single replica sets
-    `one_replica = True` and runs on `self.device`, the first of those devices.
-    `_unloaded` names the attributes holding what is loaded, with their unloaded values.
+    unless `device` pins one device or lists several; `self.dtype` is `torch_dtype` resolved
+    for the first ("auto": bfloat16 on CUDA, float32 on CPU). `_unloaded` names the
+    attributes holding what is loaded, with their unloaded values (here: `_replicas`, one
+    `Replica` per device).
+
+    `fitted_batch_size` is the batch size that fit in memory after a batch ran out of it
+    (`dataflowmm.serving.fitting`), or None while `batch_size` fits; `cleanup()` and a new
+    placement forget it.
     """
 
-    one_replica = False
-    _unloaded: dict[str, Any] = {"_model": None, "_processor": None}
+    _unloaded: dict[str, Any] = {"_replicas": []}
+    fitted_batch_size: int | None = None
 
     def _set_model_settings(self, model: str | os.PathLike, batch_size: int, torch_dtype: str,
-                            device: str | None, revision: str | None, trust_remote_code: bool) -> None:
+                            device: str | Sequence[str] | None, revision: str | None,
+                            trust_remote_code: bool) -> None:
         """Check and keep the settings every local serving takes; nothing is loaded."""
         from dataflowmm.checks import check_positive_int
 
@@ -193,17 +210,17 @@ class LocalModelServing(TravellingServing):
         self.trust_remote_code = trust_remote_code
         self._unload()
 
-    def _place(self, device: str | None) -> None:
+    def _place(self, device: str | Sequence[str] | None) -> None:
         from dataflowmm.serving.device import resolve_devices, resolve_dtype
 
         self._device_request = device
-        devices = resolve_devices(device)
-        self.devices = devices[:1] if self.one_replica else devices
+        self.devices = resolve_devices(device)
         self.dtype = resolve_dtype(self.torch_dtype, self.devices[0])
+        self.fitted_batch_size = None  # what fit on other devices says nothing about these
 
     @property
     def device(self) -> str:
-        """The first device (the only one of a single-replica serving)."""
+        """The first device."""
         return self.devices[0]
 
     def _pretrained(self, library: str = "transformers") -> tuple[str, dict, dict]:
@@ -228,6 +245,15 @@ class LocalModelServing(TravellingServing):
             raise model_load_error(self.model, exc) from exc
         return processor, loaded
 
+    def _load_model_replicas(self, model_class: Any) -> list[Replica]:
+        """One `Replica` per device: its own processor and `model_class` model, in eval mode."""
+
+        def load_one(device: str) -> Replica:
+            processor, model = self._load_processor_and_model(model_class)
+            return Replica(device, processor, model.to(device).eval())
+
+        return self._load_replicas(load_one)
+
     def _load_replicas(self, load_one: Any) -> list[Any]:
         """`load_one(device)` for every device, in order; all or none (memory freed on failure)."""
         from dataflowmm.serving.device import free_memory
@@ -247,15 +273,17 @@ class LocalModelServing(TravellingServing):
             setattr(self, name, copy.copy(value))
 
     def cleanup(self) -> None:
-        """Drop what is loaded and free its memory; a later call reloads it."""
+        """Drop what is loaded and free its memory (and forget the batch size that fit); a
+        later call reloads it."""
         from dataflowmm.serving.device import free_memory
 
         self._unload()
+        self.fitted_batch_size = None
         free_memory()
 
     @property
     def loaded(self) -> bool:
-        return self._model is not None
+        return bool(self._replicas)
 
 
 def on_replicas(replicas: list[Any], jobs: list[Any], run: Any) -> list[Any]:

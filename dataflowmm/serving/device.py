@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -16,16 +18,37 @@ _DTYPES = {
 }
 
 
-def resolve_devices(device: str | None = None) -> list[str]:
+def resolve_devices(device: str | Sequence[str] | None = None) -> list[str]:
     """Devices to hold one model replica each: every visible GPU, else the CPU.
 
-    `device` pins a single device ("cpu", "cuda", "cuda:1").
+    `device` pins a single device ("cpu", "cuda", "cuda:1"), or a list gives the devices
+    themselves, one replica each (`["cuda:0", "cuda:2"]`; `["cpu", "cpu"]` runs two CPU
+    replicas, as tests do to take the multi-replica path without a GPU).
     """
-    if device is not None:
+    check_device(device)
+    if isinstance(device, str):
         return [device]
+    if device is not None:
+        return list(device)
     if torch.cuda.is_available():
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return ["cpu"]
+
+
+def check_device(device: Any) -> None:
+    """ValueError unless `device` is None, a device name or a non-empty list of device names."""
+    if device is None or _is_device_name(device):
+        return
+    if isinstance(device, (list, tuple)) and device and all(_is_device_name(name) for name in device):
+        return
+    raise ValueError(
+        'device must be a device name ("cpu", "cuda:1"), a non-empty list of them (one model '
+        'replica each, e.g. ["cuda:0", "cuda:1"]) or None for every visible GPU, got ' + repr(device)
+    )
+
+
+def _is_device_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
 
 
 def resolve_dtype(torch_dtype: str | torch.dtype | None, device: str) -> torch.dtype:

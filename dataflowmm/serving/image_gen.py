@@ -13,7 +13,8 @@ from PIL import Image
 from dataflowmm.checks import check_positive_int
 from dataflowmm.io.images import to_rgb
 from dataflowmm.seeds import derive_seed
-from dataflowmm.serving.common import LocalModelServing, jsonable, model_load_error, on_replicas
+from dataflowmm.serving.common import LocalModelServing, jsonable, model_load_error
+from dataflowmm.serving.fitting import run_on_replicas
 from dataflowmm.serving.model_source import model_content
 
 TASKS = ("text2image", "image2image")
@@ -28,6 +29,13 @@ class LocalImageGenServing(LocalModelServing):
     The model is loaded lazily on the first `generate` (or by `load`), one replica per device; the
     constructor only checks its arguments, so a mistake fails before any model loads. Every
     image draws its noise from its own seed, so outputs do not depend on batching.
+
+    Several devices: a call's batches are spread over the replicas (replica r takes batches
+    r, r + R, ..., in threads), so each batch and its images are as on one device.
+    Out of memory: a batch that does not fit is split and retried, down to one prompt; the
+    size that fit (`fitted_batch_size`) is used from then on (until `cleanup`). A prompt that
+    does not fit alone raises `dataflowmm.checks.ItemOutOfMemory`, which an operator's step
+    records as its row's transient failure (retried by the step's next run).
 
     Args:
         model (`str` or `os.PathLike`, *optional*, defaults to `"black-forest-labs/FLUX.1-dev"`):
@@ -56,8 +64,10 @@ class LocalImageGenServing(LocalModelServing):
             Hub revision (branch, tag or commit) of `model`.
         trust_remote_code (`bool`, *optional*, defaults to `False`):
             Allow custom pipeline code shipped with the model.
-        device (`str`, *optional*):
-            Pin one device (`"cpu"`, `"cuda:1"`); by default every visible GPU, else the CPU.
+        device (`str` or `list[str]`, *optional*):
+            Pin one device (`"cpu"`, `"cuda:1"`), or list the devices that hold one replica
+            each (`["cuda:0", "cuda:1"]`; `["cpu", "cpu"]` takes the several-replica path on a
+            CPU); by default every visible GPU, else the CPU.
         max_safety_retries (`int`, *optional*, defaults to 3):
             When the pipeline's safety checker flags an image, regenerate it with a new derived seed
             up to this many times; an image still flagged is returned as `None`.
@@ -81,7 +91,7 @@ class LocalImageGenServing(LocalModelServing):
         torch_dtype: str = "auto",
         revision: str | None = None,
         trust_remote_code: bool = False,
-        device: str | None = None,
+        device: str | list[str] | None = None,
         max_safety_retries: int = 3,
         call_kwargs: dict | None = None,
     ) -> None:
@@ -166,17 +176,16 @@ class LocalImageGenServing(LocalModelServing):
         if images is not None:
             images = [to_rgb(image) for image in images]
         self.load()
-        batches = [
-            list(range(start, min(start + self.batch_size, len(prompts))))
-            for start in range(0, len(prompts), self.batch_size)
-        ]
-        # Replica r runs batches r, r + R, r + 2R, ... one after another.
-        results = on_replicas(self._pipelines, batches, lambda pipeline, own: self._run_batches(
-            pipeline, own, prompts, seeds, images))
+        jobs = _planned_batches(len(prompts), self.batch_size, images)
+
+        def run(pipeline: Any, indices: list[int]) -> list[list[Image.Image | None]]:
+            with torch.inference_mode():  # per thread: each replica runs in its own
+                return self._generate_group(pipeline, indices, prompts, seeds, images)
+
         outputs: list[list[Image.Image | None]] = [[] for _ in prompts]
-        for result in results:
-            for index, generated in result.items():
-                outputs[index] = generated
+        for job, generated in zip(jobs, run_on_replicas(self, self._pipelines, jobs, run), strict=True):
+            for index, per_prompt in zip(job, generated, strict=True):
+                outputs[index] = per_prompt
         return outputs
 
     def _check_generate_inputs(
@@ -201,23 +210,6 @@ class LocalImageGenServing(LocalModelServing):
         elif images is not None:
             raise ValueError("images are only used by task 'image2image'")
 
-    def _run_batches(
-        self,
-        pipeline: Any,
-        batches: list[list[int]],
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        images: Sequence[Image.Image] | None,
-    ) -> dict[int, list[Image.Image | None]]:
-        results: dict[int, list[Image.Image | None]] = {}
-        with torch.inference_mode():
-            for batch in batches:
-                # Input images of different sizes go to separate calls: a pipeline call
-                # resizes a batch's images to the first one's size.
-                for group in _group_by_size(batch, images):
-                    results.update(self._generate_group(pipeline, group, prompts, seeds, images))
-        return results
-
     def _generate_group(
         self,
         pipeline: Any,
@@ -225,7 +217,8 @@ class LocalImageGenServing(LocalModelServing):
         prompts: Sequence[str],
         seeds: Sequence[int],
         images: Sequence[Image.Image] | None,
-    ) -> dict[int, list[Image.Image | None]]:
+    ) -> list[list[Image.Image | None]]:
+        """The images of prompts `indices` (one pipeline call, plus safety retries), per prompt."""
         count = self.num_images_per_prompt
         seed_lists = [[derive_seed(seeds[i], j) for j in range(count)] for i in indices]
         flat_images, flagged = self._call(
@@ -235,7 +228,7 @@ class LocalImageGenServing(LocalModelServing):
             None if images is None else [images[i] for i in indices],
             count,
         )
-        results: dict[int, list[Image.Image | None]] = {}
+        results: list[list[Image.Image | None]] = []
         for k, i in enumerate(indices):
             slots: list[Image.Image | None] = []
             for j in range(count):
@@ -245,7 +238,7 @@ class LocalImageGenServing(LocalModelServing):
                     source = None if images is None else images[i]
                     image = self._safety_retry(pipeline, prompts[i], seeds[i], j, source)
                 slots.append(image)
-            results[i] = slots
+            results.append(slots)
         return results
 
     def _safety_retry(
@@ -365,6 +358,13 @@ def _call_parameters(pipeline: Any) -> set[str]:
     parameters = inspect.signature(pipeline.__call__).parameters.values()
     keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {p.name for p in parameters if p.kind in keyword_kinds}
+
+
+def _planned_batches(count: int, batch_size: int, images: Sequence[Image.Image] | None) -> list[list[int]]:
+    """Prompt indices in batches of `batch_size`, each split by input-image size: a pipeline
+    call resizes a batch's images to the first one's size."""
+    return [group for start in range(0, count, batch_size)
+            for group in _group_by_size(list(range(start, min(start + batch_size, count))), images)]
 
 
 def _group_by_size(indices: list[int], images: Sequence[Image.Image] | None) -> list[list[int]]:

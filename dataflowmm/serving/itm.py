@@ -9,10 +9,9 @@ import torch
 from PIL import Image
 
 from dataflowmm.io.images import to_rgb
-from dataflowmm.serving.common import (
-    LocalModelServing,
-    jsonable,
-)
+from dataflowmm.serving.common import LocalModelServing, Replica, jsonable
+from dataflowmm.serving.fitting import run_on_replicas
+from dataflowmm.serving.generation import to_device
 from dataflowmm.serving.model_source import model_content
 
 
@@ -22,7 +21,14 @@ class ImageTextMatchingServing(LocalModelServing):
 
     The score of a pair is the ITM head's softmax probability of "match", in [0, 1], as in
     Data-Juicer's `image_text_matching_filter`. Pairs go `batch_size` per forward pass. Loaded
-    lazily on the first `score` (or `load`).
+    lazily on the first `score` (or `load`), one replica per device.
+
+    Several devices: a call's batches are spread over the replicas (replica r takes batches
+    r, r + R, ..., in threads), so each batch and its scores are as on one device.
+    Out of memory: a batch that does not fit is split and retried, down to one pair; the
+    size that fit (`fitted_batch_size`) is used from then on (until `cleanup`). A pair that
+    does not fit alone raises `dataflowmm.checks.ItemOutOfMemory`, which an operator's step
+    records as its row's transient failure (retried by the step's next run).
 
     Args:
         model (`str` or `os.PathLike`, *optional*, defaults to `"Salesforce/blip-itm-base-coco"`):
@@ -31,15 +37,15 @@ class ImageTextMatchingServing(LocalModelServing):
             Pairs per forward pass.
         torch_dtype (`str`, *optional*, defaults to `"auto"`):
             "fp32", "fp16", "bf16" or "auto" (bf16 on CUDA, fp32 on CPU).
-        device (`str`, *optional*):
-            Device to run on; by default the first GPU, else the CPU.
+        device (`str` or `list[str]`, *optional*):
+            Pin one device (`"cpu"`, `"cuda:1"`), or list the devices that hold one replica
+            each (`["cuda:0", "cuda:1"]`; `["cpu", "cpu"]` takes the several-replica path on a
+            CPU); by default every visible GPU, else the CPU.
         revision (`str`, *optional*):
             Hub revision of `model`.
         trust_remote_code (`bool`, *optional*, defaults to `False`):
             Allow model code shipped with the model.
     """
-
-    one_replica = True  # one model, on the first GPU (else the CPU)
 
     def __init__(
         self,
@@ -47,7 +53,7 @@ class ImageTextMatchingServing(LocalModelServing):
         *,
         batch_size: int = 32,
         torch_dtype: str = "auto",
-        device: str | None = None,
+        device: str | list[str] | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
     ):
@@ -55,37 +61,36 @@ class ImageTextMatchingServing(LocalModelServing):
         self.forward_calls = 0  # for benchmarks and tests: batched forward passes made
 
     def load(self) -> None:
-        """Load the model and its processor (no-op when loaded)."""
-        if self._model is not None:
+        """Load the model and its processor on every device (no-op when loaded)."""
+        if self._replicas:
             return
         from transformers import BlipForImageTextRetrieval
 
-        processor, model = self._load_processor_and_model(BlipForImageTextRetrieval)
-        self._processor = processor
-        self._model = model.to(self.device).eval()
+        self._replicas = self._load_model_replicas(BlipForImageTextRetrieval)
 
     def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[float]:
-        """The matching probability of `images[i]` and `texts[i]`, one float per pair."""
+        """The matching probability of `images[i]` and `texts[i]`, one float per pair, in order."""
         if isinstance(images, Image.Image) or isinstance(texts, str):
             raise ValueError("score takes lists of images and texts")
-        images, texts = list(images), list(texts)
         if len(images) != len(texts):
             raise ValueError(f"score needs pairs: got {len(images)} images and {len(texts)} texts")
-        if not images:
+        pairs = list(zip(images, texts, strict=True))
+        if not pairs:
             return []
         self.load()
-        scores: list[float] = []
-        for start in range(0, len(images), self.batch_size):
-            batch_images = [to_rgb(image) for image in images[start:start + self.batch_size]]
-            inputs = self._processor(images=batch_images, text=list(texts[start:start + self.batch_size]),
-                                     return_tensors="pt", padding=True, truncation=True)
-            inputs = {key: value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
-                      for key, value in inputs.items()}
-            with torch.inference_mode():
-                logits = self._model(**inputs, use_itm_head=True).itm_score
-            self.forward_calls += 1
-            scores.extend(logits.float().softmax(dim=-1)[:, 1].cpu().tolist())
-        return scores
+        batches = [pairs[start:start + self.batch_size] for start in range(0, len(pairs), self.batch_size)]
+        return [score for batch in run_on_replicas(self, self._replicas, batches, self._match_probabilities)
+                for score in batch]
+
+    def _match_probabilities(self, replica: Replica, pairs: list[tuple[Image.Image, str]]) -> list[float]:
+        """One forward pass of `replica` over `pairs`: the ITM head's probability of "match"."""
+        inputs = replica.processor(images=[to_rgb(image) for image, _ in pairs], text=[text for _, text in pairs],
+                                   return_tensors="pt", padding=True, truncation=True)
+        inputs = to_device(dict(inputs), replica.device, self.dtype)
+        with torch.inference_mode():  # per thread: each replica runs in its own
+            logits = replica.model(**inputs, use_itm_head=True).itm_score
+        self.forward_calls += 1
+        return logits.float().softmax(dim=-1)[:, 1].cpu().tolist()
 
     def config(self) -> dict:
         """Everything that affects the scores, as plain JSON (for step fingerprints)."""
@@ -93,4 +98,4 @@ class ImageTextMatchingServing(LocalModelServing):
                          "torch_dtype": str(self.torch_dtype)})
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(model={self.model!r}, device={self.device!r})"
+        return f"{type(self).__name__}(model={self.model!r}, devices={self.devices})"

@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 
-from dataflowmm.checks import check_positive_int, is_out_of_memory
+from dataflowmm.checks import check_positive_int
 from dataflowmm.io.images import ImageReadError
-from dataflowmm.serving.common import GenerationFailed, LocalModelServing
+from dataflowmm.serving.common import GenerationFailed, LocalModelServing, Replica
+from dataflowmm.serving.fitting import run_on_replicas
 from dataflowmm.serving.generation import (
     SeededSamplingLogitsProcessor,
     check_generate_kwargs,
@@ -34,7 +36,14 @@ class LocalVLMServing(LocalModelServing):
     r"""
     Answer image prompts with a local chat vision-language model, batched.
 
-    Loaded lazily on the first `generate` (or `load`); the constructor only checks arguments.
+    Loaded lazily on the first `generate` (or `load`), one replica per device; the constructor
+    only checks arguments.
+
+    Several devices: a call's batches are spread over the replicas (replica r takes batches
+    r, r + R, ..., in threads), so each batch and its answers are as on one device.
+    Out of memory: a batch that does not fit is split and retried, down to one prompt; the
+    size that fit (`fitted_batch_size`) is used from then on (until `cleanup`). A prompt that
+    does not fit alone gets a transient `GenerationFailed` in its place.
 
     Args:
         model (`str` or `os.PathLike`, *optional*, defaults to `"llava-hf/llava-v1.6-vicuna-7b-hf"`):
@@ -53,8 +62,10 @@ class LocalVLMServing(LocalModelServing):
             Prompts per `generate` call.
         torch_dtype (`str`, *optional*, defaults to `"auto"`):
             "fp32", "fp16", "bf16" or "auto" (bf16 on CUDA, fp32 on CPU).
-        device (`str`, *optional*):
-            Device to run on; by default the first GPU, else the CPU.
+        device (`str` or `list[str]`, *optional*):
+            Pin one device (`"cpu"`, `"cuda:1"`), or list the devices that hold one replica
+            each (`["cuda:0", "cuda:1"]`; `["cpu", "cpu"]` takes the several-replica path on a
+            CPU); by default every visible GPU, else the CPU.
         revision (`str`, *optional*):
             Hub revision of `model`.
         trust_remote_code (`bool`, *optional*, defaults to `False`):
@@ -62,8 +73,6 @@ class LocalVLMServing(LocalModelServing):
         generate_kwargs (`dict`, *optional*):
             Extra `generate` arguments (e.g. `repetition_penalty`); those set here are refused.
     """
-
-    one_replica = True  # one model, on the first GPU (else the CPU)
 
     def __init__(
         self,
@@ -76,7 +85,7 @@ class LocalVLMServing(LocalModelServing):
         do_sample: bool = True,
         batch_size: int = 8,
         torch_dtype: str = "auto",
-        device: str | None = None,
+        device: str | list[str] | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
         generate_kwargs: dict | None = None,
@@ -100,26 +109,29 @@ class LocalVLMServing(LocalModelServing):
 
     # ------------------------------------------------------------------ loading
     def load(self) -> None:
-        """Load the processor and the model (no-op when loaded)."""
-        if self._model is not None:
+        """Load the processor and the model on every device (no-op when loaded)."""
+        if self._replicas:
             return
         from transformers import AutoModelForImageTextToText
 
-        processor, model = self._load_processor_and_model(AutoModelForImageTextToText)
-        if not getattr(processor, "chat_template", None):
+        replicas = self._load_model_replicas(AutoModelForImageTextToText)
+        if not getattr(replicas[0].processor, "chat_template", None):
             raise ValueError(f"model {self.model!r} has no chat template: LocalVLMServing needs a chat VLM "
                              "(LLaVA, LLaVA-NeXT, Qwen2-VL, ...)")
-        processor.tokenizer.padding_side = "left"  # prompts end where the answer starts
-        self._processor = processor
-        self._model = model.to(self.device).eval()
+        for replica in replicas:
+            replica.processor.tokenizer.padding_side = "left"  # prompts end where the answer starts
+        self._replicas = replicas
 
     # --------------------------------------------------------------- generation
     def generate(self, prompts: Sequence[VLMPrompt], seeds: Sequence[int] | None = None) -> list[VLMAnswer]:
-        """One answer per prompt, in order, stripped; prompts go `batch_size` per `generate` call.
+        """One answer per prompt, in order, stripped; prompts go `batch_size` per `generate` call,
+        the batches spread over the replicas.
 
-        A prompt whose image file cannot be read, or that fails on its own (a batch whose call
-        fails is answered prompt by prompt: an image the processor rejects, out of memory), gets
-        a `GenerationFailed` in its place (`transient` for out of memory), the others their answers.
+        A prompt whose image file cannot be read, or that fails on its own, gets a
+        `GenerationFailed` in its place, the others their answers: a batch whose call fails
+        (an image the processor rejects, out of memory) is split and retried until the
+        failing prompts are alone. A prompt that does not fit in memory alone gets a
+        transient failure (retried by the step's next run).
 
         Args:
             prompts (`list[VLMPrompt]`):
@@ -138,47 +150,40 @@ class LocalVLMServing(LocalModelServing):
                 ready.append((index, replace(prompt, images=tuple(prompt_images(prompt)))))
             except ImageReadError as error:
                 answers[index] = GenerationFailed(str(error))
-        for start in range(0, len(ready), self.batch_size):
-            batch = ready[start:start + self.batch_size]
-            texts = self._answers([prompt for _, prompt in batch], [seeds[index] for index, _ in batch])
+
+        def answer(replica: Replica, batch: list[tuple[int, VLMPrompt]]) -> list[str]:
+            return self._generate_batch(replica, [prompt for _, prompt in batch], [seeds[index] for index, _ in batch])
+
+        batches = [ready[start:start + self.batch_size] for start in range(0, len(ready), self.batch_size)]
+        # torch errors (out of memory included) and processor errors are one prompt's failure
+        results = run_on_replicas(self, self._replicas, batches, answer, failures_in_place=True,
+                                  item_errors=(RuntimeError, ValueError))
+        for batch, texts in zip(batches, results, strict=True):
             for (index, _), text in zip(batch, texts, strict=True):
                 answers[index] = text
         return answers
 
-    def _answers(self, prompts: list[VLMPrompt], seeds: list[int]) -> list[VLMAnswer]:
-        """The batch's answers; when its call fails, each prompt's on its own."""
-        try:
-            return self._generate_batch(prompts, seeds)
-        except (RuntimeError, ValueError) as error:  # torch (out of memory included) and processor errors
-            out_of_memory = is_out_of_memory(error)
-            if out_of_memory:
-                from dataflowmm.serving.device import free_memory
-
-                free_memory()
-            if len(prompts) > 1:
-                return [answer for prompt, seed in zip(prompts, seeds, strict=True)
-                        for answer in self._answers([prompt], [seed])]
-            detail = " ".join(str(error).split())[:500]
-            return [GenerationFailed(f"{self.model}: {type(error).__name__}: {detail}", transient=out_of_memory)]
-
-    def _generate_batch(self, prompts: list[VLMPrompt], seeds: list[int]) -> list[str]:
-        texts = [self._chat_text(prompt) for prompt in prompts]
+    def _generate_batch(self, replica: Replica, prompts: list[VLMPrompt], seeds: list[int]) -> list[str]:
+        """One `generate` call of `replica` over `prompts`: their answers, stripped."""
+        processor = replica.processor
+        texts = [self._chat_text(processor, prompt) for prompt in prompts]
         images = [image.convert("RGB") for prompt in prompts for image in prompt.images]
-        encoded = self._processor(images=images or None, text=texts, return_tensors="pt", padding=True)
-        inputs = to_device(dict(encoded), self.device, self.dtype)
-        with torch.inference_mode():
-            output = self._model.generate(**inputs, **self._generation_arguments(seeds))
+        encoded = processor(images=images or None, text=texts, return_tensors="pt", padding=True)
+        inputs = to_device(dict(encoded), replica.device, self.dtype)
+        with torch.inference_mode():  # per thread: each replica runs in its own
+            output = replica.model.generate(**inputs, **self._generation_arguments(seeds))
         self.generate_calls += 1
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
-        return [text.strip() for text in self._processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
-    def _chat_text(self, prompt: VLMPrompt) -> str:
+    @staticmethod
+    def _chat_text(processor: Any, prompt: VLMPrompt) -> str:
         content = [{"type": "image"} for _ in prompt.images] + [{"type": "text", "text": prompt.text}]
         messages = [{"role": "user", "content": content}]
         if prompt.system:
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": prompt.system}]})
-        return self._processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _generation_arguments(self, seeds: list[int]) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, **self.generate_kwargs}
@@ -208,4 +213,4 @@ class LocalVLMServing(LocalModelServing):
         }
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(model={self.model!r}, device={self.device!r})"
+        return f"{type(self).__name__}(model={self.model!r}, devices={self.devices})"
