@@ -7,7 +7,8 @@ by both contenders, at the same batch size and settings:
 
 - ours: `LocalImageGenServing.generate` / `LocalCaptionServing.caption`, with the settings a
   user turns on for speed: bf16 ("auto"), SDPA attention (both libraries' default),
-  channels-last for the UNet models and regional `torch.compile` of the denoiser;
+  channels-last for the UNet models and regional `torch.compile` of FLUX's transformer
+  (`--compile` for every model);
 - plain: the folder loaded with `AutoPipelineForText2Image` / `AutoModelForImageTextToText`,
   the same settings applied by hand as diffusers' guides do, called in a loop.
 
@@ -18,7 +19,7 @@ Model build, save and load times are printed too. Ends with one table and, per m
 `ratio_vs_plain[NAME]=` (ours / plain items per second), `peak_gib_ours[NAME]=` and
 `peak_gib_plain[NAME]=`.
 
-    python benchmarks/gpu.py                 # all four on the GPU (sized for ~4 minutes on one H200)
+    python benchmarks/gpu.py                 # all four on the GPU (sized for 3-4 minutes on one H200)
     python benchmarks/gpu.py --model flux    # one model (or a comma-separated list)
     python benchmarks/gpu.py --smoke         # every config shrunk, on the CPU: checks this script
     python benchmarks/gpu.py --meta          # full-size parameter counts (meta device) vs the published ones
