@@ -46,6 +46,8 @@ def sd_serving(tiny_model):
         ({"strength": 1.5}, "strength"),
         ({"torch_dtype": "fp8"}, "torch_dtype"),
         ({"max_safety_retries": -1}, "max_safety_retries"),
+        ({"compile": "fast"}, "compile"),
+        ({"compile": 1}, "compile"),
     ],
 )
 def test_bad_arguments_fail_in_the_constructor(tiny_model, kwargs, message):
@@ -107,6 +109,45 @@ def test_config_is_json_and_tracks_outputs(tiny_model):
     assert other_steps.config() != config
     image2image = LocalImageGenServing(tiny_model("tiny-sd"), task="image2image", strength=0.5)
     assert image2image.config()["strength"] == 0.5
+
+
+# ---------------------------------------------------------- GPU settings
+@pytest.fixture
+def compiled_modules(monkeypatch) -> list[torch.nn.Module]:
+    """Modules whose in-place `compile()` was called; recorded, not compiled (torch.compile's
+    first use costs seconds of imports, and a CPU compile needs a C++ compiler)."""
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *a, **k: compiled.append(module))
+    return compiled
+
+
+def test_gpu_settings_are_applied_at_load_and_only_vae_tiling_enters_config(tiny_model, compiled_modules):
+    plain = LocalImageGenServing(tiny_model("tiny-sd"), num_inference_steps=2)
+    # compile and channels_last change pixels by rounding only, like batch_size: not in config
+    faster = LocalImageGenServing(tiny_model("tiny-sd"), num_inference_steps=2, compile=True,
+                                  channels_last=True)
+    assert faster.config() == plain.config()
+    tiled = LocalImageGenServing(tiny_model("tiny-sd"), num_inference_steps=2, vae_tiling=True)
+    assert tiled.config() == {**plain.config(), "vae_tiling": True}
+
+    serving = LocalImageGenServing(tiny_model("tiny-sd"), compile=True, channels_last=True,
+                                   vae_tiling=True, device="cpu")
+    serving.load()
+    pipeline = serving._pipelines[0]
+    assert compiled_modules == [pipeline.unet]  # the whole UNet, in place: its type and config stay
+    assert pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipeline.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipeline.vae.use_tiling
+    serving.cleanup()
+
+
+def test_regional_compile_compiles_each_repeated_block_only(tiny_model, compiled_modules):
+    serving = LocalImageGenServing(tiny_model("tiny-flux"), compile="regional", device="cpu")
+    serving.load()
+    transformer = serving._pipelines[0].transformer
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    assert blocks and compiled_modules == blocks
+    serving.cleanup()
 
 
 # --------------------------------------------------------------- tiny SD

@@ -1,8 +1,11 @@
-"""Tokenizers made in memory, with no download, for the tiny models.
+"""Tokenizers made in memory, with no download, for the tiny and the full-size random models.
 
 They are small (hundreds of tokens) but real: `tokenizers`-backed `CLIPTokenizer` (byte-level
-BPE) and `T5Tokenizer` (Unigram) with the same normalisers and pre-tokenisers as the hub
-tokenizers they stand in for, learned in milliseconds from a few caption-like sentences.
+BPE), `T5Tokenizer` (Unigram) and `LlamaTokenizer` (SentencePiece-style BPE with byte fallback)
+with the same normalisers and pre-tokenisers as the hub tokenizers they stand in for, learned
+in milliseconds from a few caption-like sentences. Given `vocab_size`, the vocabulary is padded
+with unreachable filler tokens to the real model's size, at the real special-token ids, so a
+full-size random model's embedding table and every id it generates have a token.
 
 The vocabularies are learned here rather than with `tokenizers.trainers`: those trainers
 break ties in hash-map order, so two trainings on the same text give different vocabularies,
@@ -15,8 +18,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from tokenizers import Regex, normalizers, pre_tokenizers
-from transformers import CLIPTokenizer, T5Tokenizer
+from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
+from transformers import CLIPTokenizer, LlamaTokenizer, T5Tokenizer
 
 # A few sentences in the register of image captions and prompts.
 CORPUS: tuple[str, ...] = (
@@ -43,6 +46,24 @@ _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{
 _T5_SPECIALS = ("<pad>", "</s>", "<unk>")
 _SPACE = "▁"
 _PRINTABLE = [chr(code) for code in range(33, 127)]
+_LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")
+
+
+def filler_tokens(count: int) -> list[str]:
+    """`count` distinct tokens no text produces: they only pad a vocabulary to its real size."""
+    return [f"<|unused_{index}|>" for index in range(count)]
+
+
+def _padded(tokens: list[str], vocab_size: int | None, reserved: int = 0) -> list[str]:
+    """`tokens` (duplicates dropped) plus fillers, so that with `reserved` more tokens
+    appended after them the vocabulary has `vocab_size` entries."""
+    unique = list(dict.fromkeys(tokens))
+    if vocab_size is None:
+        return unique
+    missing = vocab_size - reserved - len(unique)
+    if missing < 0:
+        raise ValueError(f"vocab_size {vocab_size} is below the {len(unique) + reserved} learned tokens")
+    return unique + filler_tokens(missing)
 
 
 def byte_alphabet() -> list[str]:
@@ -91,9 +112,12 @@ def _merge_word(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, .
     return tuple(merged)
 
 
-def learn_bpe_merges(words: Counter, num_merges: int) -> list[tuple[str, str]]:
-    """Classic BPE merge learning; ties go to the alphabetically first pair (deterministic)."""
-    segmented = {tuple(word[:-1]) + (word[-1] + _WORD_END,): count for word, count in words.items()}
+def learn_bpe_merges(words: Counter, num_merges: int, word_end: str = _WORD_END) -> list[tuple[str, str]]:
+    """Classic BPE merge learning; ties go to the alphabetically first pair (deterministic).
+
+    `word_end` marks each word's last symbol (CLIP's "</w>"; "" for SentencePiece-style BPE,
+    whose words carry a leading "▁" instead)."""
+    segmented = {tuple(word[:-1]) + (word[-1] + word_end,): count for word, count in words.items()}
     merges: list[tuple[str, str]] = []
     while len(merges) < num_merges:
         pairs: Counter = Counter()
@@ -109,22 +133,27 @@ def learn_bpe_merges(words: Counter, num_merges: int) -> list[tuple[str, str]]:
 
 
 def make_clip_tokenizer(
-    model_max_length: int = 77, num_merges: int = 200, corpus: tuple[str, ...] = CORPUS
+    model_max_length: int = 77,
+    num_merges: int = 200,
+    corpus: tuple[str, ...] = CORPUS,
+    vocab_size: int | None = None,
+    pad_token: str = _EOS,
 ) -> CLIPTokenizer:
     """A `CLIPTokenizer` (byte-level BPE, "</w>" word ends) learned from `corpus`.
 
     The vocabulary is laid out like CLIP's: the 256 bytes, the 256 bytes + "</w>", one token
-    per merge, then <|startoftext|> and <|endoftext|> (also the pad token, as in Stable
-    Diffusion). No text is ever unknown.
+    per merge, then <|startoftext|> and <|endoftext|> (also the pad token by default, as in
+    Stable Diffusion; SDXL's second tokenizer pads with "!"). No text is ever unknown. With
+    `vocab_size` (CLIP's is 49408) fillers come before the two specials, which then sit at
+    CLIP's ids (49406, 49407).
     """
     merges = learn_bpe_merges(_clip_words(corpus), num_merges)
     alphabet = byte_alphabet()
     tokens = alphabet + [symbol + _WORD_END for symbol in alphabet]
-    tokens += [left + right for left, right in merges] + [_BOS, _EOS]
-    vocab: dict[str, int] = {}
-    for token in tokens:
-        vocab.setdefault(token, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    tokens = _padded(tokens + [left + right for left, right in merges], vocab_size, reserved=2)
+    vocab = {token: index for index, token in enumerate(tokens + [_BOS, _EOS])}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length,
+                         pad_token=pad_token)
 
 
 def _t5_pieces(corpus: tuple[str, ...], max_piece_length: int = 8) -> list[tuple[str, float]]:
@@ -154,11 +183,48 @@ def _t5_pieces(corpus: tuple[str, ...], max_piece_length: int = 8) -> list[tuple
     return scored + singles
 
 
-def make_t5_tokenizer(model_max_length: int = 512, corpus: tuple[str, ...] = CORPUS) -> T5Tokenizer:
+def make_t5_tokenizer(
+    model_max_length: int = 512,
+    corpus: tuple[str, ...] = CORPUS,
+    vocab_size: int | None = None,
+    extra_ids: int = 0,
+) -> T5Tokenizer:
     """A `T5Tokenizer` (Unigram, "▁" word starts) learned from `corpus`; no sentencepiece file.
 
     Ids follow T5: <pad> 0, </s> 1, <unk> 2. Characters outside printable ASCII are <unk>.
-    There are no <extra_id_N> sentinels: a text-to-image encoder never uses them.
+    By default there are no <extra_id_N> sentinels (a text-to-image encoder never uses them);
+    T5 v1.1's layout is `vocab_size=32000, extra_ids=100` (32100 tokens).
     """
     pieces = [(special, 0.0) for special in _T5_SPECIALS] + _t5_pieces(corpus)
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+    if vocab_size is not None:
+        floor = min(score for _, score in pieces) - 1.0
+        names = _padded([piece for piece, _ in pieces], vocab_size)
+        pieces += [(filler, floor) for filler in names[len(pieces):]]
+    return T5Tokenizer(vocab=pieces, extra_ids=extra_ids, model_max_length=model_max_length)
+
+
+def make_llama_tokenizer(
+    vocab_size: int | None = None,
+    added_tokens: tuple[str, ...] = (),
+    pad_token: str | None = None,
+    num_merges: int = 200,
+    corpus: tuple[str, ...] = CORPUS,
+) -> LlamaTokenizer:
+    """A `LlamaTokenizer` (BPE over "▁"-prefixed words, byte fallback) learned from `corpus`.
+
+    Ids follow LLaMA's: <unk> 0, <s> 1, </s> 2, the 256 byte tokens <0x00>..<0xFF>, then the
+    pieces (with `vocab_size`, fillers up to it: LLaMA's is 32000). `added_tokens` (e.g.
+    LLaVA's "<image>", "<pad>") follow as special tokens, in order; `pad_token` names one.
+    """
+    words = Counter(_SPACE + word for text in corpus for word in text.split())
+    merges = learn_bpe_merges(words, num_merges, word_end="")
+    tokens = list(_LLAMA_SPECIALS) + [f"<0x{byte:02X}>" for byte in range(256)]
+    tokens += [_SPACE, *_PRINTABLE] + [left + right for left, right in merges]
+    vocab = {token: index for index, token in enumerate(_padded(tokens, vocab_size))}
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)  # as LLaMA: "<s>" first
+    if added_tokens:
+        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in added_tokens],
+                             special_tokens=True)
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
+    return tokenizer

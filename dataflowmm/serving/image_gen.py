@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +13,13 @@ from dataflowmm.checks import check_positive_int
 from dataflowmm.io.images import to_rgb
 from dataflowmm.seeds import derive_seed
 from dataflowmm.serving.common import LocalModelServing, jsonable, model_load_error
+from dataflowmm.serving.diffusers_pipeline import (
+    BATCH_ENCODABLE_PIPELINES,
+    apply_gpu_settings,
+    batched_init_latents,
+    call_parameters,
+    check_compile_mode,
+)
 from dataflowmm.serving.fitting import run_on_replicas
 from dataflowmm.serving.model_source import model_content
 
@@ -74,6 +80,19 @@ class LocalImageGenServing(LocalModelServing):
         call_kwargs (`dict`, *optional*):
             Extra keyword arguments for every pipeline call (e.g. `{"max_sequence_length": 256}`),
             merged last.
+        compile (`bool` or `str`, *optional*, defaults to `False`):
+            `torch.compile` the denoiser (UNet or transformer) at load: `True`/`"full"` compiles it
+            whole (largest speed-up; the first call compiles, minutes for a full-size model),
+            `"regional"` only its repeated blocks (diffusers' `compile_repeated_blocks`: seconds to
+            compile, most of the speed-up on transformers such as FLUX). A GPU setting: on a CPU
+            it needs a C++ compiler. Pixels change by floating-point rounding only.
+        channels_last (`bool`, *optional*, defaults to `False`):
+            Keep the UNet's and VAE's weights channels-last (NHWC), which GPU convolutions run
+            faster in; no effect on a transformer's linear layers. Rounding-level changes only.
+        vae_tiling (`bool`, *optional*, defaults to `False`):
+            Decode (and encode) through the VAE in overlapping tiles: far less memory for large
+            images, slightly different pixels at tile seams for images above the VAE's tile size
+            (512 px for SD 1.5, 1024 px for SDXL and FLUX); recorded in `config()`.
     """
 
     def __init__(
@@ -94,6 +113,9 @@ class LocalImageGenServing(LocalModelServing):
         device: str | list[str] | None = None,
         max_safety_retries: int = 3,
         call_kwargs: dict | None = None,
+        compile: bool | str = False,
+        channels_last: bool = False,
+        vae_tiling: bool = False,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -104,6 +126,9 @@ class LocalImageGenServing(LocalModelServing):
             raise ValueError(f"strength must be between 0 and 1, got {strength!r}")
         if call_kwargs is not None and not isinstance(call_kwargs, dict):
             raise ValueError(f"call_kwargs must be a dict, got {type(call_kwargs).__name__}")
+        self.compile = check_compile_mode(compile)
+        self.channels_last = bool(channels_last)
+        self.vae_tiling = bool(vae_tiling)
         self._set_model_settings(model, batch_size, torch_dtype, device, revision, trust_remote_code)
         self.task = task
         self.num_images_per_prompt = num_images_per_prompt
@@ -123,14 +148,16 @@ class LocalImageGenServing(LocalModelServing):
         self._pipelines = self._load_replicas(self._load_replica)
 
     def _load_replica(self, device: str) -> Any:
-        """One pipeline on `device`, progress bars off."""
+        """One pipeline on `device` with the GPU settings applied, progress bars off."""
         pipeline = self._from_pretrained()
-        if self.task == "image2image" and "image" not in _call_parameters(pipeline):
+        if self.task == "image2image" and "image" not in call_parameters(pipeline):
             raise ValueError(
                 f"model {self.model!r} loaded as {type(pipeline).__name__}, which takes no input "
                 "image; it cannot serve task 'image2image'"
             )
         pipeline.to(device)
+        apply_gpu_settings(pipeline, compile=self.compile, channels_last=self.channels_last,
+                           vae_tiling=self.vae_tiling)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
@@ -294,10 +321,10 @@ class LocalImageGenServing(LocalModelServing):
         }
         if self.task == "image2image":
             wanted["image"] = images
-            if type(pipeline).__name__ in _BATCH_ENCODABLE_PIPELINES:
-                wanted["image"] = _batched_init_latents(pipeline, images, wanted["generator"], count)
+            if type(pipeline).__name__ in BATCH_ENCODABLE_PIPELINES:
+                wanted["image"] = batched_init_latents(pipeline, images, wanted["generator"], count)
             wanted["strength"] = self.strength
-        accepted = _call_parameters(pipeline)
+        accepted = call_parameters(pipeline)
         arguments = {
             name: value for name, value in wanted.items() if value is not None and name in accepted
         }
@@ -308,7 +335,8 @@ class LocalImageGenServing(LocalModelServing):
     def config(self) -> dict:
         """Everything that affects the generated images, as plain JSON (for step fingerprints).
 
-        `batch_size` and the devices are left out: they change pixels only by floating-point noise.
+        `batch_size`, the devices, `compile` and `channels_last` are left out: they change pixels
+        only by floating-point noise. `vae_tiling` is recorded when on (it changes tile seams).
         """
         values = {
             "serving": type(self).__name__,
@@ -327,37 +355,12 @@ class LocalImageGenServing(LocalModelServing):
         }
         if self.task == "image2image":
             values["strength"] = self.strength
+        if self.vae_tiling:  # only when on, so steps cached before this setting existed stay valid
+            values["vae_tiling"] = True
         return jsonable(values)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r}, task={self.task!r}, devices={self.devices})"
-
-
-# Image-to-image pipelines that accept VAE latents as `image` and, given one generator per
-# image, would otherwise run the VAE encoder once per image.
-_BATCH_ENCODABLE_PIPELINES = {"StableDiffusionImg2ImgPipeline"}
-
-
-def _batched_init_latents(pipeline: Any, images: list[Image.Image], generators: list[torch.Generator],
-                          count: int) -> torch.Tensor:
-    """The init latents the pipeline would make, from one VAE pass over the whole batch.
-
-    Each image's latent sample is drawn from its own generator, as diffusers does per
-    image, so the generators are left in the same state for the denoising noise.
-    """
-    vae = pipeline.vae
-    pixels = pipeline.image_processor.preprocess(images).to(device=vae.device, dtype=vae.dtype)
-    pixels = pixels.repeat_interleave(count, dim=0)
-    sample = vae.encode(pixels).latent_dist.sample(generator=generators)
-    return sample * vae.config.scaling_factor
-
-
-def _call_parameters(pipeline: Any) -> set[str]:
-    """Names `pipeline.__call__` declares. A catch-all **kwargs does not count: diffusers
-    pipelines use it for deprecated arguments and ignore anything else passed there."""
-    parameters = inspect.signature(pipeline.__call__).parameters.values()
-    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {p.name for p in parameters if p.kind in keyword_kinds}
 
 
 def _planned_batches(count: int, batch_size: int, images: Sequence[Image.Image] | None) -> list[list[int]]:
