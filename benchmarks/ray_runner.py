@@ -6,14 +6,16 @@ ImageDiffusionAugmenter on tiny-sd (64 px canvas, 4 steps) and PromptedImageGene
 threads, alternating rounds. Each Ray run starts from no actors, so its time includes
 what a user pays at a pipeline's first step: starting the actors (a process, torch's
 import) and loading the model in each. Prints `ratio_ray_vs_local_with_startup=` (img2img)
-and `ratio_ray_vs_local_t2i_with_startup=` (local seconds / Ray seconds).
+and `ratio_ray_vs_local_t2i_with_startup=` (local seconds / Ray seconds), and, to show where
+the time goes, the start-up alone (a 4-row step from no actors) and the ratios without it
+(`ratio_ray_vs_local=`, `ratio_ray_vs_local_t2i=`).
 
 Then a 3-step pipeline (text-to-image, image-to-image on its images, captions of those) on
 a few rows per step, so its time is mostly start-up: once with the actors ended after each
 step (as every Ray step did before actors lived across steps), once with one pool for the
 whole pipeline. Prints `pipeline_startup_per_step_pools_s=` and `pipeline_startup_one_pool_s=`.
 
-    .venv/bin/python benchmarks/ray_runner.py [--images 192] [--prompts 1024] [--rounds 2] [--replicas 2]
+    .venv/bin/python benchmarks/ray_runner.py [--images 320] [--prompts 1024] [--rounds 1] [--replicas 2]
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def write_inputs(work: Path, images: int, prompts: int) -> dict[str, Path]:
     inputs["img2img"].write_text("".join(json.dumps(row) + "\n" for row in rows))
     inputs["t2i"].write_text("".join(json.dumps({"prompt": f"a shape number {i}"}) + "\n" for i in range(prompts)))
     inputs["pipeline"].write_text("".join(json.dumps({"prompt": f"a few {i}"}) + "\n" for i in range(4)))
+    inputs["img2img_few"] = work / "images_few.jsonl"
+    inputs["img2img_few"].write_text("".join(json.dumps(row) + "\n" for row in rows[:4]))
+    inputs["t2i_few"] = inputs["pipeline"]
     return inputs
 
 
@@ -94,9 +99,9 @@ def timed_pipeline(entry: Path, cache: Path, sd: str, blip: str, runner: RayRunn
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--prompts", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--replicas", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
 
@@ -111,19 +116,22 @@ def main() -> None:
 
     print(f"ray runner: {args.replicas} actors x 1 torch thread vs local with {args.replicas} threads; "
           f"cluster start {cluster_start:.1f} s (not counted: `ray start` on a cluster)")
-    print(f"{'task':>8} | {'rows':>5} | {'round':>5} | {'local s':>8} | {'ray s (start-up incl.)':>22} | {'ratio':>6}")
-    ratios = {}
+    print(f"{'task':>8} | {'rows':>5} | {'round':>5} | {'local s':>8} | {'ray s (start-up incl.)':>22} | "
+          f"{'start-up s':>10} | {'ratio':>6} | {'ratio without start-up':>22}")
+    ratios, work_ratios = {}, {}
     for kind, rows in (("img2img", args.images), ("t2i", args.prompts)):
-        timed_step(inputs["pipeline" if kind == "t2i" else kind], work / "warm", kind, sd, None)  # first load
-        per_round = []
+        timed_step(inputs[f"{kind}_few"], work / "warm", kind, sd, None)  # the driver's first load and call
+        per_round, per_round_work = [], []
         for round_index in range(args.rounds):
             order = ["local", "ray"] if round_index % 2 == 0 else ["ray", "local"]
             seconds = {name: timed_step(inputs[kind], work / name, kind, sd, None if name == "local" else ray)
                        for name in order}
+            startup = timed_step(inputs[f"{kind}_few"], work / "startup", kind, sd, ray)
             per_round.append(seconds["local"] / seconds["ray"])
+            per_round_work.append(seconds["local"] / max(seconds["ray"] - startup, 1e-9))
             print(f"{kind:>8} | {rows:>5} | {round_index + 1:>5} | {seconds['local']:>8.1f} | "
-                  f"{seconds['ray']:>22.1f} | {per_round[-1]:>6.3f}")
-        ratios[kind] = statistics.median(per_round)
+                  f"{seconds['ray']:>22.1f} | {startup:>10.1f} | {per_round[-1]:>6.3f} | {per_round_work[-1]:>22.3f}")
+        ratios[kind], work_ratios[kind] = statistics.median(per_round), statistics.median(per_round_work)
 
     pipeline = {per_step: timed_pipeline(inputs["pipeline"], work / "pipeline", sd, blip, ray, per_step)
                 for per_step in (True, False)}
@@ -131,6 +139,8 @@ def main() -> None:
           f"per step, {pipeline[False]:.1f} s with one pool")
     close_actor_pool()
     shutil.rmtree(work, ignore_errors=True)
+    print(f"ratio_ray_vs_local={work_ratios['img2img']:.3f}")
+    print(f"ratio_ray_vs_local_t2i={work_ratios['t2i']:.3f}")
     print(f"ratio_ray_vs_local_with_startup={ratios['img2img']:.3f}")
     print(f"ratio_ray_vs_local_t2i_with_startup={ratios['t2i']:.3f}")
     print(f"pipeline_startup_per_step_pools_s={pipeline[True]:.1f}")
