@@ -106,7 +106,11 @@ class ActorPool:
                 return
             [ready], _ = ray.wait(list(in_flight), num_returns=1)
             idle.append(in_flight.pop(ready))
-            result = _received(ray.get(ready))
+            try:
+                result = _received(ray.get(ready))
+            except ray.exceptions.RayActorError:
+                self.close()  # an actor past its restarts: the next step starts a new pool
+                raise
             finished[result.chunk] = result
             while due in finished:
                 yield finished.pop(due)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -31,4 +32,21 @@ def resolve_paths(value: Any, base_dir: Path) -> Any:
 
 def relative_paths(value: Any, base_dir: Path) -> Any:
     """Express absolute paths relative to `base_dir` (the folder of the file they are written to)."""
-    return _map_paths(value, lambda path: os.path.relpath(path, base_dir) if os.path.isabs(path) else path)
+    base = os.fspath(base_dir)
+    return _map_paths(value, lambda path: _relative(path, base) if os.path.isabs(path) else path)
+
+
+def _relative(path: str, base: str) -> str:
+    """`os.path.relpath(path, base)` for an absolute `path`, its folder's part computed once
+    per folder (a step writes thousands of paths from a few folders; relpath is the slow part)."""
+    folder, name = os.path.split(path)
+    if not name or not os.path.isabs(base) or os.path.normpath(path) != path \
+            or (base.rstrip(os.sep) + os.sep).startswith(path + os.sep):  # base itself, or above it
+        return os.path.relpath(path, base)
+    relative_folder = _relative_folder(folder, base)
+    return name if relative_folder == "." else relative_folder + os.sep + name
+
+
+@functools.lru_cache(maxsize=1024)
+def _relative_folder(folder: str, base: str) -> str:
+    return os.path.relpath(folder, base)  # both absolute: independent of the working directory

@@ -175,7 +175,7 @@ class ImageCaptioner(Operator):
     def _kept_candidates(self, plan: _RowPlan, image_index: int, row_id: str) -> list[str]:
         """The candidates of one image that survive the keep mode, one per generated row."""
         candidates = plan.captions[image_index]
-        if self.keep_candidate_mode == "all":
+        if self.keep_candidate_mode == "all" or len(candidates) == 1:  # one candidate: nothing to pick
             return candidates
         if self.keep_candidate_mode == "random_any":
             picker = random.Random(derive_seed(self.settings.seed, row_id, image_index, "random_any"))
