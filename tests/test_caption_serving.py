@@ -145,7 +145,7 @@ def test_prompts_per_image_and_length_check(servings):
 
 
 def _raw_generate(serving, **inputs) -> torch.Tensor:
-    model = serving._components.replicas[0]
+    model = serving._replicas[0].model
     with torch.inference_mode():
         return model.generate(**inputs, max_new_tokens=serving.max_new_tokens)
 
@@ -154,7 +154,7 @@ def test_blip_prompt_echo_is_cut_by_token_ids(tiny_model):
     serving = LocalCaptionServing(tiny_model("tiny-blip"), max_new_tokens=6)
     images = _images(1)
     captions = serving.caption(images, prompts="a photo of")
-    processor = serving._components.processor
+    processor = serving._replicas[0].processor.processor
     inputs = processor(images=images, text=["a photo of"], return_tensors="pt")
     prompt_ids = inputs["input_ids"][0, 1:-1].tolist()  # without [CLS] and [SEP]
     raw = _raw_generate(serving, **inputs)[0]
@@ -170,7 +170,7 @@ def test_blip2_prompt_echo_is_cut(tiny_model):
     serving = LocalCaptionServing(tiny_model("tiny-blip2"), max_new_tokens=6)
     images = _images(1)
     captions = serving.caption(images, prompts="a photo of")
-    processor = serving._components.processor
+    processor = serving._replicas[0].processor.processor
     inputs = processor(images=images, text=["a photo of"], return_tensors="pt")
     raw = _raw_generate(serving, **inputs)[0]
     length = inputs["input_ids"].shape[1]
@@ -182,11 +182,11 @@ def test_vision_encoder_decoder_prompt_is_a_decoder_prefix(tiny_model):
     serving = LocalCaptionServing(tiny_model("tiny-vision-encoder-decoder"), max_new_tokens=6)
     images = _images(1)
     captions = serving.caption(images, prompts="a photo of")
-    tokenizer = serving._components.tokenizer
-    model = serving._components.replicas[0]
+    tokenizer = serving._replicas[0].processor.tokenizer
+    model = serving._replicas[0].model
     start = model.generation_config.decoder_start_token_id
     prefix = [start] + tokenizer("a photo of", add_special_tokens=False)["input_ids"]
-    pixels = serving._components.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    pixels = serving._replicas[0].processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     raw = _raw_generate(serving, pixel_values=pixels, decoder_input_ids=torch.tensor([prefix]))[0]
     assert raw[: len(prefix)].tolist() == prefix
     assert captions == [[tokenizer.decode(raw[len(prefix) :], skip_special_tokens=True).strip()]]
@@ -202,7 +202,7 @@ def test_chat_vlm_returns_only_the_answer(chat_model):
     # Greedy: compare with the raw output, whose first tokens are the whole chat prompt.
     greedy = LocalCaptionServing(chat_model, max_new_tokens=6)
     caption = greedy.caption(images[:1])[0][0]
-    processor = greedy._components.processor
+    processor = greedy._replicas[0].processor.processor
     messages = [{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": "Describe this image in one sentence."}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -221,7 +221,7 @@ def test_cleanup_then_caption_again(tiny_model):
     images = _images(2)
     before = serving.caption(images, seeds=[1, 2])
     serving.cleanup()
-    assert serving._components is None
+    assert not serving.loaded
     assert serving.caption(images, seeds=[1, 2]) == before
 
 

@@ -373,7 +373,7 @@ def test_servings_are_built_lazily_with_the_recipe_settings(tiny_model):
             augmenter.diffusion.num_inference_steps) == (0.5, 3.0, 7)
     assert augmenter.candidate_num == 4 and augmenter.input_batch_size == 3
     assert not augmenter.diffusion.loaded and not augmenter.clip.loaded
-    assert augmenter.captioner._components is None  # LocalCaptionServing has no `loaded`
+    assert not augmenter.captioner.loaded
     default = ImageDiffusionAugmenter(caption_key="t")  # Data-Juicer's defaults, nothing loaded
     assert default.diffusion.model == "CompVis/stable-diffusion-v1-4" and default.captioner is None
     assert default.clip is None and default.candidate_num == 1 and default.image_size == 512

@@ -92,6 +92,20 @@ def test_local_vlm_on_two_replicas_equals_one(tiny_model):
     assert calls == [[2, 1], [2]]
 
 
+def test_captions_on_two_replicas_equal_one_each_replica_with_its_own_tokenizer(tiny_model):
+    settings = {"max_new_tokens": 4, "batch_size": 2, "caption_num": 2, "do_sample": True}
+    one = LocalCaptionServing(tiny_model("tiny-blip2"), device="cpu", **settings)
+    two = LocalCaptionServing(tiny_model("tiny-blip2"), device=["cpu", "cpu"], **settings)
+    assert two.config() == one.config()
+    two.load()
+    first, second = two._replicas
+    assert first.processor.tokenizer is not second.processor.tokenizer  # replicas run in threads
+    calls = _calls_per_replica(two, "generate")
+    images, seeds = _images(5), [11, 12, 13, 14, 15]
+    assert two.caption(images, seeds=seeds) == one.caption(images, seeds=seeds)
+    assert calls == [[2, 1], [2]]  # replica r takes batches r, r + 2, ...
+
+
 @pytest.mark.parametrize("serving_class", [ClipServing, ImageTextMatchingServing, LocalVLMServing,
                                            LocalCaptionServing, LocalImageGenServing])
 @pytest.mark.parametrize("device", [[], ["cpu", 0], "", ("cpu", " "), 1])

@@ -8,7 +8,7 @@ not depend on which other images share its batch.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from PIL import Image
 
 from dataflowmm.io.images import to_rgb
 from dataflowmm.seeds import derive_seed
-from dataflowmm.serving.common import LocalModelServing, model_load_error
+from dataflowmm.serving.common import LocalModelServing, Replica, model_load_error
 from dataflowmm.serving.fitting import run_on_replicas
 from dataflowmm.serving.generation import (
     SeededSamplingLogitsProcessor,
@@ -38,7 +38,6 @@ class _Components:
     tokenizer: Any
     image_processor: Any
     family: str  # one of CAPTIONER_TYPES, "chat" or "generic"
-    replicas: list[Any] = field(default_factory=list)  # one model per device, in device order
 
 
 @dataclass
@@ -124,28 +123,29 @@ class LocalCaptionServing(LocalModelServing):
         self.temperature = float(temperature)
         self.top_p = float(top_p)
 
-    _unloaded = {"_components": None}
 
     # ------------------------------------------------------------------ public API
 
     def load(self) -> None:
-        """Load the processor and one model replica per device (no-op when loaded)."""
-        if self._components is not None:
+        """Load one model replica per device, each with its own processor: the replicas run in
+        threads, and a fast tokenizer must not be used by two at once (no-op when loaded)."""
+        if self._replicas:
             return
         from transformers import AutoModelForImageTextToText
 
+        def load_one(device: str) -> Replica:
+            components = _load_processor(source, options)
+            model = AutoModelForImageTextToText.from_pretrained(source, **dtype, **options).to(device).eval()
+            components.family = _family(model, components.processor)
+            if components.family not in ("blip", "vision-encoder-decoder"):
+                components.tokenizer.padding_side = "left"  # decoder-only prompts end where text starts
+            return Replica(device, components, model)
+
         try:
             source, options, dtype = self._pretrained()
-            components = _load_processor(source, options)
-            models = self._load_replicas(lambda device: AutoModelForImageTextToText.from_pretrained(
-                source, **dtype, **options).to(device).eval())
-            components.replicas = models
+            self._replicas = self._load_replicas(load_one)
         except Exception as exc:
             raise model_load_error(self.model, exc) from exc
-        components.family = _family(components.replicas[0], components.processor)
-        if components.family not in ("blip", "vision-encoder-decoder"):
-            components.tokenizer.padding_side = "left"  # decoder-only prompts end where text starts
-        self._components = components
 
     def caption(
         self,
@@ -179,15 +179,14 @@ class LocalCaptionServing(LocalModelServing):
         # A batch's items are (its shared prompt, image index) pairs.
         jobs = [[(prompt, index) for index in indices] for prompt, indices in _plan_batches(prompts, self.batch_size)]
 
-        def run(replica: tuple[str, Any], batch: list[tuple[str | None, int]]) -> list[list[str]]:
+        def run(replica: Replica, batch: list[tuple[str | None, int]]) -> list[list[str]]:
             indices = [index for _, index in batch]
-            texts = self._generate(*replica, [images[i] for i in indices], batch[0][0], [seeds[i] for i in indices],
+            texts = self._generate(replica, [images[i] for i in indices], batch[0][0], [seeds[i] for i in indices],
                                    count)
             return [texts[position * count:(position + 1) * count] for position in range(len(indices))]
 
         results: list[list[str]] = [[] for _ in images]
-        replicas = list(zip(self.devices, self._components.replicas, strict=True))
-        for job, captions in zip(jobs, run_on_replicas(self, replicas, jobs, run), strict=True):
+        for job, captions in zip(jobs, run_on_replicas(self, self._replicas, jobs, run), strict=True):
             for (_, index), candidates in zip(job, captions, strict=True):
                 results[index] = candidates
         return results
@@ -209,19 +208,14 @@ class LocalCaptionServing(LocalModelServing):
             "chat_default_prompt": DEFAULT_CHAT_PROMPT,
         }
 
-    @property
-    def loaded(self) -> bool:
-        return self._components is not None
-
     # ------------------------------------------------------------------ internals
 
-    def _generate(self, device: str, model: Any, images: list[Image.Image], prompt: str | None,
+    def _generate(self, replica: Replica, images: list[Image.Image], prompt: str | None,
                   seeds: list[int], count: int) -> list[str]:
-        """`count` captions per image (image-major) for images sharing one prompt, by the
-        replica `model` on `device`."""
-        components = self._components
+        """`count` captions per image (image-major) for images sharing one prompt, by `replica`."""
+        components, model = replica.processor, replica.model
         encoded = _encode(components, model, images, prompt)
-        inputs = to_device(encoded.inputs, device, self.dtype)
+        inputs = to_device(encoded.inputs, replica.device, self.dtype)
         kwargs = self._generation_arguments(seeds, count)
         with torch.inference_mode():
             output = model.generate(**inputs, **kwargs)
