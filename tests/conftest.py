@@ -43,6 +43,18 @@ def trained_model(tiny_models_dir):
     return lambda name: trained_model_path(name, tiny_models_dir)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models are latency-bound: on a busy 2-core machine, threads only fight each other.
+    A module takes it for every test with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole session (2 CPUs, no dashboard), shut down at the end."""

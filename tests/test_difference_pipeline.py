@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from dataflowmm import FileStorage
 from dataflowmm.execution.checkpoints import finished_chunks
@@ -31,13 +30,7 @@ run_pipeline(*sys.argv[2:5])
 """
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models are latency-bound: on a busy 2-core machine, threads only fight each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def captioner(vlm, itm, clip, **kwargs):

@@ -27,13 +27,7 @@ def _images(count: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (24 + 8 * (i % 3), 32, 3), dtype=np.uint8)) for i in range(count)]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models are latency-bound: on a busy 2-core machine, threads only fight each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _calls_per_replica(serving, method: str) -> list[list[int]]:

@@ -27,13 +27,7 @@ KEY = "sk-vqa-test"
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_data"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models are latency-bound: on a busy 2-core machine, threads only fight each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

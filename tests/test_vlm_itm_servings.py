@@ -1,7 +1,6 @@
 """LocalVLMServing (multi-image chat prompts) and ImageTextMatchingServing on tiny random models."""
 
 import pytest
-import torch
 from PIL import Image
 
 from dataflowmm.serving import ImageTextMatchingServing, LocalVLMServing, VLMPrompt
@@ -10,13 +9,7 @@ from dataflowmm.serving.common import Serving
 RED, GREEN, BLUE = (Image.new("RGB", (40, 30), c) for c in ((200, 20, 20), (20, 200, 20), (20, 20, 200)))
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models are latency-bound: on a busy 2-core machine, threads only fight each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class CountingGenerate:
