@@ -258,17 +258,23 @@ class Operator(ABC):
     def row_failed(self, row: dict, message: str, row_offset: int, empty_outputs: dict | None = None, *,
                    transient: bool = False) -> dict:
         """The row kept with its error recorded (raises `RowError` when strict). Written
-        columns get their declared `empty` value unless `empty_outputs` says otherwise.
+        columns get `self.empty_outputs()` unless `empty_outputs` says otherwise.
         `transient`: the failure may pass (see `is_transient`): the next run retries the row."""
         if self.settings.strict:
             raise RowError(message, row_offset)
         if empty_outputs is None:
-            empty_outputs = {getattr(self.keys, c.name): copy.copy(c.empty) for c in self.columns
-                             if c.writes and c.empty is not _KEEP and getattr(self.keys, c.name) is not None}
+            empty_outputs = self.empty_outputs()
         failed = {**row, **empty_outputs, ERROR_KEY: f"{self.name}: {message}"}
         if transient:
             failed[TRANSIENT_MARK] = True
         return failed
+
+    def empty_outputs(self) -> dict:
+        """What a failed row's written columns hold (also when execution fails a row that does
+        not fit in memory): each declared column's `empty` value. An operator whose outputs are
+        not all declared columns overrides it."""
+        return {getattr(self.keys, c.name): copy.copy(c.empty) for c in self.columns
+                if c.writes and c.empty is not _KEEP and getattr(self.keys, c.name) is not None}
 
     def drop_row(self, row: dict, reason: str) -> dict:
         """The row marked to be dropped from the step's output, with the reason (the side file

@@ -252,8 +252,7 @@ class DifferenceCaptioner(Operator):
         out = []
         for offset, row in enumerate(rows):
             if offset in failed:
-                out.append(self.row_failed(row, failed[offset], offset, self._empty_outputs(),
-                                           transient=offset in transient))
+                out.append(self.row_failed(row, failed[offset], offset, transient=offset in transient))
                 continue
             row_kept = [region for region in kept if region.offset == offset]
             out.append({**row, **self._outputs(row_kept, row_ids[offset], context)})
@@ -349,13 +348,7 @@ class DifferenceCaptioner(Operator):
                                      for region in kept]
         return out
 
-    def row_failed(self, row: dict, message: str, row_offset: int, empty_outputs: dict | None = None, *,
-                   transient: bool = False) -> dict:
-        """`Operator.row_failed`, with this operator's empty outputs by default."""
-        empty = self._empty_outputs() if empty_outputs is None else empty_outputs
-        return super().row_failed(row, message, row_offset, empty, transient=transient)
-
-    def _empty_outputs(self) -> dict:
+    def empty_outputs(self) -> dict:
         """Outputs of a failed row: empty lists; its input boxes stay as they were."""
         keys = self.keys
         names = [keys.caption1, keys.caption2, keys.difference, keys.itm_score1, keys.itm_score2, keys.similarity]

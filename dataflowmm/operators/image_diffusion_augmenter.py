@@ -239,12 +239,9 @@ class ImageDiffusionAugmenter(Operator):
         """Record row `offset` as failed (kept once, with its error); raises when strict."""
         failed[offset] = self.row_failed(rows[offset], message, offset)
 
-    def row_failed(self, row: dict, message: str, row_offset: int, empty_outputs: dict | None = None, *,
-                   transient: bool = False) -> dict:
-        """`Operator.row_failed`, the output column (when not the input's) emptied by default."""
-        if empty_outputs is None:
-            empty_outputs = {} if self.keys.output == self.keys.image else {self.keys.output: []}
-        return super().row_failed(row, message, row_offset, empty_outputs, transient=transient)
+    def empty_outputs(self) -> dict:
+        """A failed row's outputs: the output column emptied, unless it is the input's."""
+        return {} if self.keys.output == self.keys.image else {self.keys.output: []}
 
     def _prepare(self, rows: list[dict], failed: dict[int, dict]) -> list[_Job]:
         """Jobs for the rows with images: their source images and given captions."""

@@ -219,7 +219,7 @@ class ImageTask(Operator):
         out_rows: list[dict] = []
         for offset, row in enumerate(rows):
             if offset in failed:
-                out_rows.append(self.row_failed(row, failed[offset], offset, self._empty_outputs()))
+                out_rows.append(self.row_failed(row, failed[offset], offset))
             elif self.group_generations:
                 out_rows.append(self._grouped_row(row, generations[offset], offset))
             else:
@@ -291,25 +291,19 @@ class ImageTask(Operator):
                 stored[f"{name}_path"] = None if self.image_output.images_in_rows else stored[name]
         return stored
 
-    def row_failed(self, row: dict, message: str, row_offset: int, empty_outputs: dict | None = None, *,
-                   transient: bool = False) -> dict:
-        """`Operator.row_failed`, with this operator's empty outputs by default."""
-        empty = self._empty_outputs() if empty_outputs is None else empty_outputs
-        return super().row_failed(row, message, row_offset, empty, transient=transient)
-
-    def _empty_outputs(self) -> dict:
+    def empty_outputs(self) -> dict:
+        """A failed row's outputs: every output column None, the model's name kept."""
         empty = {self._output_column(name): None for name in self.output_columns}
         empty[self._output_column(MODEL_NAME)] = self.model_name
         return empty
 
     def _with_outputs(self, row: dict, outputs: dict) -> dict:
         renamed = {self._output_column(name): value for name, value in outputs.items()}
-        return {**row, **self._empty_outputs(), **renamed, self._output_column(MODEL_NAME): self.model_name}
+        return {**row, **self.empty_outputs(), **renamed, self._output_column(MODEL_NAME): self.model_name}
 
     def _output_row(self, row: dict, result: dict | str, offset: int) -> dict:
         if isinstance(result, str):
-            return self.row_failed(row, result, offset, self._empty_outputs(),
-                                   transient=getattr(result, "transient", False))
+            return self.row_failed(row, result, offset, transient=getattr(result, "transient", False))
         return self._with_outputs(row, result)
 
     def _grouped_row(self, row: dict, results: list[dict | str], offset: int) -> dict:
