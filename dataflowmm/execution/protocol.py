@@ -55,7 +55,6 @@ def is_transient(error: BaseException | None) -> bool:
     return is_out_of_memory(error)
 
 
-
 @dataclass(frozen=True)
 class StepContext:
     """Where a step reads and writes; handed to every batch call.
