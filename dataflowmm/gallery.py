@@ -125,7 +125,7 @@ def build_gallery(
         page_size: rows shown per page.
         title: the page's title (default: the step file's name).
     """
-    from dataflowmm.export import detect_image_columns
+    from dataflowmm.export.training_rows import detect_image_columns
 
     step_file, out = Path(step_file), Path(out)
     rows = list(iter_records(step_file))

@@ -12,25 +12,15 @@ at `/proc/self/environ` or `~/.aws/credentials` never puts those bytes into a da
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dataflowmm.io.images import (
-    ImageReadError,
-    check_image_bytes,
-    check_image_file,
-    looks_like_base64_image,
-    looks_like_image_path,
-)
+from dataflowmm.export.training_rows import detect_image_columns, image_ref
 from dataflowmm.io.records import read_records
 
 if TYPE_CHECKING:
     import datasets
-
-EXPORT_FORMATS = ("hf", "parquet")
 
 
 def _import_datasets():
@@ -41,51 +31,14 @@ def _import_datasets():
     return datasets
 
 
-def _is_image_value(value: Any) -> bool:
-    if isinstance(value, list):
-        return bool(value) and all(item is None or _is_image_value(item) for item in value)
-    return looks_like_base64_image(value) or looks_like_image_path(value)
-
-
-def detect_image_columns(rows: list[dict]) -> list[str]:
-    """Columns whose every non-empty value is an image (a path with an image extension, a
-    base64 image, or a list of them). `*_path(s)` columns stay text: they name files."""
-    columns: dict[str, bool] = {}
-    for row in rows:
-        for name, value in row.items():
-            if value is None or value == []:
-                columns.setdefault(name, False)
-            else:
-                columns[name] = columns.get(name, True) and _is_image_value(value)
-    return [name for name, is_image in columns.items()
-            if is_image and not name.endswith(("_path", "_paths"))]
-
-
 def _image_cell(value: Any, base_dir: Path, where: str) -> Any:
     """An image value as the {"bytes", "path"} dict `datasets.Image` stores."""
     if value is None:
         return None
     if isinstance(value, list):
         return [_image_cell(item, base_dir, f"{where}[{index}]") for index, item in enumerate(value)]
-    if looks_like_base64_image(value):
-        text = value.partition(",")[2] if value.startswith("data:") else value
-        try:
-            data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError) as error:
-            raise ValueError(f"{where}: malformed base64 image: {error}") from None
-        try:
-            check_image_bytes(data[:64], "base64 image")
-        except ImageReadError as error:
-            raise ValueError(f"{where}: {error}; nothing exported") from None
-        return {"bytes": data, "path": None}
-    path = base_dir / os.path.expanduser(value)
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}: image file {path} not found")
-    try:
-        check_image_file(path)  # the header only: the bytes are exported as they are
-    except ImageReadError as error:
-        raise ValueError(f"{where}: {error}; nothing exported") from None
-    return {"bytes": path.read_bytes(), "path": path.name}
+    image = image_ref(value, base_dir, where)
+    return {"bytes": image.read(), "path": image.file.name if image.file else None}
 
 
 def to_hf_dataset(step_file: str | os.PathLike, image_columns: list[str] | None = None) -> datasets.Dataset:
@@ -126,12 +79,10 @@ def to_hf_dataset(step_file: str | os.PathLike, image_columns: list[str] | None 
     return datasets.Dataset.from_list(records, features=features)
 
 
-def export_step(step_file: str | os.PathLike, to: str, out: str | os.PathLike,
-                image_columns: list[str] | None = None) -> Path:
+def write_hf(step_file: str | os.PathLike, to: str, out: str | os.PathLike,
+             image_columns: list[str] | None = None) -> Path:
     """Write `step_file` as a saved dataset folder (`to="hf"`, read back with
     `datasets.load_from_disk`) or one Parquet file (`to="parquet"`); returns `out`."""
-    if to not in EXPORT_FORMATS:
-        raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {to!r}")
     dataset = to_hf_dataset(step_file, image_columns)
     out = Path(out)
     if to == "hf":
