@@ -30,8 +30,9 @@ DEMO_PIPELINES = [
     ("image_difference_caption_pipeline.py", "image_difference"),
     ("visual_qa_pipeline.py", "visual_qa"),
 ]
-# The demo ends by pointing at this pipeline's gallery page (written by its publish step).
-DEMO_GALLERY = "image_generation_task"
+# The demo ends by pointing at this pipeline's gallery page (written by its publish step): the
+# shapes world's images mean something, so a person can judge them, captions and scores.
+DEMO_GALLERY = "shapes_world"
 
 
 @click.group()
@@ -78,7 +79,8 @@ def init(directory: Path, force: bool) -> None:
               type=click.Path(file_okay=False, path_type=Path), help="folder for scaffolds and outputs")
 def demo(out: Path) -> None:
     """Run every scaffolded pipeline end to end on tiny offline models."""
-    quiet_model_libraries()
+    if not click.get_current_context().find_root().params.get("debug"):
+        quiet_model_libraries()
     out.mkdir(parents=True, exist_ok=True)
     init_project(out, force=True)
     for script, name in DEMO_PIPELINES:
@@ -182,20 +184,36 @@ def models_list() -> None:
 
 @main.command("export")
 @click.argument("step_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--to", "to", type=click.Choice(["hf", "parquet"]), required=True,
-              help="hf: a saved datasets.Dataset folder (load_from_disk); parquet: one Parquet file")
+@click.option("--to", "to", type=click.Choice(["hf", "parquet", "llava", "sharegpt"]), required=True,
+              help="hf: a saved datasets.Dataset folder (load_from_disk); parquet: one Parquet file; "
+                   "llava / sharegpt: conversation JSON with an images folder beside it")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--image-column", "image_columns", multiple=True,
               help="column holding images (repeatable); default: detected from the values")
-def export(step_file: Path, to: str, out: Path, image_columns: tuple[str, ...]) -> None:
-    """Export STEP_FILE as a Hugging Face dataset with Image() columns: --to hf OUT_DIR or --to parquet OUT.parquet."""
+@click.option("--conversation-column", default=None,
+              help="llava/sharegpt: column of conversations (default: conversations, when the step has it)")
+@click.option("--text-column", default=None,
+              help="llava/sharegpt without conversations: the text answering --prompt "
+                   "(default: the first of caption, text, prompt, answer, instruction, question)")
+@click.option("--prompt", default=None, help='llava/sharegpt: the question a text answers (default: "Describe the image.")')
+@click.option("--link", is_flag=True, help="llava/sharegpt: hard-link images instead of copying them")
+def export(step_file: Path, to: str, out: Path, image_columns: tuple[str, ...], conversation_column: str | None,
+           text_column: str | None, prompt: str | None, link: bool) -> None:
+    """Export STEP_FILE as a training set: --to hf OUT_DIR, --to parquet OUT.parquet,
+    --to llava OUT.json, --to sharegpt OUT.json."""
     from dataflowmm.export import export_step
 
+    options = {"conversation_column": conversation_column, "text_column": text_column, "prompt": prompt,
+               "link": link or None}
+    options = {name: value for name, value in options.items() if value is not None}
     try:
-        written = export_step(step_file, to, out, list(image_columns) or None)
+        report = export_step(step_file, to, out, list(image_columns) or None, **options)
+    except TypeError as error:
+        raise click.UsageError(str(error)) from None
     except (ImportError, KeyError, ValueError, OSError) as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(f"exported {step_file} -> {written}")
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error  # no repr quotes
+        raise click.ClickException(str(message)) from None
+    click.echo(report.summary())
 
 
 @main.command("gallery")

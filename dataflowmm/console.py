@@ -61,8 +61,14 @@ def interrupted_line(interrupt: BaseException) -> str:
 
 
 def quiet_model_libraries() -> None:
-    """Our step lines are the output: silence diffusers' and transformers' load bars and notices."""
+    """Our step lines are the output: silence the model and data libraries' bars and notices."""
     import warnings
+
+    # datasets and huggingface_hub read these when imported; one already imported is told directly.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
     try:
         import diffusers

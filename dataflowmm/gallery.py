@@ -4,9 +4,11 @@ Images are embedded as small thumbnails (data URIs) by default, so the page is o
 you can move or mail; `embed=False` links the image files relative to the page instead
 (a lighter page for very large steps, valid while the files stay where they are). Rows
 travel as JSON inside the page and a small script shows them a page at a time, with an
-"only errors" filter and a text search; everything from rows is inserted as text, never
+"only errors" filter, an "only dropped" filter and a text search; everything from rows is inserted as text, never
 as HTML, so a prompt holding `<script>` is shown, not run. A link opens a filtered view:
-`gallery.html#errors`, `gallery.html#q=boat`. Only image files are shown or linked: a
+`gallery.html#errors`, `gallery.html#dropped`, `gallery.html#q=boat`. Rows a filter step dropped
+and kept aside (`{step}.dropped.jsonl`, `keep_dropped=True`) follow the kept rows, marked
+with the reason. Only image files are shown or linked: a
 value that is not an allowed image format (`dataflowmm.io.images.open_image`; links: its
 header) shows as a missing image with the reason, its bytes never in the page.
 """
@@ -25,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from dataflowmm.execution.protocol import ERROR_KEY
+from dataflowmm.execution.protocol import DROPPED_KEY, ERROR_KEY
 from dataflowmm.io.atomic import atomic_file
 from dataflowmm.io.images import (
     ImageReadError,
@@ -83,7 +85,7 @@ def _fields(row: dict, image_columns: list[str]) -> tuple[list[list[str]], list[
     """(text fields, scores, other fields) of a row, each as [key, value] pairs."""
     texts, scores, others = [], [], []
     for key, value in row.items():
-        if key in image_columns or key == ERROR_KEY or value is None:
+        if key in image_columns or key in (ERROR_KEY, DROPPED_KEY) or value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             others.append([key, json.dumps(value, ensure_ascii=False)[:500]])
@@ -112,6 +114,7 @@ def build_gallery(
     thumbnail_size: int = 192,
     page_size: int = 48,
     title: str | None = None,
+    dropped: bool = True,
 ) -> Path:
     """Write the gallery page of a step's cache file; returns its path.
 
@@ -124,22 +127,29 @@ def build_gallery(
         thumbnail_size: longest side of embedded thumbnails, in pixels.
         page_size: rows shown per page.
         title: the page's title (default: the step file's name).
+        dropped: show the rows the step dropped, when it kept them aside (`{step}.dropped.jsonl`).
     """
     from dataflowmm.export.training_rows import detect_image_columns
 
     step_file, out = Path(step_file), Path(out)
     rows = list(iter_records(step_file))
+    dropped_file = step_file.with_name(f"{step_file.stem}.dropped.jsonl")
+    dropped_rows = list(iter_records(dropped_file)) if dropped and dropped_file.is_file() else []
     columns = detect_image_columns(rows) if image_columns is None else list(image_columns)
     sources = _ImageSources(columns, step_file.resolve().parent, out.resolve().parent, embed, thumbnail_size)
     data = []
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows + dropped_rows):
         texts, scores, others = _fields(row, columns)
-        data.append({"i": index, "images": sources.of(row), "texts": texts, "scores": scores,
-                     "others": others, "error": row.get(ERROR_KEY)})
+        data.append({"i": index if index < len(rows) else f"dropped {index - len(rows)}",
+                     "images": sources.of(row), "texts": texts, "scores": scores, "others": others,
+                     "error": row.get(ERROR_KEY), "dropped": row.get(DROPPED_KEY)})
     errors = sum(1 for item in data if item["error"] is not None)
     heading = title or step_file.name
+    summary = f"{len(rows)} rows, {errors} with errors"
+    if dropped_rows:
+        summary += f", and {len(dropped_rows)} rows the step dropped"
     values = {"TITLE": html.escape(heading),
-              "SUMMARY": html.escape(f"{len(rows)} rows, {errors} with errors — {step_file}"),
+              "SUMMARY": html.escape(f"{summary} — {step_file}"),
               "PAGE_SIZE": str(int(page_size)), "ROWS": _safe_json(data)}
     # One pass, so text from the data can never be taken for another placeholder.
     page = re.sub(r"%(TITLE|SUMMARY|PAGE_SIZE|ROWS)%", lambda match: values[match.group(1)], _PAGE)
@@ -161,6 +171,8 @@ header { position: sticky; top: 0; background: #fafafa; padding-bottom: .5em; bo
 #grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); gap: 1em; margin-top: 1em; }
 .card { background: white; border: 1px solid #ddd; border-radius: 6px; padding: .6em; overflow-wrap: anywhere; }
 .card.failed { border: 2px solid #c0392b; background: #fdecea; }
+.card.dropped { border: 2px dashed #888; background: #f0f0f0; }
+.dropped-by { color: #555; font-weight: 600; margin: .3em 0; }
 .images { display: flex; flex-wrap: wrap; gap: 4px; }
 .images img { width: 112px; max-width: 100%; height: auto; border-radius: 3px; }
 .error { color: #c0392b; font-weight: 600; margin: .3em 0; }
@@ -176,6 +188,7 @@ header { position: sticky; top: 0; background: #fafafa; padding-bottom: .5em; bo
 <p>%SUMMARY%</p>
 <div class="controls">
 <label><input type="checkbox" id="only-errors"> only errors</label>
+<label><input type="checkbox" id="only-dropped"> only dropped</label>
 <input type="search" id="search" placeholder="search text" size="30">
 <button id="prev">&larr; previous</button><span id="page-info"></span><button id="next">next &rarr;</button>
 </div>
@@ -189,6 +202,7 @@ header { position: sticky; top: 0; background: #fafafa; padding-bottom: .5em; bo
   const pageSize = %PAGE_SIZE%;
   const grid = document.getElementById("grid");
   const onlyErrors = document.getElementById("only-errors");
+  const onlyDropped = document.getElementById("only-dropped");
   const search = document.getElementById("search");
   const info = document.getElementById("page-info");
   let page = 0;
@@ -202,7 +216,7 @@ header { position: sticky; top: 0; background: #fafafa; padding-bottom: .5em; bo
   }
 
   function card(row) {
-    const node = element("article", row.error === null ? "card" : "card failed");
+    const node = element("article", row.error !== null ? "card failed" : row.dropped ? "card dropped" : "card");
     node.dataset.row = row.i;
     node.appendChild(element("div", "key", "row " + row.i));
     const images = element("div", "images");
@@ -216,6 +230,7 @@ header { position: sticky; top: 0; background: #fafafa; padding-bottom: .5em; bo
     }
     node.appendChild(images);
     if (row.error !== null) node.appendChild(element("div", "error", row.error));
+    if (row.dropped) node.appendChild(element("div", "dropped-by", "dropped: " + row.dropped));
     for (const [key, value] of row.texts) {
       const p = element("p");
       p.appendChild(element("span", "key", key + ": "));
@@ -231,6 +246,7 @@ header { position: sticky; top: 0; background: #fafafa; padding-bottom: .5em; bo
 
   function matches(row, needle) {
     if (onlyErrors.checked && row.error === null) return false;
+    if (onlyDropped.checked && !row.dropped) return false;
     if (!needle) return true;
     const haystack = row.texts.map(pair => pair[1]).concat(row.error || "").join("\\n").toLowerCase();
     return haystack.includes(needle);
@@ -251,12 +267,14 @@ header { position: sticky; top: 0; background: #fafafa; padding-bottom: .5em; bo
   }
 
   onlyErrors.addEventListener("change", filter);
+  onlyDropped.addEventListener("change", filter);
   search.addEventListener("input", filter);
   document.getElementById("prev").addEventListener("click", () => { page -= 1; render(); });
   document.getElementById("next").addEventListener("click", () => { page += 1; render(); });
-  // A link can open a filtered view: gallery.html#errors, gallery.html#q=cat, gallery.html#errors&q=cat
+  // A link can open a filtered view: gallery.html#errors, gallery.html#dropped, gallery.html#errors&q=cat
   const start = new URLSearchParams(location.hash.slice(1));
   onlyErrors.checked = start.has("errors");
+  onlyDropped.checked = start.has("dropped");
   search.value = start.get("q") || "";
   filter();
 })();

@@ -88,7 +88,7 @@ class ImageGenerationTaskPipeline:
         try:
             from dataflowmm.export import export_step
 
-            outputs["dataset"] = export_step(summary.output_path, "hf", self.cache_path / "hf_dataset")
+            outputs["dataset"] = export_step(summary.output_path, "hf", self.cache_path / "hf_dataset").path
         except ImportError:  # pip install 'dataflowmm[hf]'
             pass
         return outputs

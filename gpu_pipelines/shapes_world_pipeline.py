@@ -1,6 +1,7 @@
 """The shapes world end to end, on small models that mean something and run offline:
 prompts -> images (shapes-sd) -> captions (shapes-captioner) -> image-prompt scores
-(shapes-clip) -> only the images that show their prompt.
+(shapes-clip) -> only the images that show their prompt, and a gallery page of them (with
+the rows the filter dropped, and why).
 
     python shapes_world_pipeline.py      # first run trains the three shapes models (minutes, CPU)
     python shapes_world_pipeline.py --runner ray --replicas 2                   # on Ray
@@ -16,6 +17,7 @@ from pathlib import Path
 from dataflowmm import FileStorage
 from dataflowmm.console import run_script
 from dataflowmm.execution.options import add_runner_arguments, runner_from_args
+from dataflowmm.gallery import build_gallery
 from dataflowmm.operators import (
     ClipScoreEvaluator,
     ClipScoreFilter,
@@ -42,6 +44,7 @@ class ShapesWorldPipeline:
         save_interval: int = 16,
         seed: int = 0,
     ):
+        self.cache_path = Path(cache_path)
         self.storage = FileStorage(
             first_entry_file_name=input_file,
             cache_path=cache_path,
@@ -68,6 +71,11 @@ class ShapesWorldPipeline:
             self.scorer.run(self.storage.step(), input_text_key="prompt", output_score_key="clip_score", retry_errors=self.retry_errors),
             self.filter.run(self.storage.step(), input_text_key="prompt", retry_errors=self.retry_errors),
         ]
+
+    def publish(self, summaries) -> dict[str, Path]:
+        """A gallery page of the kept rows (images, captions, scores) and the dropped ones."""
+        return {"gallery": build_gallery(summaries[-1].output_path, self.cache_path / "gallery.html",
+                                         title="shapes world: generated, captioned, scored, filtered")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,7 +107,10 @@ def main(argv: list[str] | None = None):
         seed=args.seed,
     )
     pipeline.retry_errors = args.retry_errors
-    return pipeline.forward()
+    summaries = pipeline.forward()
+    for name, path in pipeline.publish(summaries).items():
+        print(f"{name}: {path.resolve()}")
+    return summaries
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 
 Step 1 (PromptedVQAGenerator) answers each row's `question` about its `images`; step 2
 (ImageQAGenerator) has the model propose `--num-questions` questions per image and answer
-them, as `conversations` in LLaVA / ShareGPT turns. Requests run `--max-concurrency` at a
+them, as `conversations` in LLaVA / ShareGPT turns, exported as LLaVA training JSON
+(`llava/conversations.json`, images beside it: give `llava/` to LLaVA's `--image_folder`). Requests run `--max-concurrency` at a
 time; a failed request fails its row only, and the next run retries rows that failed for a
 reason that may pass (rate limit, server error, time-out).
 """
@@ -41,6 +42,7 @@ class VisualQAPipeline:
         save_interval: int = 256,
         seed: int = 0,
     ):
+        self.cache_path = Path(cache_path)
         self.storage = FileStorage(
             first_entry_file_name=input_file,
             cache_path=cache_path,
@@ -60,6 +62,15 @@ class VisualQAPipeline:
             self.qa_writer.run(self.storage.step(), input_image_key="images",
                                output_conversation_key="conversations", retry_errors=self.retry_errors),
         ]
+
+    def publish(self, summaries) -> dict[str, Path]:
+        """The conversations as LLaVA training JSON (rows that failed left out and counted)."""
+        from dataflowmm.export import export_step
+
+        report = export_step(summaries[-1].output_path, "llava", self.cache_path / "llava" / "conversations.json",
+                             conversation_column="conversations")
+        print(report.summary())
+        return {"llava": report.path}
 
 
 @contextlib.contextmanager
@@ -127,7 +138,9 @@ def main(argv: list[str] | None = None):
             seed=args.seed,
         )
         pipeline.retry_errors = args.retry_errors
-        return pipeline.forward()
+        summaries = pipeline.forward()
+    pipeline.publish(summaries)
+    return summaries
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from click.testing import CliRunner
 from dataflowmm.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests" / "helpers"))
+from llava_loader import load_llava_samples  # noqa: E402
 
 
 def test_init_scaffolds_and_refuses_to_overwrite(tmp_path):
@@ -107,6 +109,12 @@ def test_demo_runs_every_pipeline_on_tiny_models(tmp_path):
     assert answered[3]["question"] in result.output and answered[3]["answer"] in result.output
     conversations = [json.loads(line) for line in open(cache / "visual_qa" / "dataflow_cache_step_step2.jsonl")]
     assert all(row["conversations"][0]["value"].startswith("<image>\n") for row in conversations)
+    # ... exported as LLaVA training JSON that a LLaVA-style loader reads, images and all.
+    samples = load_llava_samples(cache / "visual_qa" / "llava" / "conversations.json", cache / "visual_qa" / "llava")
+    assert len(samples) == len(conversations) and all(sample["images"] for sample in samples)
+    assert samples[0]["conversations"][1]["value"] == conversations[0]["conversations"][1]["value"]
     assert "demo finished" in result.output
-    gallery = cache / "image_generation_task" / "gallery.html"
+    # The demo ends on the gallery a person can judge: the shapes world's kept and dropped rows.
+    gallery = cache / "shapes_world" / "gallery.html"
     assert result.stdout.strip().splitlines()[-1] == f"gallery: {gallery.resolve()}" and gallery.is_file()
+    assert "Saving the dataset" not in result.output  # no library progress bars without --debug

@@ -111,7 +111,7 @@ def test_export_of_a_pipeline_step_with_images_in_rows(tmp_path):
     for images_in_rows in (False, True):
         storage = FileStorage(entry, cache_path=tmp_path / f"cache{images_in_rows}")
         summary = ImageGeneration(ScriptedServing(), images_in_rows=images_in_rows, num_generations=2).run(storage.step())
-        dataset = datasets.load_from_disk(str(export_step(summary.output_path, "hf", tmp_path / f"hf{images_in_rows}")))
+        dataset = datasets.load_from_disk(str(export_step(summary.output_path, "hf", tmp_path / f"hf{images_in_rows}").path))
         assert len(dataset) == 5 and isinstance(dataset.features["image"], datasets.Image)
         assert dataset[0]["image"].size == (8, 8) and dataset[2]["image"] is None
         assert dataset[2]["error"].endswith("empty prompt")

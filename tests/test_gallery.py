@@ -96,6 +96,20 @@ def test_the_page_holds_every_row_with_images_text_scores_and_errors(tmp_path, s
     assert rows[3]["images"] == []
 
 
+def test_rows_the_step_dropped_follow_the_kept_ones_with_their_reason(tmp_path, step_file):
+    dropped = {"prompt": "a blurry dog", "image": "step1_images/r2.png", "clip_score": 0.05, "error": None,
+               "dropped_by": "ClipScoreFilter: clip_score 0.05 < min_score 0.2"}
+    step_file.with_name("step1.dropped.jsonl").write_text(json.dumps(dropped) + "\n")
+    text = build_gallery(step_file, tmp_path / "g.html").read_text()
+    rows = Page(text).rows
+    assert [row["i"] for row in rows] == [0, 1, 2, 3, "dropped 0"]
+    assert [row["dropped"] for row in rows] == [None] * 4 + [dropped["dropped_by"]]
+    assert rows[4]["images"][0]["src"].startswith("data:image/jpeg") and rows[4]["scores"] == [["clip_score", 0.05]]
+    assert "4 rows, 1 with errors, and 1 rows the step dropped" in text and 'id="only-dropped"' in text
+    assert [row["i"] for row in Page(build_gallery(step_file, tmp_path / "h.html", dropped=False).read_text()).rows] == [
+        0, 1, 2, 3]
+
+
 def test_text_from_rows_cannot_run(tmp_path, step_file):
     out = build_gallery(step_file, tmp_path / "g.html", title="<script>alert('title')</script>")
     text = out.read_text()

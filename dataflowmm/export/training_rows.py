@@ -175,3 +175,15 @@ def _dropped_rows(step_file: Path) -> int:
         return int(json.loads(manifest.read_text(encoding="utf-8")).get("rows_dropped", 0))
     except (OSError, ValueError, TypeError):
         return 0
+
+
+# Where a row's text is looked for when no column is named: the first of these the rows have.
+TEXT_COLUMNS = ("caption", "text", "prompt", "answer", "instruction", "question")
+
+
+def text_column_of(rows: list[dict]) -> str | None:
+    """The first of `TEXT_COLUMNS` holding a non-empty string in any of `rows`."""
+    for name in TEXT_COLUMNS:
+        if any(isinstance(row.get(name), str) and row[name].strip() for row in rows):
+            return name
+    return None
