@@ -20,6 +20,7 @@ from dataflowmm.io.images import image_to_str
 sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 from llava_loader import load_llava_samples  # noqa: E402
 
+
 def noise(seed: int, size=(12, 10)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
