@@ -27,6 +27,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from dataflowmm.io.atomic import atomic_file, atomic_write_text
+from dataflowmm.io.dataset_entry import dataset_entry_rows, dataset_kind
 from dataflowmm.io.records import (
     CACHE_TYPES,
     Records,
@@ -61,8 +62,12 @@ class FileStorage:
     """Numbered cache files of one pipeline.
 
     Args:
-        first_entry_file_name: the pipeline's input (jsonl, json, csv or parquet). Relative
-            image paths in it resolve against its folder.
+        first_entry_file_name: the pipeline's input: a row file (jsonl, json, csv or
+            parquet; relative image paths in it resolve against its folder), or a dataset: a
+            Hugging Face `save_to_disk` folder, a parquet file with image bytes, WebDataset
+            shards (a `.tar` or a folder of them). A dataset is streamed once into
+            `{prefix}_entry.jsonl` in `cache_path`, its images into `{prefix}_entry_images/`
+            (see `dataflowmm.io.dataset_entry`), and converted again only when it changes.
         cache_path: folder for the step cache files, manifests, checkpoints and images.
         file_name_prefix: cache files are `{prefix}_step{N}.{cache_type}`.
         cache_type: jsonl, json, csv or parquet.
@@ -83,8 +88,9 @@ class FileStorage:
         if cache_type not in CACHE_TYPES:
             raise ValueError(f"cache_type must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
         self.first_entry_file_name = Path(first_entry_file_name)
-        if not self.first_entry_file_name.is_file():
+        if not self.first_entry_file_name.exists():
             raise FileNotFoundError(f"first_entry_file_name not found: {self.first_entry_file_name}")
+        self.entry_kind = dataset_kind(self.first_entry_file_name)
         self.cache_path = Path(cache_path)
         try:
             self.cache_path.mkdir(parents=True, exist_ok=True)
@@ -96,6 +102,7 @@ class FileStorage:
         self.cache_type = cache_type
         self.runner = _resolve_runner(runner)
         self.operator_step = 0
+        self._entry_rows: dict[str, Path] = {}  # shared by the step views: a dataset converts once
 
     def step(self) -> FileStorage:
         """Advance to the next step and return a view of the storage bound to it."""
@@ -109,10 +116,17 @@ class FileStorage:
 
     @property
     def input_path(self) -> Path:
-        """The file this step reads: the entry file for step 1, else the previous step's cache."""
-        if self.operator_step <= 1:
+        """The file this step reads: the entry file for step 1 (a dataset's rows, converted
+        at first use), else the previous step's cache."""
+        if self.operator_step > 1:
+            return self._step_file(self.operator_step - 1, f".{self.cache_type}")
+        if self.entry_kind is None:
             return self.first_entry_file_name
-        return self._step_file(self.operator_step - 1, f".{self.cache_type}")
+        if "rows" not in self._entry_rows:
+            self._entry_rows["rows"] = dataset_entry_rows(
+                self.first_entry_file_name, self.entry_kind, self.cache_path / f"{self.file_name_prefix}_entry.jsonl",
+                self.cache_path / f"{self.file_name_prefix}_entry_images")
+        return self._entry_rows["rows"]
 
     @property
     def output_path(self) -> Path:
