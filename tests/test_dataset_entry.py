@@ -66,7 +66,7 @@ def test_a_saved_dataset_is_a_pipeline_entry_with_images_as_paths(tmp_path, hf_f
     assert rows[0]["image"] == "dataflow_cache_step_entry_images/000000000_image.png"
     assert rows[0]["views"] == ["dataflow_cache_step_entry_images/000000000_views_0.jpg"]
     assert rows[1]["views"] == [] and rows[3]["caption"] == "zero again"
-    for row, image in zip(rows, [images[0], images[1], images[2], images[0]]):
+    for row, image in zip(rows, [images[0], images[1], images[2], images[0]], strict=True):
         assert np.array_equal(pixels(entry.parent / row["image"]), np.asarray(image))
     # the JPEG's bytes are kept as they are, never re-encoded
     assert (entry.parent / rows[0]["views"][0]).read_bytes() == encoded(images[2], "JPEG")
@@ -106,7 +106,7 @@ def test_a_pipeline_starts_from_what_it_exported(tmp_path, hf_folder):
         _, again = dedup_step(entry, cache)
         rows = read_records(again.output_path)
         assert [row["caption"] for row in rows] == [row["caption"] for row in source]
-        for before, after in zip(source, rows):
+        for before, after in zip(source, rows, strict=True):
             assert np.array_equal(pixels(Path(summary.output_path).parent / before["image"]),
                                   pixels(cache / after["image"]))
 
