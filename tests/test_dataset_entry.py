@@ -165,7 +165,7 @@ def test_unusable_datasets_are_named(tmp_path, hf_folder):
                                      features=datasets.Features({"image": datasets.Image()}))
     bad.to_parquet(str(tmp_path / "bad.parquet"))
     storage = FileStorage(tmp_path / "bad.parquet", cache_path=tmp_path / "cache")
-    with pytest.raises(StorageError, match=r"bad.parquet: row 1, column 'image': not an image|bad.parquet: row 1, "
-                                           r"column 'image'.*PDF"):
-        storage.step().input_path
+    with pytest.raises(StorageError) as raised:
+        _ = storage.step().input_path
+    assert str(raised.value).startswith(f"cannot read {tmp_path / 'bad.parquet'}: row 1, column 'image': format PDF is not read")
     assert not (tmp_path / "cache" / "dataflow_cache_step_entry.jsonl").exists()
