@@ -182,20 +182,40 @@ def models_list() -> None:
 
 @main.command("export")
 @click.argument("step_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--to", "to", type=click.Choice(["hf", "parquet"]), required=True,
-              help="hf: a saved datasets.Dataset folder (load_from_disk); parquet: one Parquet file")
+@click.option("--to", "to", type=click.Choice(["hf", "parquet", "webdataset"]), required=True,
+              help="hf: a saved datasets.Dataset folder (load_from_disk); parquet: one Parquet file; "
+                   "webdataset: a folder of tar shards (img2dataset's layout)")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--image-column", "image_columns", multiple=True,
               help="column holding images (repeatable); default: detected from the values")
-def export(step_file: Path, to: str, out: Path, image_columns: tuple[str, ...]) -> None:
-    """Export STEP_FILE as a Hugging Face dataset with Image() columns: --to hf OUT_DIR or --to parquet OUT.parquet."""
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help="webdataset: samples per tar shard  [default: 10000]")
+@click.option("--text-column", default=None,
+              help="webdataset: the column each sample's .txt holds; default: the first non-empty "
+                   "of caption, text, prompt, answer, instruction, question")
+def export(step_file: Path, to: str, out: Path, image_columns: tuple[str, ...], shard_size: int | None,
+           text_column: str | None) -> None:
+    """Export STEP_FILE as a training set: --to hf OUT_DIR, --to parquet OUT.parquet (Hugging Face
+    datasets with Image() columns) or --to webdataset OUT_DIR (tar shards)."""
     from dataflowmm.export import export_step
+    from dataflowmm.export.webdataset import DEFAULT_SHARD_SIZE, STATS_FILE
 
+    if to != "webdataset" and (shard_size is not None or text_column is not None):
+        raise click.UsageError("--shard-size and --text-column apply to --to webdataset only")
+    options = {"shard_size": shard_size or DEFAULT_SHARD_SIZE, "text_column": text_column} if to == "webdataset" else {}
     try:
-        written = export_step(step_file, to, out, list(image_columns) or None)
+        written = export_step(step_file, to, out, list(image_columns) or None, **options)
     except (ImportError, KeyError, ValueError, OSError) as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(f"exported {step_file} -> {written}")
+        raise click.ClickException(str(error.args[0]) if isinstance(error, KeyError) else str(error)) from None
+    if to != "webdataset":
+        click.echo(f"exported {step_file} -> {written}")
+        return
+    stats = json.loads((written / STATS_FILE).read_text(encoding="utf-8"))
+    resumed = (f"resumed: {stats['resumed_shards']} finished shard(s) kept" if stats["resumed_shards"]
+               else "written from the start")
+    click.echo(f"exported {stats['exported']} rows into {stats['shards']} shards in {written} ({resumed})")
+    click.echo(f"left out {stats['left_out_error']} with errors, {stats['left_out_no_image']} without image, "
+               f"{stats['dropped_by_filter']} dropped by the step's filter")
 
 
 @main.command("gallery")

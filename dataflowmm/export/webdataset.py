@@ -1,0 +1,290 @@
+"""A step's cache file as WebDataset tar shards, laid out as img2dataset writes them.
+
+`OUT_DIR/{index:05d}.tar` holds `shard_size` samples (the last may hold fewer). A sample's
+key is the row's index in the step file, `f"{row_index:09d}"`, and its members are:
+
+- `{key}.{ext}`: the row's first image (first image column with an image, its first image);
+- `{key}.{column}.{position}.{ext}`: every other image (`position` in the column's list, 0 for
+  a single value; characters other than letters, digits, `_` and `-` in `column` become `_`);
+- `{key}.json`: the row (orjson), each image column's value replaced by the member name(s)
+  holding it (a string for a single value, a list for a list; None stays None);
+- `{key}.txt`: the row's text: `text_column` when given (a non-string value as JSON), else
+  the first non-empty string among `TEXT_COLUMNS`; no `.txt` when there is none.
+
+Image bytes are copied as they are (never decoded or re-encoded); `ext` comes from their
+header (`TrainingRows`), which must be an allowed image format. Members have mtime 0, owner
+0 and mode 0644, so the same step gives byte-identical shards. Beside each tar,
+`{index:05d}.parquet` holds its samples' json rows with a leading `key` column; at the end
+`stats.json` holds the counts.
+
+Shards are written one at a time (temp file, rename; the parquet after its tar), streaming
+rows and holding one sample's image at a time. `.export.json`, written first, records the
+options and the step file's fingerprint: a rerun with the same ones resumes at the first
+unfinished shard (finished shards, whose parquet lists the expected keys, are kept and
+their rows' images are not read again); with other ones it starts over.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+
+from dataflowmm.export.training_rows import DETECTION_ROWS, TrainingRow, TrainingRows
+from dataflowmm.io.atomic import atomic_file, atomic_write_text
+from dataflowmm.io.records import dumps_row, iter_records
+
+DEFAULT_SHARD_SIZE = 10_000
+# Where a sample's `.txt` comes from when no text column is named: the first of these that
+# the row holds as a non-empty string.
+TEXT_COLUMNS = ("caption", "text", "prompt", "answer", "instruction", "question")
+STATE_FILE = ".export.json"
+STATS_FILE = "stats.json"
+FORMAT_VERSION = 1
+_SHARD_FILE = re.compile(r"\d{5}\.(tar|parquet)")
+_TEMP_FILE = re.compile(r"\.(\d{5}\.(tar|parquet)|stats\.json)\..*\.tmp")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class _Mismatch(Exception):
+    """A finished shard does not hold the rows the step gives it now: start over."""
+
+
+def write_webdataset(step_file: str | os.PathLike, out: str | os.PathLike, image_columns: list[str] | None = None,
+                     shard_size: int = DEFAULT_SHARD_SIZE, text_column: str | None = None) -> Path:
+    """Write `step_file`'s exportable rows as WebDataset shards in folder `out`; returns `out`.
+
+    Rows with an `error` and rows without an image are left out and counted (`stats.json`).
+
+    Raises:
+        FileNotFoundError / ValueError: an image cannot be read or its bytes are not an allowed
+            image format (names the row and column; finished shards stay, the current one is
+            not written).
+        KeyError: a named column is in no row.
+        FileExistsError: `out` holds shards that no `dataflowmm export` wrote.
+    """
+    started = time.perf_counter()
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    step_file, out = Path(step_file), Path(out)
+    rows = TrainingRows(step_file, image_columns)
+    if not rows.image_columns:
+        raise ValueError(f"{step_file}: no column holds images; name one with --image-column")
+    if text_column is not None:
+        _check_column(step_file, text_column)
+    options = {"format": "webdataset", "version": FORMAT_VERSION, "step_file": str(step_file.resolve()),
+               "step": _step_fingerprint(step_file), "shard_size": shard_size,
+               "image_columns": rows.image_columns, "text_column": text_column}
+    finished = _prepare(out, options)
+    writer = _ShardWriter(out, rows.image_columns, text_column)
+    try:
+        shards = _export(rows, writer, finished, shard_size)
+    except _Mismatch:
+        _remove_shards(out, keep=0)
+        finished, writer.text_from = [], Counter()
+        shards = _export(rows, writer, finished, shard_size)
+    _remove_shards(out, keep=shards)  # shards a previous export of more rows left after ours
+    counts = rows.counts()
+    stats = {**counts, "shards": shards, "shard_size": shard_size, "resumed_shards": len(finished),
+             "image_columns": rows.image_columns, "text_column": text_column,
+             "text_from": dict(sorted(writer.text_from.items())),
+             "without_text": counts["exported"] - sum(writer.text_from.values()),
+             "seconds": round(time.perf_counter() - started, 3)}
+    atomic_write_text(out / STATS_FILE, json.dumps(stats, indent=1) + "\n")
+    return out
+
+
+def _export(rows: TrainingRows, writer: _ShardWriter, finished: list[list[str]], shard_size: int) -> int:
+    """Write the shards after the `finished` ones (each its keys); returns the number of shards."""
+    expected = [key for keys in finished for key in keys]
+    iterator = rows.iter_rows(skip_images=len(expected))
+    for key in expected:
+        item = next(iterator, None)
+        if item is None or f"{item.index:09d}" != key:
+            raise _Mismatch
+    shard = len(finished)
+    while (first := next(iterator, None)) is not None:
+        if finished and len(finished[-1]) < shard_size:
+            raise _Mismatch  # a short shard must be the last
+        writer.write(shard, first, iterator, shard_size)
+        shard += 1
+    return shard
+
+
+class _ShardWriter:
+    """Writes one shard at a time: its tar, then its parquet."""
+
+    def __init__(self, out: Path, image_columns: list[str], text_column: str | None):
+        self.out = out
+        self.image_columns = image_columns
+        self.member_columns = {name: _UNSAFE.sub("_", name) for name in image_columns}
+        self.text_column = text_column
+        self.text_from: Counter[str] = Counter()
+
+    def write(self, shard: int, first: TrainingRow, rows, shard_size: int) -> None:
+        """Shard `shard`: `first`, then rows from `rows` until it holds `shard_size` samples."""
+        records = []
+        with atomic_file(self.out / f"{shard:05d}.tar") as file, \
+                tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            item = first
+            while True:
+                records.append(self._add_sample(tar, item))
+                if len(records) == shard_size or (item := next(rows, None)) is None:
+                    break
+        with atomic_file(self.out / f"{shard:05d}.parquet") as file:
+            _write_parquet(file, records)
+
+    def _add_sample(self, tar: tarfile.TarFile, item: TrainingRow) -> dict:
+        key = f"{item.index:09d}"
+        record = dict(item.row)
+        first = True
+        for column in self.image_columns:
+            value, images = item.row.get(column), iter(item.images[column])
+            if value is None:
+                continue
+            names = []
+            for position, part in enumerate(value if isinstance(value, list) else [value]):
+                if part is None:
+                    names.append(None)
+                    continue
+                image = next(images)
+                if first:
+                    name, first = f"{key}.{image.extension}", False
+                else:
+                    name = f"{key}.{self.member_columns[column]}.{position}.{image.extension}"
+                _add_member(tar, name, image.read())
+                names.append(name)
+            record[column] = names if isinstance(value, list) else names[0]
+        _add_member(tar, f"{key}.json", dumps_row(record))
+        text = self._text(item.row)
+        if text is not None:
+            _add_member(tar, f"{key}.txt", text.encode("utf-8"))
+        return {"key": key, **record}
+
+    def _text(self, row: dict) -> str | None:
+        if self.text_column is not None:
+            value = row.get(self.text_column)
+            if value is None or value == "":
+                return None
+            self.text_from[self.text_column] += 1
+            return value if isinstance(value, str) else dumps_row(value).decode("utf-8").rstrip("\n")
+        for name in TEXT_COLUMNS:
+            value = row.get(name)
+            if isinstance(value, str) and value:
+                self.text_from[name] += 1
+                return value
+        return None
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    info.mtime = 0  # fixed: the same rows give byte-identical shards
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_parquet(file, records: list[dict]) -> None:
+    """The shard's rows as one parquet table, columns in first-seen order; a column whose
+    values Arrow cannot hold in one type is stored as JSON text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = list(dict.fromkeys(name for record in records for name in record))
+    arrays = []
+    for name in names:
+        values = [record.get(name) for record in records]
+        try:
+            arrays.append(pa.array(values))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            arrays.append(pa.array([None if value is None else orjson.dumps(value).decode() for value in values],
+                                   pa.string()))
+    pq.write_table(pa.Table.from_arrays(arrays, names=names), file)
+
+
+# -- resuming ------------------------------------------------------------------------
+
+def _prepare(out: Path, options: dict) -> list[list[str]]:
+    """Make `out` ready for an export with `options`; returns the keys of each finished shard
+    it keeps (none unless the last export there had the same options and step file)."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = out / STATE_FILE
+    try:
+        previous = json.loads(state.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        previous = None
+        if any(_SHARD_FILE.fullmatch(path.name) for path in out.iterdir()):
+            raise FileExistsError(f"{out} holds shards that dataflowmm export did not write "
+                                  f"(no {STATE_FILE}); export into an empty folder") from None
+    except (OSError, ValueError):
+        previous = {}
+    (out / STATS_FILE).unlink(missing_ok=True)
+    for path in out.iterdir():
+        if _TEMP_FILE.fullmatch(path.name):
+            path.unlink()  # left by a killed export
+    if previous != options:
+        _remove_shards(out, keep=0)
+        atomic_write_text(state, json.dumps(options, indent=1) + "\n")
+        return []
+    finished = []
+    while True:
+        shard = len(finished)
+        keys = _shard_keys(out / f"{shard:05d}.parquet")
+        if keys is None or not (out / f"{shard:05d}.tar").is_file():
+            break
+        finished.append(keys)
+        if len(keys) != options["shard_size"]:
+            break  # only the last shard is short
+    _remove_shards(out, keep=len(finished))
+    return finished
+
+
+def _shard_keys(path: Path) -> list[str] | None:
+    """The keys a finished shard's parquet lists; None when it is missing or unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=["key"]).column("key").to_pylist()
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _remove_shards(out: Path, keep: int) -> None:
+    """Remove the shard files numbered `keep` and above."""
+    for path in out.iterdir():
+        if _SHARD_FILE.fullmatch(path.name) and int(path.name[:5]) >= keep:
+            path.unlink()
+
+
+def _step_fingerprint(step_file: Path) -> str:
+    """The step manifest's sha256 and fingerprint when the manifest describes the file as it
+    is now (same size and mtime); else the file's path, size and mtime."""
+    stat = step_file.stat()
+    try:
+        manifest = json.loads(step_file.with_name(f"{step_file.stem}.manifest.json").read_text(encoding="utf-8"))
+        if (manifest.get("file") == step_file.name and manifest.get("size") == stat.st_size
+                and manifest.get("mtime_ns") == stat.st_mtime_ns and manifest.get("sha256")):
+            return f"sha256:{manifest['sha256']} fingerprint:{manifest.get('fingerprint')}"
+    except (OSError, ValueError, AttributeError):
+        pass
+    return f"{step_file.resolve()} size:{stat.st_size} mtime_ns:{stat.st_mtime_ns}"
+
+
+def _check_column(step_file: Path, column: str) -> None:
+    """KeyError unless one of the first rows has `column` (checked before anything is written)."""
+    seen = 0
+    for row in iter_records(step_file):
+        if column in row:
+            return
+        seen += 1
+        if seen == DETECTION_ROWS:
+            raise KeyError(f"{step_file}: none of the first {seen} rows has column {column!r}")
+    if seen:
+        raise KeyError(f"{step_file}: no row has column {column!r}")
