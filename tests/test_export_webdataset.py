@@ -170,17 +170,17 @@ def test_two_exports_are_byte_identical_and_a_text_column_can_be_named(tmp_path,
 def test_an_interrupted_export_resumes_at_the_first_unfinished_shard(tmp_path, step, monkeypatch):
     reference = shard_files(export_step(step, "webdataset", tmp_path / "reference", shard_size=2))
     out = tmp_path / "shards"
-    add_member = exporter._add_member
+    add_member = exporter._TarWriter.add
 
     def killed_in_shard_2(tar, name, data):
         if name.startswith("000000006"):
             raise KeyboardInterrupt
         add_member(tar, name, data)
 
-    monkeypatch.setattr(exporter, "_add_member", killed_in_shard_2)
+    monkeypatch.setattr(exporter._TarWriter, "add", killed_in_shard_2)
     with pytest.raises(KeyboardInterrupt):
         export_step(step, "webdataset", out, shard_size=2)
-    monkeypatch.setattr(exporter, "_add_member", add_member)
+    monkeypatch.setattr(exporter._TarWriter, "add", add_member)
     assert sorted(path.name for path in out.iterdir()) == [".export.json", "00000.parquet", "00000.tar",
                                                            "00001.parquet", "00001.tar"]
     (out / ".00002.tar.x1y2.tmp").write_bytes(b"half a shard")  # as a killed process leaves it
@@ -294,3 +294,18 @@ def test_finished_shards_that_do_not_hold_the_expected_rows_start_the_export_ove
     export_step(step, "webdataset", out, shard_size=2)
     assert json.loads((out / "stats.json").read_text())["resumed_shards"] == 0
     assert shard_files(out) == reference
+
+
+def test_tar_writer_writes_the_bytes_tarfile_writes():
+    members = [("000000001.png", b""), ("000000001.json", b"x" * 511), ("n" * 100, b"y" * 512),
+               ("000000002." + "c" * 120 + ".0.png", b"z" * 513), ("000000003.txt", b"caf\xc3\xa9" * 700)]
+    ours = io.BytesIO()
+    writer = exporter._TarWriter(ours)
+    for name, data in members:
+        writer.add(name, data)
+    writer.close()
+    theirs = io.BytesIO()
+    with tarfile.open(fileobj=theirs, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            tar.addfile(exporter._member_info(name, len(data)), io.BytesIO(data))
+    assert ours.getvalue() == theirs.getvalue()

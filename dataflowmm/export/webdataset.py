@@ -26,7 +26,6 @@ their rows' images are not read again); with other ones it starts over.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -131,17 +130,18 @@ class _ShardWriter:
     def write(self, shard: int, first: TrainingRow, rows, shard_size: int) -> None:
         """Shard `shard`: `first`, then rows from `rows` until it holds `shard_size` samples."""
         records = []
-        with atomic_file(self.out / f"{shard:05d}.tar") as file, \
-                tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with atomic_file(self.out / f"{shard:05d}.tar") as file:
+            tar = _TarWriter(file)
             item = first
             while True:
                 records.append(self._add_sample(tar, item))
                 if len(records) == shard_size or (item := next(rows, None)) is None:
                     break
+            tar.close()
         with atomic_file(self.out / f"{shard:05d}.parquet") as file:
             _write_parquet(file, records)
 
-    def _add_sample(self, tar: tarfile.TarFile, item: TrainingRow) -> dict:
+    def _add_sample(self, tar: _TarWriter, item: TrainingRow) -> dict:
         key = f"{item.index:09d}"
         record = dict(item.row)
         first = True
@@ -159,13 +159,13 @@ class _ShardWriter:
                     name, first = f"{key}.{image.extension}", False
                 else:
                     name = f"{key}.{self.member_columns[column]}.{position}.{image.extension}"
-                _add_member(tar, name, image.read())
+                tar.add(name, image.read())
                 names.append(name)
             record[column] = names if isinstance(value, list) else names[0]
-        _add_member(tar, f"{key}.json", dumps_row(record))
+        tar.add(f"{key}.json", dumps_row(record))
         text = self._text(item.row)
         if text is not None:
-            _add_member(tar, f"{key}.txt", text.encode("utf-8"))
+            tar.add(f"{key}.txt", text.encode("utf-8"))
         return {"key": key, **record}
 
     def _text(self, row: dict) -> str | None:
@@ -183,12 +183,46 @@ class _ShardWriter:
         return None
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _member_info(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    info.mtime = 0  # fixed: the same rows give byte-identical shards
-    tar.addfile(info, io.BytesIO(data))
+    info.size, info.mode, info.mtime = size, 0o644, 0  # mtime fixed: the same rows give the same bytes
+    return info
+
+
+# A member's ustar header with its name and size blank; `_TarWriter` fills them in. The
+# bytes are tarfile's own (`TarInfo.tobuf`), built without its per-member work.
+_HEADER = _member_info("", 0).tobuf(tarfile.USTAR_FORMAT)
+_HEADER_SUM = 256 + sum(_HEADER[100:124]) + sum(_HEADER[136:148]) + sum(_HEADER[156:])  # checksum field as spaces
+_NUL = bytes(tarfile.RECORDSIZE)
+
+
+class _TarWriter:
+    """Writes a tar archive as `tarfile` writes one (PAX format, `_member_info`'s fields),
+    member by member from bytes."""
+
+    def __init__(self, file):
+        self.file = file
+        self.offset = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        size = len(data)
+        if len(name) <= 100 and name.isascii() and size < 8 ** 11:
+            encoded, size_field = name.encode("ascii"), b"%011o\0" % size
+            checksum = _HEADER_SUM + sum(encoded) + sum(size_field)
+            header = b"".join((encoded.ljust(100, b"\0"), _HEADER[100:124], size_field, _HEADER[136:148],
+                               b"%06o\0 " % checksum, _HEADER[156:]))
+        else:  # a long name: tarfile's PAX extended header
+            header = _member_info(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        padding = -size % tarfile.BLOCKSIZE
+        self.file.write(header)
+        self.file.write(data)
+        self.file.write(_NUL[:padding])
+        self.offset += len(header) + size + padding
+
+    def close(self) -> None:
+        """The end-of-archive blocks, padded to a whole record (as `TarFile.close`)."""
+        end = self.offset + 2 * tarfile.BLOCKSIZE
+        self.file.write(_NUL[:2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE])
 
 
 def _write_parquet(file, records: list[dict]) -> None:
