@@ -34,8 +34,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import orjson
-
 from dataflowmm.export.training_rows import DETECTION_ROWS, TrainingRow, TrainingRows
 from dataflowmm.io.atomic import atomic_file, atomic_write_text
 from dataflowmm.io.records import dumps_row, iter_records
@@ -48,7 +46,7 @@ STATE_FILE = ".export.json"
 STATS_FILE = "stats.json"
 FORMAT_VERSION = 1
 _SHARD_FILE = re.compile(r"\d{5}\.(tar|parquet)")
-_TEMP_FILE = re.compile(r"\.(\d{5}\.(tar|parquet)|stats\.json)\..*\.tmp")
+_TEMP_FILE = re.compile(r"\.(\d{5}\.(tar|parquet)|stats\.json|\.export\.json)\..*\.tmp")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -174,7 +172,7 @@ class _ShardWriter:
             if value is None or value == "":
                 return None
             self.text_from[self.text_column] += 1
-            return value if isinstance(value, str) else dumps_row(value).decode("utf-8").rstrip("\n")
+            return value if isinstance(value, str) else _json_text(value)
         for name in TEXT_COLUMNS:
             value = row.get(name)
             if isinstance(value, str) and value:
@@ -226,8 +224,9 @@ class _TarWriter:
 
 
 def _write_parquet(file, records: list[dict]) -> None:
-    """The shard's rows as one parquet table, columns in first-seen order; a column whose
-    values Arrow cannot hold in one type is stored as JSON text."""
+    """The shard's rows as one parquet table, columns in first-seen order (None where a row
+    lacks one); a column whose values Arrow cannot hold in one type, or Parquet cannot
+    store (an empty object), is stored as JSON text."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -236,11 +235,28 @@ def _write_parquet(file, records: list[dict]) -> None:
     for name in names:
         values = [record.get(name) for record in records]
         try:
-            arrays.append(pa.array(values))
+            array = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            arrays.append(pa.array([None if value is None else orjson.dumps(value).decode() for value in values],
-                                   pa.string()))
+            array = None
+        if array is None or not _parquet_type(array.type):
+            array = pa.array([None if value is None else _json_text(value) for value in values], pa.string())
+        arrays.append(array)
     pq.write_table(pa.Table.from_arrays(arrays, names=names), file)
+
+
+def _parquet_type(kind) -> bool:
+    """Whether Parquet can store an Arrow type (it cannot store a struct without fields)."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(kind):
+        return kind.num_fields > 0 and all(_parquet_type(kind.field(index).type) for index in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _parquet_type(kind.value_type)
+    return True
+
+
+def _json_text(value) -> str:
+    return dumps_row(value)[:-1].decode("utf-8")
 
 
 # -- resuming ------------------------------------------------------------------------
