@@ -203,7 +203,11 @@ def test_an_interrupted_export_resumes_at_the_first_unfinished_shard(tmp_path, s
     assert {name: ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) for name in before} == before
     assert shard_files(out) == reference
     assert sorted(path.name for path in out.iterdir()) == [".export.json", *reference, "stats.json"]
-    assert json.loads((out / "stats.json").read_text())["exported"] == 5
+    stats, fresh = (json.loads((folder / "stats.json").read_text()) for folder in (out, tmp_path / "reference"))
+    assert stats["resumed_shards"] == 2 and fresh["resumed_shards"] == 0
+    for name in ("seconds", "resumed_shards"):
+        del stats[name], fresh[name]
+    assert stats == fresh  # the finished shards' rows counted as well
 
     # a shard whose parquet is missing is unfinished: it and the ones after it are rewritten
     (out / "00001.parquet").unlink()
@@ -289,11 +293,20 @@ def test_tar_members_are_plain_bytes(tmp_path, step):
 def test_finished_shards_that_do_not_hold_the_expected_rows_start_the_export_over(tmp_path, step):
     reference = shard_files(export_step(step, "webdataset", tmp_path / "reference", shard_size=2))
     out = export_step(step, "webdataset", tmp_path / "shards", shard_size=2)
+    import pyarrow as pa
+
+    def resumed() -> int:
+        export_step(step, "webdataset", out, shard_size=2)
+        assert shard_files(out) == reference
+        return json.loads((out / "stats.json").read_text())["resumed_shards"]
+
     table = pq.read_table(out / "00000.parquet")
     pq.write_table(table.slice(0, 1), out / "00000.parquet")  # a short shard before others
-    export_step(step, "webdataset", out, shard_size=2)
-    assert json.loads((out / "stats.json").read_text())["resumed_shards"] == 0
-    assert shard_files(out) == reference
+    assert resumed() == 0
+    pq.write_table(table.set_column(0, "key", pa.array(["000000000", "000000002"])), out / "00000.parquet")
+    assert resumed() == 0  # a shard holding other rows
+    (out / "00001.parquet").write_bytes(b"not parquet")
+    assert resumed() == 1  # an unreadable parquet: its shard is unfinished
 
 
 def test_tar_writer_writes_the_bytes_tarfile_writes():

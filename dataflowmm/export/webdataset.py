@@ -98,17 +98,19 @@ def write_webdataset(step_file: str | os.PathLike, out: str | os.PathLike, image
     return out
 
 
-def _export(rows: TrainingRows, writer: _ShardWriter, finished: list[list[str]], shard_size: int) -> int:
-    """Write the shards after the `finished` ones (each its keys); returns the number of shards."""
-    expected = [key for keys in finished for key in keys]
-    iterator = rows.iter_rows(skip_images=len(expected))
-    for key in expected:
-        item = next(iterator, None)
-        if item is None or f"{item.index:09d}" != key:
-            raise _Mismatch
+def _export(rows: TrainingRows, writer: _ShardWriter, finished: list[int], shard_size: int) -> int:
+    """Write the shards after the `finished` ones (each its number of samples), whose rows are
+    checked against the keys they hold, one shard at a time; returns the number of shards."""
+    iterator = rows.iter_rows(skip_images=sum(finished))
+    for shard in range(len(finished)):
+        for key in _shard_keys(writer.out / f"{shard:05d}.parquet"):
+            item = next(iterator, None)
+            if item is None or f"{item.index:09d}" != key:
+                raise _Mismatch
+            writer.text(item.row)  # counted as if written
     shard = len(finished)
     while (first := next(iterator, None)) is not None:
-        if finished and len(finished[-1]) < shard_size:
+        if finished and finished[-1] < shard_size:
             raise _Mismatch  # a short shard must be the last
         writer.write(shard, first, iterator, shard_size)
         shard += 1
@@ -161,12 +163,13 @@ class _ShardWriter:
                 names.append(name)
             record[column] = names if isinstance(value, list) else names[0]
         tar.add(f"{key}.json", dumps_row(record))
-        text = self._text(item.row)
+        text = self.text(item.row)
         if text is not None:
             tar.add(f"{key}.txt", text.encode("utf-8"))
         return {"key": key, **record}
 
-    def _text(self, row: dict) -> str | None:
+    def text(self, row: dict) -> str | None:
+        """The row's `.txt`, counted by the column it comes from."""
         if self.text_column is not None:
             value = row.get(self.text_column)
             if value is None or value == "":
@@ -261,9 +264,11 @@ def _json_text(value) -> str:
 
 # -- resuming ------------------------------------------------------------------------
 
-def _prepare(out: Path, options: dict) -> list[list[str]]:
-    """Make `out` ready for an export with `options`; returns the keys of each finished shard
-    it keeps (none unless the last export there had the same options and step file)."""
+def _prepare(out: Path, options: dict) -> list[int]:
+    """Make `out` ready for an export with `options`; returns the number of samples of each
+    finished shard it keeps (none unless the last export there had the same options and step
+    file). A shard is finished when its tar and its parquet are there (the parquet is written
+    after the tar)."""
     out.mkdir(parents=True, exist_ok=True)
     state = out / STATE_FILE
     try:
@@ -283,27 +288,29 @@ def _prepare(out: Path, options: dict) -> list[list[str]]:
         _remove_shards(out, keep=0)
         atomic_write_text(state, json.dumps(options, indent=1) + "\n")
         return []
+    import pyarrow.parquet as pq
+
     finished = []
-    while True:
-        shard = len(finished)
-        keys = _shard_keys(out / f"{shard:05d}.parquet")
-        if keys is None or not (out / f"{shard:05d}.tar").is_file():
+    while (out / f"{len(finished):05d}.tar").is_file():
+        try:
+            samples = pq.read_metadata(out / f"{len(finished):05d}.parquet").num_rows
+        except (OSError, ValueError):
             break
-        finished.append(keys)
-        if len(keys) != options["shard_size"]:
+        finished.append(samples)
+        if samples != options["shard_size"]:
             break  # only the last shard is short
     _remove_shards(out, keep=len(finished))
     return finished
 
 
-def _shard_keys(path: Path) -> list[str] | None:
-    """The keys a finished shard's parquet lists; None when it is missing or unreadable."""
+def _shard_keys(path: Path) -> list[str]:
+    """The keys a finished shard's parquet lists; `_Mismatch` when they cannot be read."""
     import pyarrow.parquet as pq
 
     try:
         return pq.read_table(path, columns=["key"]).column("key").to_pylist()
     except (OSError, ValueError, KeyError):
-        return None
+        raise _Mismatch from None
 
 
 def _remove_shards(out: Path, keep: int) -> None:
