@@ -326,11 +326,14 @@ def test_tar_writer_writes_the_bytes_tarfile_writes():
 
 def test_per_shard_parquet_keeps_columns_arrow_cannot_type_as_json_text(tmp_path, step):
     rows = [json.loads(line) for line in step.read_text().splitlines()]
-    rows[0].update(mixed=1, empty={}, nested={"k": [1]})
+    rows[0].update(mixed=1, empty={}, nested={"k": [1]}, key="the row's own")
     rows[1].update(mixed="one", empty={}, nested={"k": []})
     step.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = export_step(step, "webdataset", tmp_path / "shards", shard_size=2)
     table = pq.read_table(out / "00000.parquet").to_pylist()
     assert [(row["mixed"], row["empty"], row["nested"]) for row in table] == [
         ("1", "{}", {"k": [1]}), ('"one"', "{}", {"k": []})]
-    assert json.loads(tar_members(out / "00000.tar")["000000001.json"])["mixed"] == "one"  # the json is the row
+    assert [row["key"] for row in table] == ["000000000", "000000001"]
+    members = tar_members(out / "00000.tar")
+    assert json.loads(members["000000000.json"])["key"] == "the row's own"  # the json is the row
+    assert json.loads(members["000000001.json"])["mixed"] == "one"

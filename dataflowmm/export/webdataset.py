@@ -14,8 +14,8 @@ key is the row's index in the step file, `f"{row_index:09d}"`, and its members a
 Image bytes are copied as they are (never decoded or re-encoded); `ext` comes from their
 header (`TrainingRows`), which must be an allowed image format. Members have mtime 0, owner
 0 and mode 0644, so the same step gives byte-identical shards. Beside each tar,
-`{index:05d}.parquet` holds its samples' json rows with a leading `key` column; at the end
-`stats.json` holds the counts.
+`{index:05d}.parquet` holds its samples' json rows with a leading `key` column (the sample's
+key: a row's own `key` column is in its json only); at the end `stats.json` holds the counts.
 
 Shards are written one at a time (temp file, rename; the parquet after its tar), streaming
 rows and holding one sample's image at a time. `.export.json`, written first, records the
@@ -79,8 +79,8 @@ def write_webdataset(step_file: str | os.PathLike, out: str | os.PathLike, image
     options = {"format": "webdataset", "version": FORMAT_VERSION, "step_file": str(step_file.resolve()),
                "step": _step_fingerprint(step_file), "shard_size": shard_size,
                "image_columns": rows.image_columns, "text_column": text_column}
-    finished = _prepare(out, options)
     writer = _ShardWriter(out, rows.image_columns, text_column)
+    finished = _prepare(out, options)
     try:
         shards = _export(rows, writer, finished, shard_size)
     except _Mismatch:
@@ -124,6 +124,9 @@ class _ShardWriter:
         self.out = out
         self.image_columns = image_columns
         self.member_columns = {name: _UNSAFE.sub("_", name) for name in image_columns}
+        if len(set(self.member_columns.values())) < len(image_columns):
+            raise ValueError(f"image columns {image_columns} would share member names "
+                             f"({list(self.member_columns.values())}); rename one")
         self.text_column = text_column
         self.text_from: Counter[str] = Counter()
 
@@ -166,6 +169,7 @@ class _ShardWriter:
         text = self.text(item.row)
         if text is not None:
             tar.add(f"{key}.txt", text.encode("utf-8"))
+        record.pop("key", None)  # the parquet's `key` is the sample's (a row's own is in its json)
         return {"key": key, **record}
 
     def text(self, row: dict) -> str | None:
