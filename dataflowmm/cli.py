@@ -184,27 +184,30 @@ def models_list() -> None:
 
 @main.command("export")
 @click.argument("step_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--to", "to", type=click.Choice(["hf", "parquet", "llava", "sharegpt"]), required=True,
+@click.option("--to", "to", type=click.Choice(["hf", "parquet", "llava", "sharegpt", "webdataset"]), required=True,
               help="hf: a saved datasets.Dataset folder (load_from_disk); parquet: one Parquet file; "
-                   "llava / sharegpt: conversation JSON with an images folder beside it")
+                   "llava / sharegpt: conversation JSON with an images folder beside it; "
+                   "webdataset: a folder of tar shards (img2dataset's layout)")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--image-column", "image_columns", multiple=True,
               help="column holding images (repeatable); default: detected from the values")
+@click.option("--text-column", default=None,
+              help="llava/sharegpt without conversations: the text answering --prompt; webdataset: each "
+                   "sample's .txt (default: the first of caption, text, prompt, answer, instruction, question)")
 @click.option("--conversation-column", default=None,
               help="llava/sharegpt: column of conversations (default: conversations, when the step has it)")
-@click.option("--text-column", default=None,
-              help="llava/sharegpt without conversations: the text answering --prompt "
-                   "(default: the first of caption, text, prompt, answer, instruction, question)")
 @click.option("--prompt", default=None, help='llava/sharegpt: the question a text answers (default: "Describe the image.")')
 @click.option("--link", is_flag=True, help="llava/sharegpt: hard-link images instead of copying them")
-def export(step_file: Path, to: str, out: Path, image_columns: tuple[str, ...], conversation_column: str | None,
-           text_column: str | None, prompt: str | None, link: bool) -> None:
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help="webdataset: samples per tar shard  [default: 10000]")
+def export(step_file: Path, to: str, out: Path, image_columns: tuple[str, ...], text_column: str | None,
+           conversation_column: str | None, prompt: str | None, link: bool, shard_size: int | None) -> None:
     """Export STEP_FILE as a training set: --to hf OUT_DIR, --to parquet OUT.parquet,
-    --to llava OUT.json, --to sharegpt OUT.json."""
+    --to llava OUT.json, --to sharegpt OUT.json, --to webdataset OUT_DIR."""
     from dataflowmm.export import export_step
 
     options = {"conversation_column": conversation_column, "text_column": text_column, "prompt": prompt,
-               "link": link or None}
+               "link": link or None, "shard_size": shard_size}
     options = {name: value for name, value in options.items() if value is not None}
     try:
         report = export_step(step_file, to, out, list(image_columns) or None, **options)

@@ -24,3 +24,28 @@ def test_write_your_own_operator_example(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "cache" / "dataflow_cache_step_step1.jsonl")]
     assert rows[0]["loud"] == "A FOX" and rows[0]["error"] is None
     assert rows[1]["loud"] is None and "not a string" in rows[1]["error"]
+
+
+def test_reading_webdataset_shards_back_example(tmp_path, monkeypatch, capsys):
+    """The "WebDataset shards" example reads an export back with webdataset and datasets."""
+    import functools
+
+    import pytest
+    from PIL import Image
+
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("webdataset")
+    from dataflowmm.export import export_step
+
+    for index in range(3):
+        Image.new("RGB", (8 + index, 8), (index * 60, 0, 0)).save(tmp_path / f"{index}.png")
+    step = tmp_path / "step.jsonl"
+    step.write_text("".join(json.dumps({"caption": f"red {index}", "image": f"{index}.png", "error": None}) + "\n"
+                            for index in range(3)))
+    export_step(step, "webdataset", tmp_path / "shards", shard_size=2)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset",  # its cache in the test's folder, not the user's
+                        functools.partial(datasets.load_dataset, cache_dir=str(tmp_path / "hf_cache")))
+    exec(readme_block("WebDataset shards"), {})
+    assert capsys.readouterr().out.splitlines() == ["(8, 8) red 0", "(9, 8) red 1", "(10, 8) red 2",
+                                                    "(8, 8) red 0 red 0"]

@@ -4,6 +4,7 @@ columns (`hf`, `parquet`), LLaVA / ShareGPT conversation JSON (`llava`, `sharegp
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +12,9 @@ from typing import Any
 
 from dataflowmm.export.hf import to_hf_dataset, write_hf
 from dataflowmm.export.training_rows import TrainingRows, detect_image_columns
+from dataflowmm.export.webdataset import STATS_FILE, write_webdataset
 
-EXPORT_FORMATS = ("hf", "parquet", "llava", "sharegpt")
+EXPORT_FORMATS = ("hf", "parquet", "llava", "sharegpt", "webdataset")
 
 __all__ = ["EXPORT_FORMATS", "ExportReport", "TrainingRows", "detect_image_columns", "export_step",
            "to_hf_dataset"]
@@ -24,6 +26,7 @@ class ExportReport:
 
     path: Path
     counts: dict[str, int] = field(default_factory=dict)
+    note: str = ""  # how it was written, e.g. "3 shards, resumed: 2 finished shard(s) kept"
 
     def summary(self) -> str:
         counts = self.counts
@@ -33,7 +36,7 @@ class ExportReport:
                 ("left_out_no_image", "without an image"), ("dropped_by_filter", "dropped by the step's filter"))
                 if counts.get(key)]
         return (f"exported {counts['exported']} of {counts['rows']} rows -> {self.path}"
-                + (f"; left out: {', '.join(left)}" if left else ""))
+                + (f" ({self.note})" if self.note else "") + (f"; left out: {', '.join(left)}" if left else ""))
 
 
 def export_step(step_file: str | os.PathLike, to: str, out: str | os.PathLike,
@@ -43,11 +46,12 @@ def export_step(step_file: str | os.PathLike, to: str, out: str | os.PathLike,
     Args:
         step_file: a step's cache file (jsonl, json, csv or parquet).
         to: `hf` (a `save_to_disk` folder), `parquet` (one file), `llava` / `sharegpt` (a JSON
-            file and its images folder; see `dataflowmm.export.conversations`).
+            file and its images folder; `dataflowmm.export.conversations`), `webdataset` (a
+            folder of tar shards; `dataflowmm.export.webdataset`).
         out: the folder or file to write.
         image_columns: columns holding images; detected from the values when `None`.
-        options: the format's own: `conversation_column`, `text_column`, `prompt`, `link`
-            for llava / sharegpt.
+        options: the format's own: `conversation_column`, `text_column`, `prompt`, `link` for
+            llava / sharegpt; `shard_size`, `text_column` for webdataset.
     """
     if to not in EXPORT_FORMATS:
         raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {to!r}")
@@ -55,7 +59,18 @@ def export_step(step_file: str | os.PathLike, to: str, out: str | os.PathLike,
         if options:
             raise TypeError(f"--to {to} takes no options, got {', '.join(sorted(options))}")
         return ExportReport(write_hf(step_file, to, out, image_columns))
+    if to == "webdataset":
+        return _webdataset_report(write_webdataset(step_file, out, image_columns, **options))
     from dataflowmm.export.conversations import ConversationExport
 
     counts = ConversationExport(step_file, out, to, image_columns=image_columns, **options).write()
     return ExportReport(Path(out), counts)
+
+
+def _webdataset_report(out: Path) -> ExportReport:
+    stats = json.loads((out / STATS_FILE).read_text(encoding="utf-8"))
+    resumed = stats["resumed_shards"]
+    how = f"resumed: {resumed} finished shard(s) kept" if resumed else "written from the start"
+    counts = {key: stats[key] for key in ("rows", "exported", "left_out_error", "left_out_no_image",
+                                          "dropped_by_filter")}
+    return ExportReport(out, counts, f"{stats['shards']} shards, {how}")

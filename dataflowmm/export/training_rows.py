@@ -95,11 +95,12 @@ def image_ref(value: str, base_dir: Path, where: str) -> ImageRef:
 
 @dataclass
 class TrainingRow:
-    """Row `index` of the step file and its images by column (a single value as a list of one)."""
+    """Row `index` of the step file and its images by column (a single value as a list of one);
+    `images` is None for a row whose images were not read (`TrainingRows.iter_rows(skip_images=...)`)."""
 
     index: int
     row: dict
-    images: dict[str, list[ImageRef]] = field(default_factory=dict)
+    images: dict[str, list[ImageRef]] | None = field(default_factory=dict)
 
     def image_list(self) -> list[ImageRef]:
         """Every image of the row, column by column."""
@@ -132,20 +133,35 @@ class TrainingRows:
         self.rows_read = 0
 
     def __iter__(self) -> Iterator[TrainingRow]:
+        return self.iter_rows()
+
+    def iter_rows(self, skip_images: int = 0) -> Iterator[TrainingRow]:
+        """The exportable rows in file order; the first `skip_images` of them come with `images`
+        None, their images neither read nor checked (the rows a resumed export wrote before),
+        but left-out rows are counted all the same."""
         self.left_out.clear()
         self.rows_read = 0
         seen_columns: set[str] = set()
+        exported = 0
         for index, row in enumerate(iter_records(self.step_file)):
             self.rows_read += 1
             seen_columns.update(row)
             if row.get("error"):
                 self.left_out["error"] += 1
                 continue
+            if exported < skip_images:
+                if self.require_image and not any(_names_image(row.get(name)) for name in self.image_columns):
+                    self.left_out["no_image"] += 1
+                    continue
+                exported += 1
+                yield TrainingRow(index, row, None)
+                continue
             images = {name: self._images(row.get(name), f"{self.step_file}: row {index}, column {name!r}")
                       for name in self.image_columns}
             if self.require_image and not any(images.values()):
                 self.left_out["no_image"] += 1
                 continue
+            exported += 1
             yield TrainingRow(index, row, images)
         missing = [name for name in self.image_columns if self.rows_read and name not in seen_columns]
         if missing:
@@ -166,6 +182,11 @@ class TrainingRows:
         exported = self.rows_read - sum(self.left_out.values())
         return {"rows": self.rows_read, "exported": exported, "left_out_error": self.left_out["error"],
                 "left_out_no_image": self.left_out["no_image"], "dropped_by_filter": self.dropped}
+
+
+def _names_image(value: Any) -> bool:
+    """Whether a row's value names an image (what `TrainingRows._images` would find, unread)."""
+    return value is not None and (not isinstance(value, list) or any(item is not None for item in value))
 
 
 def _dropped_rows(step_file: Path) -> int:
