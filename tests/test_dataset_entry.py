@@ -169,3 +169,19 @@ def test_unusable_datasets_are_named(tmp_path, hf_folder):
         _ = storage.step().input_path
     assert str(raised.value).startswith(f"cannot read {tmp_path / 'bad.parquet'}: row 1, column 'image': format PDF is not read")
     assert not (tmp_path / "cache" / "dataflow_cache_step_entry.jsonl").exists()
+
+
+def test_a_pipeline_starts_from_its_webdataset_export(tmp_path, hf_folder):
+    folder, _ = hf_folder
+    _, summary = dedup_step(folder, tmp_path / "cache")
+    export_step(summary.output_path, "webdataset", tmp_path / "shards", shard_size=2)
+    _, again = dedup_step(tmp_path / "shards", tmp_path / "again")
+    source, rows = read_records(summary.output_path), read_records(again.output_path)
+    assert len(rows) == len(source) == 3
+    for before, after in zip(source, rows, strict=True):
+        assert {k: v for k, v in after.items() if k not in ("image", "views")} == {
+            k: v for k, v in before.items() if k not in ("image", "views")}
+        assert len(after["views"]) == len(before["views"])
+        pairs = [(before["image"], after["image"]), *zip(before["views"], after["views"], strict=True)]
+        for old, new in pairs:  # the same bytes, under the entry's own names
+            assert (Path(summary.output_path).parent / old).read_bytes() == (tmp_path / "again" / new).read_bytes()

@@ -228,8 +228,10 @@ def _sample_row(key: str, members: dict[str, bytes], index: int, images: _ImageW
     for column, value in list(row.items()):
         if isinstance(value, str) and value in names:
             row[column] = image_path(value, column, None)
-        elif isinstance(value, list) and value and all(isinstance(item, str) and item in names for item in value):
-            row[column] = [image_path(item, column, position) for position, item in enumerate(value)]
+        elif isinstance(value, list) and any(item is not None for item in value) and all(
+                item is None or (isinstance(item, str) and item in names) for item in value):
+            row[column] = [None if item is None else image_path(item, column, position)
+                           for position, item in enumerate(value)]
     rest = sorted(image_members - named)
     if len(rest) == 1 and "image" not in row:
         row["image"] = images.write(members[rest[0]], _stem(index, "image"), f"{where}, member {rest[0]}")
