@@ -97,7 +97,7 @@ class ImageDeduplicator(Operator):
             near duplicates; default 10 (measured: see `DEFAULT_HAMMING_DISTANCE`).
         keep_dropped: write dropped rows, naming the row they repeat, to `{output}.dropped.jsonl`.
         batch_size: images per forward pass of the serving built here (default 32), and rows
-            per batch.
+            per batch (also without a model).
         save_interval: rows between checkpoints; a killed run resumes from the last one.
         torch_dtype, trust_remote_code: for the serving built here.
         strict: raise on the first row whose images cannot be read.
@@ -131,6 +131,13 @@ class ImageDeduplicator(Operator):
             self.hamming_distance = DEFAULT_HAMMING_DISTANCE if hamming_distance is None else hamming_distance
         self.serving = (None if self.similarity_threshold is None else
                         _clip_serving(clip_serving or hf_clip, batch_size, torch_dtype, trust_remote_code))
+
+    @property
+    def input_batch_size(self) -> int:
+        """Rows per batch: the serving's `batch_size`; without a model, the `batch_size` given
+        (else 32)."""
+        given = self.arguments.get("batch_size")
+        return int(given) if self.serving is None and given else super().input_batch_size
 
     # -- a batch: hashes and embeddings ----------------------------------------------------
 
