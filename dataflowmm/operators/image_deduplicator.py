@@ -93,8 +93,10 @@ class ImageDeduplicator(Operator):
         hf_clip: model id/folder used when `clip_serving` is not given (`method="clip"`).
         similarity_threshold: (`method="clip"`) cosine at or above which two images are near
             duplicates (default 0.95); `None` finds exact duplicates only (no model is loaded).
+            Another value with another method is an error.
         hamming_distance: (hash methods) differing bits, of 64, at or below which two images are
-            near duplicates; default 10 (measured: see `DEFAULT_HAMMING_DISTANCE`).
+            near duplicates; default 10 (measured: see `DEFAULT_HAMMING_DISTANCE`). Given with
+            another method, an error.
         keep_dropped: write dropped rows, naming the row they repeat, to `{output}.dropped.jsonl`.
         batch_size: images per forward pass of the serving built here (default 32), and rows
             per batch (also without a model).
