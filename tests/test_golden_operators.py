@@ -4,11 +4,15 @@ One small pipeline per operator on tiny models (or none), each with a failed row
 save_interval that does not divide the row count; compared as `golden_files.py` says.
 Filters and the deduplicator decide by model scores: their thresholds sit far (>= 0.01)
 from every score they judge, measured once, so no CPU moves a verdict; the scores they
-print into a dropped row's reason are compared as scores (`scored_text_keys`).
+print into a dropped row's reason are compared as scores (`scored_text_keys`). The header
+filters measure uncompressed BMP files (the same bytes on any machine) and the phash
+deduplicator scenes drawn and resized by Pillow (no JPEG codec): exact comparisons.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 from pathlib import Path
@@ -25,10 +29,13 @@ from dataflowmm.operators import (
     ClipScoreEvaluator,
     ClipScoreFilter,
     DifferenceCaptioner,
+    ImageAspectRatioFilter,
     ImageDeduplicator,
     ImageDifferenceRegions,
     ImageGeneration,
     ImageQAGenerator,
+    ImageShapeFilter,
+    ImageSizeFilter,
     ImageTask,
     ImageTextMatchingFilter,
     PromptedVQAGenerator,
@@ -302,6 +309,84 @@ def test_image_deduplicator_golden(tmp_path, tiny_model):
     # The near duplicates' reasons print the cosine: compared as a score, the rest exactly.
     check_golden("image_deduplicator", summary.output_path, tmp_path)
     check_golden("image_deduplicator.dropped", summary.dropped_path, tmp_path, scored_text_keys=[DROPPED_KEY])
+
+
+def test_image_deduplicator_phash_golden(tmp_path):
+    from dataflowmm.kit.shapes import ShapesWorld
+
+    pics = tmp_path / "data" / "pics"
+    pics.mkdir(parents=True)
+    (pics / "corrupt.png").write_bytes(b"not a png")
+    world = ShapesWorld(image_size=64)
+    for index in range(3):
+        world.scene(index, seed=3).save(pics / f"scene{index}.png")
+    world.scene(0, seed=3).resize((48, 48), Image.Resampling.BILINEAR).save(pics / "scene0-small.png")
+    world.scene(1, seed=3).crop((1, 2, 63, 62)).save(pics / "scene1-cropped.png")
+    shutil.copy(pics / "scene2.png", pics / "scene2-copy.png")
+    rows = [
+        {"id": 0, "images": ["pics/scene0.png"]},
+        {"id": 1, "images": ["pics/scene1.png"]},
+        {"id": 2, "images": ["pics/scene0-small.png"]},  # resized: near duplicate of row 0
+        {"id": 3, "images": ["pics/scene1-cropped.png"]},  # 2 pixels cropped: near duplicate of row 1
+        {"id": 4, "images": []},  # no images: kept
+        {"id": 5, "images": ["pics/corrupt.png"]},  # unreadable: error row, kept
+        {"id": 6, "images": ["pics/scene2.png", "pics/scene0.png"]},
+        {"id": 7, "images": ["pics/scene2-copy.png", "pics/scene0-small.png"]},  # near duplicate of row 6
+        {"id": 8, "images": ["pics/scene0.png", "pics/scene2.png"]},  # another order: distinct
+        {"id": 9, "images": "pics/scene2-copy.png"},  # the same pixels as scene2 (row 6's first image only)
+        {"id": 10, "images": ["pics/scene2.png"]},  # exact duplicate of row 9
+    ]
+    storage = FileStorage(write_jsonl(tmp_path / "data" / "rows.jsonl", rows), cache_path=tmp_path / "cache")
+    # phash distances (of 64 bits): the resized copy 0, the cropped one 2; distinct scenes >= 22.
+    dedup = ImageDeduplicator(method="phash", keep_dropped=True, save_interval=4)
+    summary = dedup.run(storage.step())
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (1, 7, 4, 0)
+    check_golden("image_deduplicator_phash", summary.output_path, tmp_path)
+    check_golden("image_deduplicator_phash.dropped", summary.dropped_path, tmp_path)
+
+
+def make_shaped(folder: Path) -> str:
+    """BMP files of several shapes (uncompressed: the same bytes on any machine) and a corrupt
+    file in `folder`; returns a 20x10 BMP inline as a data URI."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, size in {"square": (16, 16), "wide": (48, 12), "tall": (12, 40), "small": (6, 6),
+                       "big": (64, 40)}.items():
+        Image.new("RGB", size, (40, 80, 220)).save(folder / f"{name}.bmp")
+    (folder / "corrupt.png").write_bytes(b"not a png")
+    inline = io.BytesIO()
+    Image.new("RGB", (20, 10), (240, 210, 40)).save(inline, format="BMP")
+    return "data:image/bmp;base64," + base64.b64encode(inline.getvalue()).decode()
+
+
+def shaped_storage(tmp_path) -> FileStorage:
+    inline = make_shaped(tmp_path / "data" / "pics")
+    rows = [
+        {"id": 0, "images": ["pics/square.bmp"]},  # 16x16, 822 bytes
+        {"id": 1, "images": ["pics/wide.bmp"]},  # 48x12, 1782 bytes
+        {"id": 2, "images": ["pics/tall.bmp", "pics/square.bmp"]},  # 12x40 (1494 bytes), 16x16
+        {"id": 3, "images": []},  # no images: kept
+        {"id": 4, "images": ["pics/corrupt.png"]},  # unreadable: error row, kept
+        {"id": 5, "images": "pics/small.bmp"},  # one path: 6x6, 174 bytes
+        {"id": 6, "images": ["pics/big.bmp", "pics/wide.bmp"]},  # 64x40 (7734 bytes), 48x12
+        {"id": 7, "images": [inline]},  # inline: 20x10, 654 bytes
+    ]
+    return FileStorage(write_jsonl(tmp_path / "data" / "rows.jsonl", rows), cache_path=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name, cls, bounds, dropped", [
+    ("image_size_filter", ImageSizeFilter, {"min_size": "1KB", "max_size": "5KiB"}, 3),  # rows 0, 5, 7
+    ("image_shape_filter", ImageShapeFilter, {"min_width": 12, "max_width": 48, "min_height": 10,
+                                              "max_height": 40, "any_or_all": "all"}, 2),  # rows 5, 6
+    ("image_aspect_ratio_filter", ImageAspectRatioFilter, {"min_ratio": 0.5, "max_ratio": 2.0,
+                                                           "any_or_all": "all"}, 3),  # rows 1, 2, 6
+])
+def test_image_header_filters_golden(tmp_path, name, cls, bounds, dropped):
+    operator = cls(**bounds, keep_dropped=True, input_batch_size=2, save_interval=3)
+    summary = operator.run(shaped_storage(tmp_path).step(), output_stats_key="stats")
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (1, 8 - dropped,
+                                                                                               dropped, 0)
+    check_golden(name, summary.output_path, tmp_path)
+    check_golden(f"{name}.dropped", summary.dropped_path, tmp_path)
 
 
 @pytest.fixture

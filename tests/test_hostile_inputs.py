@@ -21,7 +21,12 @@ from dataflowmm import FileStorage
 from dataflowmm.cli import main
 from dataflowmm.gallery import build_gallery
 from dataflowmm.io.images import ImageReadError, load_image, open_image
-from dataflowmm.operators import ImageCaptioner, ImageDeduplicator
+from dataflowmm.operators import (
+    ImageCaptioner,
+    ImageDeduplicator,
+    ImageShapeFilter,
+    ImageSizeFilter,
+)
 
 SECRET = "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
@@ -123,6 +128,25 @@ def test_a_step_ends_each_hostile_file_as_its_rows_error_and_finishes(tmp_path, 
         assert reason in by_image[name] and name in by_image[name]
     if kind == "captioner":
         assert [row["text"] for row in rows if not row["error"]] == ["a thing 24", "a thing 10"]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_the_header_filters_refuse_each_hostile_file_from_its_header(tmp_path, hostile):
+    # Headers only: a truncated file is measured (its pixels are never decoded); the size filter
+    # reads no dimensions either, so an image over the decompression-bomb limit is sized. Every
+    # other hostile file is its row's error, as for an operator that decodes.
+    names = ["red.png", *EXPECTED, "phone.jpg"]
+    by_header = {name: reason for name, reason in EXPECTED.items() if name != "truncated.png"}
+    by_first_bytes = {name: reason for name, reason in by_header.items() if name not in ("bomb.png", "big.png")}
+    for operator, refused in ((ImageShapeFilter(), by_header), (ImageSizeFilter(), by_first_bytes)):
+        summary, rows = run_step(tmp_path, operator, names, f"cache-{operator.name}")
+        assert summary.errors == len(refused) and len(rows) == len(names)
+        by_image = {row["images"][0].rsplit("/", 1)[-1]: row["error"] for row in rows}
+        for name in names:
+            if name in refused:
+                assert refused[name] in by_image[name] and name in by_image[name]
+            else:
+                assert by_image[name] is None, name
 
 
 # -- export and gallery: images only ---------------------------------------------------------

@@ -255,7 +255,9 @@ def test_filter_and_deduplicator_on_ray_match_local(tmp_path, near_copies, ray_c
     for name, make in (("filter", lambda: ClipScoreFilter(ScriptedScores(), min_score=0.5, save_interval=4,
                                                          keep_dropped=True)),
                        ("dedup", lambda: ImageDeduplicator(ScriptedScores(), similarity_threshold=0.99,
-                                                           save_interval=4, keep_dropped=True))):
+                                                           save_interval=4, keep_dropped=True)),
+                       ("phash", lambda: ImageDeduplicator(method="phash", batch_size=2, save_interval=4,
+                                                           keep_dropped=True))):
         rows = (ROWS if name == "filter" else DEDUP_ROWS) * 2
         local, local_rows = run(tmp_path, rows, make(), cache=f"{name}-local")
         on_ray, ray_rows = run(tmp_path, rows, make(), cache=f"{name}-ray", runner=RayRunner(replicas=2))

@@ -221,13 +221,42 @@ def encode_base64(image: Image.Image, image_format: str = "PNG") -> str:
 
 def decode_base64(text: str) -> Image.Image:
     """Inverse of `encode_base64`; also accepts `data:image/...;base64,` URIs."""
+    return open_image(_base64_bytes(text), name="base64 image")
+
+
+def _base64_bytes(text: str) -> bytes:
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
         raise ImageReadError(f"cannot decode base64 image: {error}") from error
-    return open_image(data, name="base64 image")
+
+
+class ImageHeader(NamedTuple):
+    """What an image's first bytes say: `Image.format`, (width, height), and its size in bytes."""
+
+    format: str
+    size: tuple[int, int]
+    nbytes: int
+
+
+def read_image_header(source: str | os.PathLike, *, pixels: bool = True) -> ImageHeader:
+    """An image file's (or inline base64 image's) format and size, no pixel decoded; ImageReadError
+    otherwise. `nbytes` is the file's size (an inline image's decoded bytes). `pixels=False` reads
+    only the first bytes (allowed format checked; `size` is (0, 0)): enough to size a file."""
+    if looks_like_base64_image(source):
+        data, name = _base64_bytes(source), "base64 image"
+        found = check_image_bytes(data[:64], name)
+        fp, nbytes = io.BytesIO(data), len(data)
+    else:
+        path = Path(source)
+        found, name = check_image_file(path), f"image {path}"
+        fp, nbytes = path, path.stat().st_size
+    if not pixels:
+        return ImageHeader(found, (0, 0), nbytes)
+    with _reading(name), _checked_open(fp, name) as image:
+        return ImageHeader(image.format, image.size, nbytes)
 
 
 def base64_to_files(values: list[str | None], save_dir: str | os.PathLike, stem: str = "image") -> list[str | None]:

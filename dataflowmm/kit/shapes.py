@@ -149,6 +149,28 @@ class ShapesWorld:
             attributes.append(attrs)
         return pixels, attributes
 
+    def scene(self, index: int, seed: int = TRAIN_SEED, shapes: tuple[int, int] = (3, 5)) -> Image.Image:
+        """Scene `index` of split `seed`: between `shapes[0]` and `shapes[1]` shapes (random kinds,
+        colours, sizes and places, overlapping freely) on a plain background; no caption.
+
+        One shape on a plain background leaves most of an image flat, so distinct samples can
+        look alike to a perceptual hash; a few shapes make scenes that are really distinct
+        (deduplication figures). The same image on every machine, as `sample`.
+        """
+        rng = random.Random(derive_seed("shapes-scene", seed, index))
+        background = rng.choice(COLOUR_NAMES)
+        scale = self.supersampling
+        canvas = self.image_size * scale
+        image = Image.new("RGB", (canvas, canvas), self._jittered(COLOURS[background], rng))
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.randint(*shapes)):
+            colour = rng.choice([name for name in COLOUR_NAMES if name != background])
+            extent = rng.randint(round(self.min_extent * canvas), round(self.max_extent * canvas))
+            left, top = rng.randint(0, canvas - extent), rng.randint(0, canvas - extent)
+            _draw_shape(draw, rng.choice(SHAPES), (left, top, left + extent, top + extent),
+                        self._jittered(COLOURS[colour], rng))
+        return image.resize((self.image_size, self.image_size), Image.Resampling.BOX)
+
     def _jittered(self, rgb: tuple[int, int, int], rng: random.Random) -> tuple[int, int, int]:
         return tuple(min(255, max(0, c + rng.randint(-self.jitter, self.jitter))) for c in rgb)
 

@@ -14,6 +14,11 @@ from dataflowmm.operators.image_deduplicator import ImageDeduplicator
 from dataflowmm.operators.image_difference_regions import ImageDifferenceRegions
 from dataflowmm.operators.image_diffusion_augmenter import ImageDiffusionAugmenter
 from dataflowmm.operators.image_qa import ImageQAGenerator
+from dataflowmm.operators.image_shape_filters import (
+    ImageAspectRatioFilter,
+    ImageShapeFilter,
+    ImageSizeFilter,
+)
 from dataflowmm.operators.image_task import ImageGeneration, ImageTask
 from dataflowmm.operators.image_text_filters import (
     ClipScoreEvaluator,
@@ -30,6 +35,7 @@ __all__ = [
     "ERROR_KEY",
     "ClipScoreEvaluator",
     "ClipScoreFilter",
+    "ImageAspectRatioFilter",
     "ImageDeduplicator",
     "ImageTextMatchingFilter",
     "ImageCaptioner",
@@ -38,6 +44,8 @@ __all__ = [
     "ImageTask",
     "ImageDifferenceRegions",
     "ImageQAGenerator",
+    "ImageShapeFilter",
+    "ImageSizeFilter",
     "Operator",
     "OperatorSettings",
     "PromptTemplate",
