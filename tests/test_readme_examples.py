@@ -49,3 +49,24 @@ def test_reading_webdataset_shards_back_example(tmp_path, monkeypatch, capsys):
     exec(readme_block("WebDataset shards"), {})
     assert capsys.readouterr().out.splitlines() == ["(8, 8) red 0", "(9, 8) red 1", "(10, 8) red 2",
                                                     "(8, 8) red 0 red 0"]
+
+
+def test_start_from_your_own_dataset_example(tmp_path, monkeypatch):
+    """The README's dataset-entry example on a saved dataset, with the tiny BLIP in place of
+    the hub model (the only change): a small image is dropped, the others captioned."""
+    import datasets
+    from PIL import Image
+
+    images = [Image.new("RGB", (48, 40), "red"), Image.new("RGB", (16, 16), "blue"), Image.new("RGB", (40, 48), "green")]
+    datasets.Dataset.from_dict({"image": images, "name": ["a", "b", "c"]}).cast_column(
+        "image", datasets.Image()).save_to_disk(str(tmp_path / "my_dataset"))
+    monkeypatch.chdir(tmp_path)
+    example = readme_block("Start from your own dataset")
+    assert '"Salesforce/blip-image-captioning-base"' in example
+    exec(example.replace('"Salesforce/blip-image-captioning-base"', '"tiny:tiny-blip"'), {})
+    kept = [json.loads(line) for line in open(tmp_path / "cache" / "dataflow_cache_step_step1.jsonl")]
+    dropped = [json.loads(line) for line in open(tmp_path / "cache" / "dataflow_cache_step_step1.dropped.jsonl")]
+    assert [row["name"] for row in kept] == ["a", "c"] and [row["name"] for row in dropped] == ["b"]
+    captioned = [json.loads(line) for line in open(tmp_path / "cache" / "dataflow_cache_step_step2.jsonl")]
+    assert [row["name"] for row in captioned] == ["a", "c"] and all(row["caption"] for row in captioned)
+    assert captioned[0]["image"] == "dataflow_cache_step_entry_images/000000000_image.png"
