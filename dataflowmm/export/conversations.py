@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from dataflowmm.export.training_rows import TrainingRow, TrainingRows, text_column_of
+from dataflowmm.export.training_rows import TrainingRow, TrainingRows, sample_key, text_column_of
 from dataflowmm.io.atomic import atomic_file
 from dataflowmm.io.records import iter_records
 
@@ -42,11 +42,6 @@ _DJ_IMAGE_TOKEN = "<__dj__image>"
 DESCRIBE_PROMPT = "Describe the image."
 _ROLES = {"user": "human", "human": "human", "assistant": "gpt", "gpt": "gpt", "system": "system"}
 STYLES = ("llava", "sharegpt")
-
-
-def sample_key(row_index: int) -> str:
-    """A row's name in every export: its index in the step file, zero-padded (no dots)."""
-    return f"{row_index:09d}"
 
 
 def _turns(conversation: Any, where: str) -> list[dict]:

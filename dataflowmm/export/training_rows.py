@@ -93,6 +93,12 @@ def image_ref(value: str, base_dir: Path, where: str) -> ImageRef:
     return ImageRef(EXTENSIONS[found], file=path)
 
 
+def sample_key(row_index: int) -> str:
+    """A row's name in every export (file and sample names): its index in the step file,
+    zero-padded to nine digits, with no dots (webdataset splits keys at the first one)."""
+    return f"{row_index:09d}"
+
+
 @dataclass
 class TrainingRow:
     """Row `index` of the step file and its images by column (a single value as a list of one);

@@ -34,7 +34,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from dataflowmm.export.training_rows import DETECTION_ROWS, TEXT_COLUMNS, TrainingRow, TrainingRows
+from dataflowmm.export.training_rows import (
+    DETECTION_ROWS,
+    TEXT_COLUMNS,
+    TrainingRow,
+    TrainingRows,
+    sample_key,
+)
 from dataflowmm.io.atomic import atomic_file, atomic_write_text
 from dataflowmm.io.records import dumps_row, iter_records
 
@@ -102,7 +108,7 @@ def _export(rows: TrainingRows, writer: _ShardWriter, finished: list[int], shard
     for shard in range(len(finished)):
         for key in _shard_keys(writer.out / f"{shard:05d}.parquet"):
             item = next(iterator, None)
-            if item is None or f"{item.index:09d}" != key:
+            if item is None or sample_key(item.index) != key:
                 raise _Mismatch
             writer.text(item.row)  # counted as if written
     shard = len(finished)
@@ -142,7 +148,7 @@ class _ShardWriter:
             _write_parquet(file, records)
 
     def _add_sample(self, tar: _TarWriter, item: TrainingRow) -> dict:
-        key = f"{item.index:09d}"
+        key = sample_key(item.index)
         record = dict(item.row)
         first = True
         for column in self.image_columns:
