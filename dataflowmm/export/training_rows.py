@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataflowmm.io.dataset_entry import IMAGE_EXTENSIONS
 from dataflowmm.io.images import (
     ImageReadError,
     check_image_bytes,
@@ -32,9 +33,6 @@ from dataflowmm.io.records import iter_records
 
 # Rows read to detect the image columns when none are given.
 DETECTION_ROWS = 1000
-# File extension of each allowed image format (img2dataset's and webdataset's names).
-EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
-              "TIFF": "tiff"}
 
 
 def _is_image_value(value: Any) -> bool:
@@ -82,7 +80,7 @@ def image_ref(value: str, base_dir: Path, where: str) -> ImageRef:
             found = check_image_bytes(data[:64], "base64 image")
         except ImageReadError as error:
             raise ValueError(f"{where}: {error}; nothing exported") from None
-        return ImageRef(EXTENSIONS[found], data=data)
+        return ImageRef(IMAGE_EXTENSIONS[found], data=data)
     path = base_dir / os.path.expanduser(value)
     if not path.is_file():
         raise FileNotFoundError(f"{where}: image file {path} not found")
@@ -90,7 +88,7 @@ def image_ref(value: str, base_dir: Path, where: str) -> ImageRef:
         found = check_image_file(path)  # the header only: the bytes are exported as they are
     except ImageReadError as error:
         raise ValueError(f"{where}: {error}; nothing exported") from None
-    return ImageRef(EXTENSIONS[found], file=path)
+    return ImageRef(IMAGE_EXTENSIONS[found], file=path)
 
 
 def sample_key(row_index: int) -> str:
