@@ -4,6 +4,7 @@ shapes-sd edits are in test_edit_verification.py."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -310,3 +311,19 @@ def test_verifier_defaults_and_fingerprint():
     assert verifier.keep_dropped_rows() and verifier.input_batch_size == 32
     assert verifier.params()["arguments"]["max_changed_ratio"] == 0.9
     assert verifier.params() != EditVerifier("some/clip", min_target_score=0.8).params()
+
+
+def test_run_keywords():
+    def keywords(cls):
+        return [(name, p.default) for name, p in inspect.signature(cls.run).parameters.items()
+                if name not in ("self", "storage", "retry_errors")]
+
+    assert keywords(EditInstructionGenerator) == [
+        ("input_image_key", "images"), ("output_instruction_key", "instruction"),
+        ("output_source_caption_key", "source_caption"), ("output_target_caption_key", "target_caption")]
+    assert keywords(EditVerifier) == [
+        ("input_source_image_key", "images"), ("input_edited_image_key", "edited_images"),
+        ("input_source_caption_key", "source_caption"), ("input_target_caption_key", "target_caption"),
+        ("output_scores_key", "edit_scores")]
+    assert EditInstructionGenerator(instruction_template="{a}").input_batch_size == 256
+    assert EditInstructionGenerator(ScriptedVLM({})).input_batch_size == 8  # the VLM serving's batch_size
