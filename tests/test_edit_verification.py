@@ -114,13 +114,15 @@ def figures(rows: list[dict], kept: set[int]) -> dict:
     """Precision per source shape (and for circles and triangles together), recall per planted
     kind (and over all), and how many generated edits were kept."""
     generated = [(i, row) for i, row in enumerate(rows) if row["kind"] == "generated"]
-    out = {"precision": {}, "kept": {}, "judged_right": {}}
+    out = {"precision": {}, "kept": {}, "judged_right": {}, "wrong_dropped": {}}
     for shape in (*SHAPES, "circle+triangle"):
         mine = [(i, row) for i, row in generated if row["shape"] in shape.split("+")]
         kept_rows = [row for i, row in mine if i in kept]
         out["precision"][shape] = sum(row["right"] for row in kept_rows) / max(1, len(kept_rows))
         out["kept"][shape] = f"{len(kept_rows)} of {len(mine)}"
         out["judged_right"][shape] = sum(row["right"] for _, row in mine) / max(1, len(mine))
+        wrong = [i for i, row in mine if not row["right"]]
+        out["wrong_dropped"][shape] = f"{sum(i not in kept for i in wrong)} of {len(wrong)}"
     planted = [(i, row) for i, row in enumerate(rows) if row["kind"] in PLANTED_KINDS]
     out["recall"] = {kind: sum(i not in kept for i, row in planted if row["kind"] == kind) / PLANTED_EACH
                      for kind in PLANTED_KINDS}
@@ -134,7 +136,9 @@ def show(name: str, result: dict) -> None:
     precision = ", ".join(f"{shape} {value:.3f} ({result['kept'][shape]} kept; judged right before: "
                           f"{result['judged_right'][shape]:.2f})" for shape, value in result["precision"].items())
     recall = ", ".join(f"{kind} {value:.2f}" for kind, value in result["recall"].items())
+    wrong = ", ".join(f"{shape} {value}" for shape, value in result["wrong_dropped"].items())
     print(f"\nEditVerifier, {name}:\n  precision among kept: {precision}\n  recall of planted bad edits: {recall}\n"
+          f"  generated edits the judge calls wrong, dropped: {wrong}\n"
           f"  perfect pixel edits kept: {result['perfect_kept']:.2f}")
 
 
@@ -153,6 +157,8 @@ def test_edit_verifier_keeps_right_edits_and_drops_planted_bad_ones(tmp_path, tr
     show(f"min_target_score={FIGURE_THRESHOLDS['min_target_score']}, other thresholds default", result)
     defaults = EditVerifier(clip)  # the same scores, judged by the defaults alone (no model call)
     show("defaults", figures(candidates, {i for i, s in scores.items() if not defaults.failures(s)}))
+    directional = EditVerifier(clip, min_directional=0.7)  # the other check on the model's scale
+    show("min_directional=0.7", figures(candidates, {i for i, s in scores.items() if not directional.failures(s)}))
     reasons = Counter(row[DROPPED_KEY].split(" (")[0].removeprefix("EditVerifier: ") for row in dropped_rows
                       if row["kind"] in PLANTED_KINDS[2:4])
     print("  reasons for no-change edits:", dict(reasons))
@@ -161,3 +167,22 @@ def test_edit_verifier_keeps_right_edits_and_drops_planted_bad_ones(tmp_path, tr
     assert result["recall"]["all"] >= 0.9 and min(result["recall"].values()) >= 0.8
     assert result["perfect_kept"] >= 0.9
     assert all(row[DROPPED_KEY].startswith("EditVerifier: ") for row in dropped_rows)
+
+
+def test_readme_example(tmp_path, monkeypatch):
+    """The README's instruction-editing pipeline runs as written (8 sources instead of 96)."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Instructions and verification\n", 1)[1]
+    example = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    assert "write_edit_sources(\"edit_data\", 96, seed=777)" in example
+    monkeypatch.chdir(tmp_path)
+    exec(example.replace("96, seed=777", "8, seed=777"), {})
+    verified = tmp_path / "edit_cache" / "dataflow_cache_step_step3.jsonl"
+    kept = rows_of(verified)
+    dropped = rows_of(verified.with_name("dataflow_cache_step_step3.dropped.jsonl"))
+    assert len(kept) + len(dropped) == 8 and kept
+    for row in kept + dropped:
+        assert row["instruction"] == f"make the {row['shape']} {row['target_colour']}"
+        assert isinstance(row["edited_images"], list) and len(row["edit_scores"]) == 1
