@@ -122,7 +122,8 @@ def _split_model_values(rows: list[dict], text_keys: Iterable[str], score_keys: 
                 texts.append(row.pop(key))
         for key in score_keys:
             if key in row:
-                scores.append(row.pop(key))
+                scores.append(row[key])
+                row[key] = _shape(row[key])  # the names and lengths, compared exactly
         for key in scored_text_keys:
             if isinstance(row.get(key), str):
                 scores.append([float(number) for number in SCORE_IN_TEXT.findall(row[key])])
@@ -131,10 +132,21 @@ def _split_model_values(rows: list[dict], text_keys: Iterable[str], score_keys: 
     return framework, texts, scores
 
 
+def _shape(value):
+    """A score value with every number blanked: its dict keys and list lengths stay."""
+    if isinstance(value, dict):
+        return {name: _shape(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_shape(item) for item in value]
+    return None
+
+
 def _flat_floats(values: list) -> list[float | None]:
     flat: list[float | None] = []
     for value in values:
-        if isinstance(value, list):
+        if isinstance(value, dict):  # named scores ({"directional": 0.91, ...}); names compared by _shape
+            flat.extend(_flat_floats(list(value.values())))
+        elif isinstance(value, list):
             flat.extend(_flat_floats(value))
         else:
             flat.append(value)
@@ -149,7 +161,7 @@ def check_golden(name: str, output_path: str | os.PathLike, root: Path, *, image
     Args:
         image_keys: columns holding paths of generated images (compared by pixels).
         model_text_keys: columns whose text a model generated (compared by agreement).
-        score_keys: columns holding model scores, floats or nested lists of them.
+        score_keys: columns holding model scores, floats or nested lists (or dicts) of them.
         scored_text_keys: columns of framework text that print model scores (a dropped row's
             reason): compared exactly with each 4-decimal number masked, the numbers as scores.
 

@@ -13,6 +13,7 @@ proves which image and question it belongs to:
 | `colour` / `color`                            | the shape's colour (`red`)                    |
 | `shape`                                       | the shape (`circle`)                          |
 | `N questions` and `JSON`                      | a JSON list of N `{"question", "answer"}` pairs |
+| `instruction` and `JSON`                      | a JSON edit proposal (`edit_proposal`)        |
 | anything else                                 | the caption (`a red circle on a blue background`) |
 
 Several images: their answers joined by `"; "`. No image: `I see no image.` An answer of
@@ -59,7 +60,7 @@ from dataflowmm.kit.loopback_server import (
     error_body,
     serve_until_interrupted,
 )
-from dataflowmm.kit.shapes import caption_for, judge_image
+from dataflowmm.kit.shapes import COLOUR_NAMES, caption_for, judge_image
 
 SCRIPTS = {
     **COMMON_SCRIPTS,
@@ -98,11 +99,28 @@ def qa_pairs(image: Image.Image, count: int) -> list[dict]:
             for question, name in itertools.islice(itertools.cycle(QA_QUESTIONS), count)]
 
 
+def edit_proposal(image: Image.Image) -> str:
+    """An edit of a shapes-world image, as JSON: `{"instruction": "make the circle green",
+    "source_caption": ..., "target_caption": ...}`, the new colour the palette's next after the
+    shape's that is not the background's; a sentence (no JSON) when no shape is found."""
+    found = judge_image(image)
+    if None in (found["shape"], found["colour"]):
+        return "I see no shape to edit."
+    start = COLOUR_NAMES.index(found["colour"])
+    colour = next(name for name in COLOUR_NAMES[start + 1:] + COLOUR_NAMES[:start]
+                  if name != found["background"])
+    return json.dumps({"instruction": f"make the {found['shape']} {colour}",
+                       "source_caption": caption_for(found["shape"], found["colour"], found["background"]),
+                       "target_caption": caption_for(found["shape"], colour, found["background"])})
+
+
 def loopback_answer(question: str, images: list[Image.Image]) -> str:
     """The server's answer to `question` about `images` (see the module's table)."""
     if not images:
         return NO_IMAGE
     lowered = question.lower()
+    if "json" in lowered and "instruction" in lowered:
+        return edit_proposal(images[0])
     if "json" in lowered and (match := _QA_COUNT.search(question)):
         return json.dumps(qa_pairs(images[0], int(match.group(1))))
     if "background" in lowered:

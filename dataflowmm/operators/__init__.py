@@ -9,6 +9,8 @@ from dataflowmm.contract import (
     StepContext,
 )
 from dataflowmm.operators.difference_captioner import DifferenceCaptioner
+from dataflowmm.operators.edit_instructions import EditInstructionGenerator
+from dataflowmm.operators.edit_verifier import EditVerifier
 from dataflowmm.operators.image_captioner import ImageCaptioner
 from dataflowmm.operators.image_deduplicator import ImageDeduplicator
 from dataflowmm.operators.image_difference_regions import ImageDifferenceRegions
@@ -32,6 +34,8 @@ from dataflowmm.operators.visual_qa import PromptedVQAGenerator, PromptTemplated
 __all__ = [
     "DROPPED_KEY",
     "DifferenceCaptioner",
+    "EditInstructionGenerator",
+    "EditVerifier",
     "ERROR_KEY",
     "ClipScoreEvaluator",
     "ClipScoreFilter",
