@@ -20,7 +20,7 @@ from dataflowmm import FileStorage
 from dataflowmm.contract import DROPPED_KEY
 from dataflowmm.io.images import save_png
 from dataflowmm.kit.shapes_edits import redraw, target_colours, write_edit_sources
-from dataflowmm.operators import EditInstructionGenerator, EditVerifier
+from dataflowmm.operators import EditInstructionGenerator, EditTriples, EditVerifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -103,3 +103,26 @@ def test_edit_verifier_golden(tmp_path, tiny_model):
     check_golden("edit_verifier", summary.output_path, tmp_path, score_keys=["edit_scores"])
     check_golden("edit_verifier.dropped", summary.dropped_path, tmp_path, score_keys=["edit_scores"],
                  scored_text_keys=[DROPPED_KEY])
+
+
+def test_edit_triples_golden(tmp_path):
+    data = tmp_path / "data"
+    sources = rows_of(write_edit_sources(data, 2, seed=5))
+    first, second = sources[0]["images"][0], sources[1]["images"][0]
+    entry = write_jsonl(data / "rows.jsonl", [
+        {"id": 0, "images": [first], "instruction": "make it red", "edited_images": [second, first]},
+        {"id": 1, "images": [first, second], "instruction": ["a", "b"], "edited_images": [second, first]},
+        {"id": 2, "images": first, "instruction": "x", "edited_images": []},  # the edit failed: no triple
+        {"id": 3, "images": [first, second], "instruction": "y", "edited_images": [first]},  # uneven: error
+        {"id": 4, "images": [first], "instruction": ["p", "q"], "edited_images": [second]},  # error
+    ])
+    summary = EditTriples(save_interval=2).run(FileStorage(entry, cache_path=tmp_path / "c").step())
+    assert (summary.rows_in, summary.rows_out, summary.errors, summary.images_written) == (5, 6, 2, 0)
+    out = rows_of(summary.output_path)
+    assert [(row["id"], row["instruction"]) for row in out] == [(0, "make it red"), (0, "make it red"), (1, "a"),
+                                                                (1, "b"), (3, "y"), (4, ["p", "q"])]
+    assert out[2]["source_image"] == "../data/" + first and out[2]["edited_image"] == "../data/" + second
+    assert "images" not in out[0] and "edited_images" not in out[0]
+    assert out[4]["error"] == "EditTriples: key 'edited_images': 1 edited images for 2 source images"
+    assert out[5]["error"] == "EditTriples: key 'instruction': 2 instructions for 1 source images"
+    check_golden("edit_triples", summary.output_path, tmp_path / "c")

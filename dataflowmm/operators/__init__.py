@@ -10,6 +10,7 @@ from dataflowmm.contract import (
 )
 from dataflowmm.operators.difference_captioner import DifferenceCaptioner
 from dataflowmm.operators.edit_instructions import EditInstructionGenerator
+from dataflowmm.operators.edit_triples import EditTriples
 from dataflowmm.operators.edit_verifier import EditVerifier
 from dataflowmm.operators.image_captioner import ImageCaptioner
 from dataflowmm.operators.image_deduplicator import ImageDeduplicator
@@ -35,6 +36,7 @@ __all__ = [
     "DROPPED_KEY",
     "DifferenceCaptioner",
     "EditInstructionGenerator",
+    "EditTriples",
     "EditVerifier",
     "ERROR_KEY",
     "ClipScoreEvaluator",
