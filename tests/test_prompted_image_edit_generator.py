@@ -146,7 +146,7 @@ def test_bad_rows_are_kept_with_their_error(tmp_path):
     errors = [row["error"] for row in rows]
     assert errors[0] is None and errors[-1] is None
     for error, expected in zip(errors[1:-1], ["missing.png", "corrupt.png", "no user turn", "no user turn",
-                                               "'conversation': missing", "no source image", "'images'"]):
+                                               "'conversation': missing", "no source image", "'images'"], strict=True):
         assert error.startswith("PromptedImageEditGenerator: ") and expected in error
     assert all(row["edited_images"] == [] for row in rows[1:-1])
     with pytest.raises(RowError, match=r"row 1: .*missing\.png"):

@@ -89,7 +89,11 @@ def test_tiny_sd_loads_with_every_auto_class(tiny_model):
 
 
 def test_tiny_instruct_pix2pix_loads_by_its_class_name_and_edits(tiny_model):
-    from diffusers import AutoPipelineForImage2Image, DiffusionPipeline, StableDiffusionInstructPix2PixPipeline
+    from diffusers import (
+        AutoPipelineForImage2Image,
+        DiffusionPipeline,
+        StableDiffusionInstructPix2PixPipeline,
+    )
     from PIL import Image
 
     folder = tiny_model("tiny-instruct-pix2pix")
