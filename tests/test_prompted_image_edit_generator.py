@@ -286,3 +286,14 @@ def test_ray_writes_the_local_runner_bytes(tmp_path, ray_cluster, tiny_model):
     for row in map(json.loads, text.splitlines()):
         for path in row["edited_images"]:
             assert (tmp_path / "local" / path).read_bytes() == (tmp_path / "ray" / path).read_bytes()
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    from test_readme_examples import readme_block
+
+    make_image(tmp_path / "photos" / "cat.png")
+    write_jsonl(tmp_path / "edits.jsonl", [{"images": ["photos/cat.png"], "conversation": user("make it snow")}])
+    monkeypatch.chdir(tmp_path)
+    exec(readme_block("Instruction-editing data"), {})
+    rows = read_jsonl(tmp_path / "cache_local" / "image_edit" / "dataflow_cache_step_step1.jsonl")
+    assert rows[0]["error"] is None and len(rows[0]["edited_images"]) == 2
