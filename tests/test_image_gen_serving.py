@@ -444,3 +444,17 @@ def test_tiny_instruct_pix2pix_edits_each_image_by_its_own_instruction(tiny_mode
     assert np.abs(_array(batched[0][0]) - _array(batched[0][1])).max() > 10  # each edit its own seed
     assert np.abs(_array(batched[1][0]) - _array(batched[2][0])).max() > 10
     serving.cleanup()
+
+
+def test_flux_image2image_pairs_each_image_with_its_own_prompt(tiny_model):
+    """diffusers' FLUX img2img tiles a batch's image latents for several images per prompt; each
+    generated image gets its own prompt and input image instead (SD's img2img has its own path)."""
+    rng = np.random.default_rng(0)
+    sources = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    serving = LocalImageGenServing(tiny_model("tiny-flux"), task="image2image", batch_size=2, num_images_per_prompt=2,
+                                   num_inference_steps=2, call_kwargs={"max_sequence_length": 32})
+    batched = serving.generate(["a cat", "a dog"], [1, 2], sources)
+    for index, images in enumerate(batched):
+        alone = serving.generate([["a cat", "a dog"][index]], [[1, 2][index]], [sources[index]])[0]
+        assert all(np.abs(_array(a) - _array(b)).max() <= 2 for a, b in zip(images, alone, strict=True))
+    serving.cleanup()

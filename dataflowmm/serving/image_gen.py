@@ -313,10 +313,10 @@ class LocalImageGenServing(LocalModelServing):
         count: int,
     ) -> dict[str, Any]:
         """Keyword arguments for one call, limited to those the pipeline's __call__ accepts."""
-        if self.task == "edit" and count > 1:
+        if self.task in IMAGE_TASKS and count > 1 and type(pipeline).__name__ not in BATCH_ENCODABLE_PIPELINES:
             # One prompt and one image per generated image: with several prompts of several images
-            # each, diffusers' editing pipelines tile the images' latents (i0 i1 i0 i1) while
-            # repeating the prompts (p0 p0 p1 p1), pairing images with the wrong instructions.
+            # each, diffusers' editing and (but SD's) img2img pipelines tile the images' latents
+            # (i0 i1 i0 i1) while repeating the prompts (p0 p0 p1 p1): wrong pairs.
             prompts = [prompt for prompt in prompts for _ in range(count)]
             images = [image for image in images for _ in range(count)]
             count = 1
