@@ -294,6 +294,6 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     make_image(tmp_path / "photos" / "cat.png")
     write_jsonl(tmp_path / "edits.jsonl", [{"images": ["photos/cat.png"], "conversation": user("make it snow")}])
     monkeypatch.chdir(tmp_path)
-    exec(readme_block("Instruction-editing data"), {})
+    exec(readme_block("Edited images from instructions"), {})
     rows = read_jsonl(tmp_path / "cache_local" / "image_edit" / "dataflow_cache_step_step1.jsonl")
     assert rows[0]["error"] is None and len(rows[0]["edited_images"]) == 2
