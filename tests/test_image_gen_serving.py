@@ -452,7 +452,8 @@ def test_flux_image2image_pairs_each_image_with_its_own_prompt(tiny_model):
     rng = np.random.default_rng(0)
     sources = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
     serving = LocalImageGenServing(tiny_model("tiny-flux"), task="image2image", batch_size=2, num_images_per_prompt=2,
-                                   num_inference_steps=2, call_kwargs={"max_sequence_length": 32})
+                                   num_inference_steps=2, height=32, width=32,  # FLUX's default is 256 px
+                                   call_kwargs={"max_sequence_length": 32})
     batched = serving.generate(["a cat", "a dog"], [1, 2], sources)
     for index, images in enumerate(batched):
         alone = serving.generate([["a cat", "a dog"][index]], [[1, 2][index]], [sources[index]])[0]
