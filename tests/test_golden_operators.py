@@ -38,6 +38,7 @@ from dataflowmm.operators import (
     ImageSizeFilter,
     ImageTask,
     ImageTextMatchingFilter,
+    PromptedImageEditGenerator,
     PromptedVQAGenerator,
     PromptTemplate,
     PromptTemplatedVQAGenerator,
@@ -462,3 +463,26 @@ def test_image_qa_generator_golden(tmp_path, chat_api):
     summary = qa.run(FileStorage(entry, cache_path=tmp_path / "cache").step())
     assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (2, 5, 0, 0)
     check_golden("image_qa_generator", summary.output_path, tmp_path)
+
+
+def test_prompted_image_edit_generator_golden(tmp_path, tiny_model):
+    from dataflowmm.serving import LocalImageGenServing
+
+    make_scenes(tmp_path / "data" / "scenes")
+    entry = write_jsonl(tmp_path / "data" / "rows.jsonl", [
+        {"id": 0, "images": ["scenes/red.png"], "conversation": [{"role": "user", "content": "make it blue"}]},
+        {"id": 1, "images": ["scenes/corrupt.png"], "conversation": [{"role": "user", "content": "x"}]},  # error row
+        {"id": 2, "images": ["scenes/gradient.png", "scenes/green.png"],  # two sizes: two model calls
+         "conversation": [{"role": "user", "content": "a cat"}, {"role": "assistant", "content": "ok"},
+                          {"role": "user", "content": "now snow, 雪"}]},
+        {"id": 3, "images": "scenes/white.png", "conversation": [{"from": "human", "value": "  "}]},  # error row
+        {"id": 4, "images": ["scenes/red.png"], "conversation": [{"role": "user", "content": "make it blue"}]},
+    ])
+    serving = LocalImageGenServing(str(tiny_model("tiny-instruct-pix2pix")), task="edit", batch_size=2,
+                                   num_images_per_prompt=2, num_inference_steps=2, image_guidance_scale=1.5,
+                                   torch_dtype="fp32")
+    editor = PromptedImageEditGenerator(serving, save_interval=3, seed=9)
+    summary = editor.run(FileStorage(entry, cache_path=tmp_path / "cache").step(), output_image_key="edits")
+    assert (summary.errors, summary.rows_out, summary.rows_dropped, summary.images_written) == (2, 5, 0, 8)
+    assert len(check_golden("prompted_image_edit_generator", summary.output_path, tmp_path,
+                            image_keys=["edits"])["images"]) == 8

@@ -48,6 +48,11 @@ def sd_serving(tiny_model):
         ({"max_safety_retries": -1}, "max_safety_retries"),
         ({"compile": "fast"}, "compile"),
         ({"compile": 1}, "compile"),
+        ({"strength": True}, "strength"),
+        ({"task": "edit", "image_guidance_scale": -1}, "image_guidance_scale"),
+        ({"image_guidance_scale": 1.5}, "task 'edit'"),  # text2image has no input image
+        ({"true_cfg_scale": "4"}, "true_cfg_scale"),
+        ({"negative_prompt": ["x"]}, "negative_prompt"),
     ],
 )
 def test_bad_arguments_fail_in_the_constructor(tiny_model, kwargs, message):
@@ -369,3 +374,88 @@ def test_batches_go_round_robin_to_replicas_and_keep_order(monkeypatch, tiny_mod
     assert [images[0].getpixel((0, 0))[0] for images in outputs] == [
         _colour(derive_seed(seed, 0)) for seed in range(7)
     ]
+
+
+# ------------------------------------------------------------- editing (task "edit")
+def test_existing_tasks_configs_keep_their_keys(tiny_model):
+    """Steps cached before the edit task and its settings existed stay valid."""
+    old_keys = {"serving", "model", "model_content", "revision", "task", "num_images_per_prompt", "height", "width",
+                "num_inference_steps", "guidance_scale", "torch_dtype", "max_safety_retries", "call_kwargs"}
+    text2image = LocalImageGenServing(tiny_model("tiny-sd")).config()
+    image2image = LocalImageGenServing(tiny_model("tiny-sd"), task="image2image").config()
+    assert set(text2image) == old_keys and set(image2image) == old_keys | {"strength"}
+    assert image2image["strength"] == 0.8
+    edit = LocalImageGenServing(tiny_model("tiny-instruct-pix2pix"), task="edit")
+    assert edit.strength is None and set(edit.config()) == old_keys
+    guided = LocalImageGenServing(tiny_model("tiny-instruct-pix2pix"), task="edit", image_guidance_scale=1.2,
+                                  true_cfg_scale=4.0, negative_prompt=" ", strength=0.5).config()
+    assert {key: guided[key] for key in set(guided) - old_keys} == {
+        "image_guidance_scale": 1.2, "true_cfg_scale": 4.0, "negative_prompt": " ", "strength": 0.5}
+
+
+class FakeEditPipeline(FakePipeline):
+    """An InstructPix2Pix-like signature: `image` and `image_guidance_scale`, no `strength`,
+    `true_cfg_scale` or `negative_prompt`."""
+
+    def __call__(self, prompt, image, num_images_per_prompt=1, num_inference_steps=50, guidance_scale=7.5,
+                 image_guidance_scale=1.5, generator=None, output_type="pil"):
+        output = super().__call__(prompt, num_images_per_prompt, num_inference_steps, generator, output_type)
+        self.calls[-1].update(images=[i.getpixel((0, 0)) for i in image], image_guidance_scale=image_guidance_scale)
+        return output
+
+
+def test_edit_gives_each_edit_its_own_prompt_and_image_and_only_accepted_settings(monkeypatch, tiny_model):
+    fake = FakeEditPipeline()
+    serving = _fake_serving(monkeypatch, tiny_model, [fake], task="edit", batch_size=2, num_images_per_prompt=2,
+                            image_guidance_scale=1.25, true_cfg_scale=4.0, negative_prompt=" ", strength=0.3)
+    sources = [Image.new("RGB", (4, 4), (value, 0, 0)) for value in (10, 20, 30)]
+    outputs = serving.generate(["a", "b", "c"], [7, 8, 9], sources)
+    first = fake.calls[0]
+    # diffusers would tile 2 images' latents for 2 prompts x 2 edits (i0 i1 i0 i1); each edit gets its own
+    assert first["prompt"] == ["a", "a", "b", "b"] and first["num_images_per_prompt"] == 1
+    assert first["images"] == [(10, 0, 0), (10, 0, 0), (20, 0, 0), (20, 0, 0)]
+    assert first["seeds"] == [derive_seed(s, j) for s in (7, 8) for j in range(2)]
+    assert first["image_guidance_scale"] == 1.25
+    assert [len(images) for images in outputs] == [2, 2, 2]
+    assert outputs[2][1].getpixel((0, 0))[0] == _colour(derive_seed(9, 1))
+
+
+def test_edit_refuses_a_pipeline_without_an_input_image(tiny_model):
+    serving = LocalImageGenServing(tiny_model("tiny-sd"), task="edit")
+    with pytest.raises(ValueError, match=r"StableDiffusionPipeline, which takes no input image.*'image2image' "
+                                         r"with a target caption"):
+        serving.load()
+    with pytest.raises(ValueError, match="edit needs one input image per prompt"):
+        serving.generate(["a"], [1])
+
+
+def test_tiny_instruct_pix2pix_edits_each_image_by_its_own_instruction(tiny_model):
+    rng = np.random.default_rng(0)
+    sources = [Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)) for _ in range(3)]
+    sources.append(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)))
+    prompts, seeds = ["make it snow", "add a hat", "night", "paint it"], [1, 2, 3, 4]
+    serving = LocalImageGenServing(tiny_model("tiny-instruct-pix2pix"), task="edit", batch_size=4,
+                                   num_images_per_prompt=2, num_inference_steps=2, image_guidance_scale=1.5)
+    batched = serving.generate(prompts, seeds, sources)
+    assert [[image.size for image in images] for images in batched] == [[(40, 24)] * 2] * 3 + [[(32, 32)] * 2]
+    alone = [serving.generate([p], [s], [i])[0] for p, s, i in zip(prompts, seeds, sources, strict=True)]
+    for together, by_itself in zip(batched, alone, strict=True):  # same pairs, noise-level differences only
+        assert all(np.abs(_array(a) - _array(b)).max() <= 2 for a, b in zip(together, by_itself, strict=True))
+    assert np.abs(_array(batched[0][0]) - _array(batched[0][1])).max() > 10  # each edit its own seed
+    assert np.abs(_array(batched[1][0]) - _array(batched[2][0])).max() > 10
+    serving.cleanup()
+
+
+def test_flux_image2image_pairs_each_image_with_its_own_prompt(tiny_model):
+    """diffusers' FLUX img2img tiles a batch's image latents for several images per prompt; each
+    generated image gets its own prompt and input image instead (SD's img2img has its own path)."""
+    rng = np.random.default_rng(0)
+    sources = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    serving = LocalImageGenServing(tiny_model("tiny-flux"), task="image2image", batch_size=2, num_images_per_prompt=2,
+                                   num_inference_steps=2, height=32, width=32,  # FLUX's default is 256 px
+                                   call_kwargs={"max_sequence_length": 32})
+    batched = serving.generate(["a cat", "a dog"], [1, 2], sources)
+    for index, images in enumerate(batched):
+        alone = serving.generate([["a cat", "a dog"][index]], [[1, 2][index]], [sources[index]])[0]
+        assert all(np.abs(_array(a) - _array(b)).max() <= 2 for a, b in zip(images, alone, strict=True))
+    serving.cleanup()

@@ -36,6 +36,7 @@ _STAMP = "dataflowmm_tiny_model.json"
 # name -> "module:function"; imported lazily so building one family needs only its code.
 TINY_MODELS: dict[str, str] = {
     "tiny-sd": "dataflowmm.models.tiny_diffusion:build_tiny_sd",
+    "tiny-instruct-pix2pix": "dataflowmm.models.tiny_diffusion:build_tiny_instruct_pix2pix",
     "tiny-flux": "dataflowmm.models.tiny_diffusion:build_tiny_flux",
     "tiny-clip": "dataflowmm.models.tiny_diffusion:build_tiny_clip",
     "tiny-blip": "dataflowmm.models.tiny_captioners:build_tiny_blip",

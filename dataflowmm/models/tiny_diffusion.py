@@ -6,6 +6,9 @@ paths as a hub model. Weights are seeded: two builds write identical files.
 
 - tiny-sd: `StableDiffusionPipeline` (UNet, KL VAE, CLIP text encoder, DDIM), 32 px by
   default, no safety checker.
+- tiny-instruct-pix2pix: `StableDiffusionInstructPix2PixPipeline`, tiny-sd's parts with an
+  8-channel UNet input (noisy latents + the source image's latents); edits keep the source
+  image's size (rounded down to even pixels).
 - tiny-flux: `FluxPipeline`, FLUX.1-dev-like (guidance embedding, CLIP + T5 encoders,
   flow-matching scheduler with dynamic shifting). `FluxPipeline` defaults to 256 px here
   (its `default_sample_size` 128 x VAE factor 2: 4096 image tokens whatever the VAE) and
@@ -91,15 +94,14 @@ def _clip_text_encoder(tokenizer):
     return CLIPTextModel(_clip_text_config(tokenizer)).eval()
 
 
-def build_tiny_sd(out_dir: Path) -> None:
-    """Write a tiny Stable Diffusion pipeline folder (~1.2 M parameters) into `out_dir`."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def _sd_unet(in_channels: int):
+    """A 2-level UNet (~1 M parameters) on 4-channel latents; `in_channels` 8 for InstructPix2Pix
+    (the noisy latents concatenated with the source image's latents)."""
+    from diffusers import UNet2DConditionModel
 
-    tokenizer = make_clip_tokenizer(model_max_length=CLIP_TEXT_MAX_LENGTH)
-    torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=16,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -109,7 +111,12 @@ def build_tiny_sd(out_dir: Path) -> None:
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    scheduler = DDIMScheduler(
+
+
+def _ddim():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -117,18 +124,41 @@ def build_tiny_sd(out_dir: Path) -> None:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipeline = StableDiffusionPipeline(
+
+
+def _build_sd_like(out_dir: Path, pipeline_class, unet_in_channels: int) -> None:
+    """An SD-family pipeline (tiny UNet, KL VAE, CLIP text encoder, DDIM, no safety checker)."""
+    tokenizer = make_clip_tokenizer(model_max_length=CLIP_TEXT_MAX_LENGTH)
+    torch.manual_seed(SEED)
+    unet = _sd_unet(unet_in_channels)
+    pipeline = pipeline_class(
         vae=_vae(),
         text_encoder=_clip_text_encoder(tokenizer),
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=_ddim(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     with quiet_saving():
         pipeline.save_pretrained(out_dir, safe_serialization=True)
+
+
+def build_tiny_sd(out_dir: Path) -> None:
+    """Write a tiny Stable Diffusion pipeline folder (~1.2 M parameters) into `out_dir`."""
+    from diffusers import StableDiffusionPipeline
+
+    _build_sd_like(out_dir, StableDiffusionPipeline, unet_in_channels=4)
+
+
+def build_tiny_instruct_pix2pix(out_dir: Path) -> None:
+    """Write a tiny InstructPix2Pix pipeline folder into `out_dir`: tiny-sd's parts with a UNet
+    taking 8 channels, saved as `StableDiffusionInstructPix2PixPipeline` (what model_index.json
+    names, so `DiffusionPipeline.from_pretrained` loads it as such)."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    _build_sd_like(out_dir, StableDiffusionInstructPix2PixPipeline, unet_in_channels=8)
 
 
 def build_tiny_flux(out_dir: Path) -> None:

@@ -29,6 +29,7 @@ from dataflowmm.operators.image_text_filters import (
     ImageTextMatchingFilter,
 )
 from dataflowmm.operators.prompt_template import PromptTemplate
+from dataflowmm.operators.prompted_image_edit_generator import PromptedImageEditGenerator
 from dataflowmm.operators.prompted_image_generator import PromptedImageGenerator
 from dataflowmm.operators.visual_qa import PromptedVQAGenerator, PromptTemplatedVQAGenerator
 
@@ -55,6 +56,7 @@ __all__ = [
     "Operator",
     "OperatorSettings",
     "PromptTemplate",
+    "PromptedImageEditGenerator",
     "PromptedImageGenerator",
     "PromptedVQAGenerator",
     "PromptTemplatedVQAGenerator",

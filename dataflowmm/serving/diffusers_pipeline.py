@@ -1,6 +1,7 @@
-"""What LocalImageGenServing does with a loaded diffusers pipeline besides calling it: which
-call arguments it takes, batched image-to-image init latents, and the GPU speed and memory
-settings (torch.compile, channels-last, VAE tiling)."""
+"""What LocalImageGenServing does around its diffusers pipelines: which class loads a model, how
+a call's inputs are checked and batched, which call arguments a pipeline takes, batched
+image-to-image init latents, and the GPU speed and memory settings (torch.compile,
+channels-last, VAE tiling)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,61 @@ def call_parameters(pipeline: Any) -> set[str]:
     parameters = inspect.signature(pipeline.__call__).parameters.values()
     keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {p.name for p in parameters if p.kind in keyword_kinds}
+
+
+def load_pipeline(task: str, source: str, dtype: dict, options: dict) -> Any:
+    """The diffusers pipeline for `task` from a hub id or folder.
+
+    "text2image" and "image2image" go through `AutoPipelineForText2Image` and
+    `AutoPipelineForImage2Image` (a text-to-image folder becomes its image-to-image sibling),
+    falling back to `DiffusionPipeline` for pipelines the auto classes do not know. "edit"
+    loads the class the folder's model_index.json names (`DiffusionPipeline`):
+    InstructPix2Pix, FLUX Kontext or Qwen-Image-Edit. (In diffusers 0.42 the auto classes
+    refuse an InstructPix2Pix folder rather than map it to SD's img2img pipeline, which would
+    not fit its 8-channel UNet; "edit" does not rely on that.)
+    """
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
+
+    if task == "edit":
+        return DiffusionPipeline.from_pretrained(source, **dtype, **options)
+    auto = AutoPipelineForText2Image if task == "text2image" else AutoPipelineForImage2Image
+    try:
+        return auto.from_pretrained(source, **dtype, **options)
+    except ValueError:  # the auto class does not know this pipeline
+        return DiffusionPipeline.from_pretrained(source, **dtype, **options)
+
+
+def check_generate_inputs(task: str, prompts: list[str], seeds: list[int], images: list[Image.Image] | None) -> None:
+    """ValueError unless there is one seed per prompt and, for the image tasks, one PIL image
+    per prompt (and no images for text-to-image)."""
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, not one string")
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+    if task == "text2image":
+        if images is not None:
+            raise ValueError("images are only used by tasks 'image2image' and 'edit'")
+        return
+    count = 0 if images is None else len(images)
+    if count != len(prompts):
+        raise ValueError(f"{task} needs one input image per prompt: got {len(prompts)} prompts and {count} images")
+    for i, image in enumerate(images or []):
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"images[{i}] is a {type(image).__name__}, not a PIL image")
+
+
+def planned_batches(count: int, batch_size: int, images: list[Image.Image] | None) -> list[list[int]]:
+    """Prompt indices in batches of `batch_size`, each split by input-image size: a pipeline
+    call resizes a batch's images to the first one's size."""
+    return [group for start in range(0, count, batch_size)
+            for group in _group_by_size(list(range(start, min(start + batch_size, count))), images)]
+
+
+def _group_by_size(indices: list[int], images: list[Image.Image] | None) -> list[list[int]]:
+    """`indices` split into runs sharing an input-image size (one run for text-to-image)."""
+    if images is None:
+        return [indices]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in indices:
+        groups.setdefault(tuple(images[i].size), []).append(i)
+    return list(groups.values())

@@ -1,7 +1,8 @@
-"""Text-to-image and image-to-image generation with local diffusers pipelines."""
+"""Text-to-image, image-to-image and instruction editing with local diffusers pipelines."""
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -19,18 +20,24 @@ from dataflowmm.serving.diffusers_pipeline import (
     batched_init_latents,
     call_parameters,
     check_compile_mode,
+    check_generate_inputs,
+    load_pipeline,
+    planned_batches,
 )
 from dataflowmm.serving.fitting import run_on_replicas
 from dataflowmm.serving.model_source import model_content
 
-TASKS = ("text2image", "image2image")
+TASKS = ("text2image", "image2image", "edit")
+IMAGE_TASKS = ("image2image", "edit")  # the tasks that take an input image per prompt
+DEFAULT_STRENGTH = 0.8
 
 
 class LocalImageGenServing(LocalModelServing):
     _unloaded = {"_pipelines": []}
 
     r"""
-    Generate images from prompts (and, for image-to-image, input images) with a local diffusers pipeline.
+    Generate images from prompts (and, for image-to-image and editing, input images) with a local
+    diffusers pipeline.
 
     The model is loaded lazily on the first `generate` (or by `load`), one replica per device; the
     constructor only checks its arguments, so a mistake fails before any model loads. Every
@@ -47,8 +54,11 @@ class LocalImageGenServing(LocalModelServing):
         model (`str` or `os.PathLike`, *optional*, defaults to `"black-forest-labs/FLUX.1-dev"`):
             Hub id or local folder of a diffusers pipeline (Stable Diffusion, SDXL, FLUX, ...).
         task (`str`, *optional*, defaults to `"text2image"`):
-            `"text2image"` (loaded with `AutoPipelineForText2Image`) or `"image2image"` (loaded with
-            `AutoPipelineForImage2Image`); `DiffusionPipeline` is the fallback for other pipelines.
+            `"text2image"` (loaded with `AutoPipelineForText2Image`), `"image2image"` (loaded with
+            `AutoPipelineForImage2Image`; the prompt describes the wanted image), with
+            `DiffusionPipeline` as the fallback for other pipelines; or `"edit"`: an instruction
+            editing pipeline, loaded as the class the model folder names (`DiffusionPipeline`):
+            InstructPix2Pix, FLUX Kontext, Qwen-Image-Edit; the prompt is the instruction.
         batch_size (`int`, *optional*, defaults to 4):
             Prompts per pipeline call.
         num_images_per_prompt (`int`, *optional*, defaults to 1):
@@ -62,8 +72,19 @@ class LocalImageGenServing(LocalModelServing):
             Denoising steps; the pipeline's default when `None`.
         guidance_scale (`float`, *optional*):
             Classifier-free (or, for FLUX.1-dev, distilled) guidance scale; the pipeline's default when `None`.
-        strength (`float`, *optional*, defaults to 0.8):
-            Image-to-image only: how much of the input image is noised, in [0, 1].
+        strength (`float`, *optional*):
+            How much of the input image is noised, in [0, 1]: 0.8 for image-to-image when not
+            given; for `"edit"` passed only when given and the pipeline takes it (the editing
+            pipelines do not).
+        image_guidance_scale (`float`, *optional*):
+            InstructPix2Pix: how closely the edit keeps to the input image (its default, 1.5, when
+            `None`); passed only to pipelines that take it. Not for text-to-image.
+        true_cfg_scale (`float`, *optional*):
+            Real classifier-free guidance of FLUX and Qwen-Image pipelines (Qwen-Image-Edit: 4.0,
+            with a `negative_prompt`); passed only to pipelines that take it.
+        negative_prompt (`str`, *optional*):
+            What the images should not show, for every prompt (Qwen-Image-Edit's true CFG needs
+            one, e.g. `" "`); passed only to pipelines that take it.
         torch_dtype (`str`, *optional*, defaults to `"auto"`):
             `"fp32"`, `"fp16"`, `"bf16"` or `"auto"` (bfloat16 on CUDA, float32 on CPU).
         revision (`str`, *optional*):
@@ -106,7 +127,10 @@ class LocalImageGenServing(LocalModelServing):
         width: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
-        strength: float = 0.8,
+        strength: float | None = None,
+        image_guidance_scale: float | None = None,
+        true_cfg_scale: float | None = None,
+        negative_prompt: str | None = None,
         torch_dtype: str = "auto",
         revision: str | None = None,
         trust_remote_code: bool = False,
@@ -122,8 +146,15 @@ class LocalImageGenServing(LocalModelServing):
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         if not isinstance(max_safety_retries, int) or max_safety_retries < 0:
             raise ValueError(f"max_safety_retries must be an int >= 0, got {max_safety_retries!r}")
-        if not 0.0 <= float(strength) <= 1.0:
+        if strength is not None and not (_is_number(strength) and 0.0 <= strength <= 1.0):
             raise ValueError(f"strength must be between 0 and 1, got {strength!r}")
+        for name, value in (("image_guidance_scale", image_guidance_scale), ("true_cfg_scale", true_cfg_scale)):
+            if value is not None and not (_is_number(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if image_guidance_scale is not None and task == "text2image":
+            raise ValueError("image_guidance_scale guides by an input image: use task 'edit' (InstructPix2Pix)")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
         if call_kwargs is not None and not isinstance(call_kwargs, dict):
             raise ValueError(f"call_kwargs must be a dict, got {type(call_kwargs).__name__}")
         self.compile = check_compile_mode(compile)
@@ -136,7 +167,11 @@ class LocalImageGenServing(LocalModelServing):
         self.width = width
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
-        self.strength = float(strength)
+        # edit: only a strength that was given (editing pipelines take none)
+        self.strength = float(strength) if strength is not None else (None if task == "edit" else DEFAULT_STRENGTH)
+        self.image_guidance_scale = image_guidance_scale
+        self.true_cfg_scale = true_cfg_scale
+        self.negative_prompt = negative_prompt
         self.max_safety_retries = max_safety_retries
         self.call_kwargs = dict(call_kwargs or {})
 
@@ -150,10 +185,13 @@ class LocalImageGenServing(LocalModelServing):
     def _load_replica(self, device: str) -> Any:
         """One pipeline on `device` with the GPU settings applied, progress bars off."""
         pipeline = self._from_pretrained()
-        if self.task == "image2image" and "image" not in call_parameters(pipeline):
+        if self.task in IMAGE_TASKS and "image" not in call_parameters(pipeline):
+            hint = ("; task 'edit' needs an instruction editing pipeline (InstructPix2Pix, FLUX Kontext, "
+                    "Qwen-Image-Edit): for a text-to-image model use task 'image2image' with a target caption"
+                    if self.task == "edit" else "")
             raise ValueError(
                 f"model {self.model!r} loaded as {type(pipeline).__name__}, which takes no input "
-                "image; it cannot serve task 'image2image'"
+                f"image; it cannot serve task {self.task!r}{hint}"
             )
         pipeline.to(device)
         apply_gpu_settings(pipeline, compile=self.compile, channels_last=self.channels_last,
@@ -162,21 +200,9 @@ class LocalImageGenServing(LocalModelServing):
         return pipeline
 
     def _from_pretrained(self) -> Any:
-        from diffusers import (
-            AutoPipelineForImage2Image,
-            AutoPipelineForText2Image,
-            DiffusionPipeline,
-        )
-
-        auto = (
-            AutoPipelineForText2Image if self.task == "text2image" else AutoPipelineForImage2Image
-        )
         try:
             source, options, dtype = self._pretrained("diffusers")
-            try:
-                return auto.from_pretrained(source, **dtype, **options)
-            except ValueError:  # the auto class does not know this pipeline
-                return DiffusionPipeline.from_pretrained(source, **dtype, **options)
+            return load_pipeline(self.task, source, dtype, options)
         except Exception as exc:
             raise model_load_error(self.model, exc) from exc
 
@@ -195,15 +221,15 @@ class LocalImageGenServing(LocalModelServing):
         flagged every attempt), in input order.
 
         `seeds[i]` seeds prompt i: its image j uses `derive_seed(seeds[i], j)`. `images[i]` is the
-        input image of prompt i (image-to-image only).
+        input image of prompt i (image-to-image and edit only).
         """
-        self._check_generate_inputs(prompts, seeds, images)
+        check_generate_inputs(self.task, prompts, seeds, images)
         if not prompts:
             return []
         if images is not None:
             images = [to_rgb(image) for image in images]
         self.load()
-        jobs = _planned_batches(len(prompts), self.batch_size, images)
+        jobs = planned_batches(len(prompts), self.batch_size, images)
 
         def run(pipeline: Any, indices: list[int]) -> list[list[Image.Image | None]]:
             with torch.inference_mode():  # per thread: each replica runs in its own
@@ -214,28 +240,6 @@ class LocalImageGenServing(LocalModelServing):
             for index, per_prompt in zip(job, generated, strict=True):
                 outputs[index] = per_prompt
         return outputs
-
-    def _check_generate_inputs(
-        self, prompts: list[str], seeds: list[int], images: list[Image.Image] | None
-    ) -> None:
-        if isinstance(prompts, str):
-            raise ValueError("prompts must be a list of strings, not one string")
-        if len(seeds) != len(prompts):
-            raise ValueError(
-                f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt"
-            )
-        if self.task == "image2image":
-            count = 0 if images is None else len(images)
-            if count != len(prompts):
-                raise ValueError(
-                    f"image2image needs one input image per prompt: got {len(prompts)} prompts "
-                    f"and {count} images"
-                )
-            for i, image in enumerate(images or []):
-                if not isinstance(image, Image.Image):
-                    raise ValueError(f"images[{i}] is a {type(image).__name__}, not a PIL image")
-        elif images is not None:
-            raise ValueError("images are only used by task 'image2image'")
 
     def _generate_group(
         self,
@@ -309,6 +313,13 @@ class LocalImageGenServing(LocalModelServing):
         count: int,
     ) -> dict[str, Any]:
         """Keyword arguments for one call, limited to those the pipeline's __call__ accepts."""
+        if self.task in IMAGE_TASKS and count > 1 and type(pipeline).__name__ not in BATCH_ENCODABLE_PIPELINES:
+            # One prompt and one image per generated image: with several prompts of several images
+            # each, diffusers' editing and (but SD's) img2img pipelines tile the images' latents
+            # (i0 i1 i0 i1) while repeating the prompts (p0 p0 p1 p1): wrong pairs.
+            prompts = [prompt for prompt in prompts for _ in range(count)]
+            images = [image for image in images for _ in range(count)]
+            count = 1
         wanted: dict[str, Any] = {
             "prompt": prompts,
             "num_images_per_prompt": count,
@@ -316,12 +327,15 @@ class LocalImageGenServing(LocalModelServing):
             "width": self.width,
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
+            "image_guidance_scale": self.image_guidance_scale,
+            "true_cfg_scale": self.true_cfg_scale,
+            "negative_prompt": None if self.negative_prompt is None else [self.negative_prompt] * len(prompts),
             "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             "output_type": "pil",
         }
-        if self.task == "image2image":
+        if self.task in IMAGE_TASKS:
             wanted["image"] = images
-            if type(pipeline).__name__ in BATCH_ENCODABLE_PIPELINES:
+            if self.task == "image2image" and type(pipeline).__name__ in BATCH_ENCODABLE_PIPELINES:
                 wanted["image"] = batched_init_latents(pipeline, images, wanted["generator"], count)
             wanted["strength"] = self.strength
         accepted = call_parameters(pipeline)
@@ -336,7 +350,9 @@ class LocalImageGenServing(LocalModelServing):
         """Everything that affects the generated images, as plain JSON (for step fingerprints).
 
         `batch_size`, the devices, `compile` and `channels_last` are left out: they change pixels
-        only by floating-point noise. `vae_tiling` is recorded when on (it changes tile seams).
+        only by floating-point noise. `vae_tiling` is recorded when on (it changes tile seams), the
+        settings newer than the cached steps (`image_guidance_scale`, `true_cfg_scale`,
+        `negative_prompt`, an edit's `strength`) when set, so those steps stay valid.
         """
         values = {
             "serving": type(self).__name__,
@@ -353,8 +369,11 @@ class LocalImageGenServing(LocalModelServing):
             "max_safety_retries": self.max_safety_retries,
             "call_kwargs": self.call_kwargs,
         }
-        if self.task == "image2image":
+        if self.strength is not None and self.task in IMAGE_TASKS:
             values["strength"] = self.strength
+        for name in ("image_guidance_scale", "true_cfg_scale", "negative_prompt"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
         if self.vae_tiling:  # only when on, so steps cached before this setting existed stay valid
             values["vae_tiling"] = True
         return jsonable(values)
@@ -363,18 +382,5 @@ class LocalImageGenServing(LocalModelServing):
         return f"{type(self).__name__}(model={self.model!r}, task={self.task!r}, devices={self.devices})"
 
 
-def _planned_batches(count: int, batch_size: int, images: Sequence[Image.Image] | None) -> list[list[int]]:
-    """Prompt indices in batches of `batch_size`, each split by input-image size: a pipeline
-    call resizes a batch's images to the first one's size."""
-    return [group for start in range(0, count, batch_size)
-            for group in _group_by_size(list(range(start, min(start + batch_size, count))), images)]
-
-
-def _group_by_size(indices: list[int], images: Sequence[Image.Image] | None) -> list[list[int]]:
-    """`indices` split into runs sharing an input-image size (one run for text-to-image)."""
-    if images is None:
-        return [indices]
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i in indices:
-        groups.setdefault(tuple(images[i].size), []).append(i)
-    return list(groups.values())
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
