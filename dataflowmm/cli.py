@@ -29,7 +29,10 @@ DEMO_PIPELINES = [
     ("image_generation_task_pipeline.py", "image_generation_task"),
     ("image_difference_caption_pipeline.py", "image_difference"),
     ("visual_qa_pipeline.py", "visual_qa"),
+    ("image_editing_pipeline.py", "image_editing"),
 ]
+# These talk to a loopback chat server through the openai client (the `api` extra).
+NEEDS_OPENAI = ("visual_qa", "image_editing")
 # The demo ends by pointing at this pipeline's gallery page (written by its publish step): the
 # shapes world's images mean something, so a person can judge them, captions and scores.
 DEMO_GALLERY = "shapes_world"
@@ -85,7 +88,7 @@ def demo(out: Path) -> None:
     init_project(out, force=True)
     for script, name in DEMO_PIPELINES:
         click.echo(f"== {script} --tiny")
-        if name == "visual_qa" and importlib.util.find_spec("openai") is None:
+        if name in NEEDS_OPENAI and importlib.util.find_spec("openai") is None:
             click.echo("   skipped: the loopback chat server is spoken to through the openai client "
                        "(pip install 'dataflowmm[api]')")
             continue
@@ -96,6 +99,9 @@ def demo(out: Path) -> None:
             continue
         if name == "visual_qa":
             _show_visual_qa(summaries)
+            continue
+        if name == "image_editing":
+            _show_image_editing(summaries)
             continue
         for summary in summaries if isinstance(summaries, list) else [summaries]:
             _show_output(summary.output_path)
@@ -126,6 +132,20 @@ def _show_visual_qa(summaries: list) -> None:
     conversation = json.loads(open(summaries[1].output_path, encoding="utf-8").readline())["conversations"]
     click.echo("   conversation of the first image: " + json.dumps(conversation, ensure_ascii=False)[:300])
     click.echo(f"   answers: {summaries[0].output_path}; conversations: {summaries[1].output_path}")
+
+
+def _show_image_editing(summaries: list) -> None:
+    """instruction -> what the verifier said about the edit (its scores, or why it was dropped)."""
+    verified = summaries[3]
+    rows = [json.loads(line) for line in open(verified.output_path, encoding="utf-8")]
+    if verified.dropped_path:
+        rows += [json.loads(line) for line in open(verified.dropped_path, encoding="utf-8")]
+    click.echo(f"   {'instruction':26s} {'directional':>11s} {'target':>6s}  verdict")
+    for row in sorted(rows, key=lambda row: row["id"]):
+        scores = row["edit_scores"]
+        verdict = row.get("dropped_by", "kept").removeprefix("EditVerifier: ")
+        click.echo(f"   {row['instruction']:26s} {scores['directional']:11.2f} {scores['target_score']:6.2f}  {verdict}")
+    click.echo(f"   edit triples: {summaries[-1].output_path}")
 
 
 def _show_output(output_path: str, rows_shown: int = 2) -> None:

@@ -113,6 +113,10 @@ def test_demo_runs_every_pipeline_on_tiny_models(tmp_path):
     samples = load_llava_samples(cache / "visual_qa" / "llava" / "conversations.json", cache / "visual_qa" / "llava")
     assert len(samples) == len(conversations) and all(sample["images"] for sample in samples)
     assert samples[0]["conversations"][1]["value"] == conversations[0]["conversations"][1]["value"]
+    # Instruction edits by shapes-sd, verified: most kept, each an edit triple.
+    edits = [json.loads(line) for line in open(cache / "image_editing" / "dataflow_cache_step_step6.jsonl")]
+    assert len(edits) >= 5 and all(row["source_image"] and row["edited_image"] for row in edits)
+    assert edits[0]["instruction"] in result.output and "edit triples:" in result.output
     assert "demo finished" in result.output
     # The demo ends on the gallery a person can judge: the shapes world's kept and dropped rows.
     gallery = cache / "shapes_world" / "gallery.html"
