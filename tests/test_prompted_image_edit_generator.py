@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dataflowmm import FileStorage
@@ -255,37 +254,6 @@ def test_shapes_sd_image2image_with_a_target_caption(tmp_path, trained_model):
     judged = judge_generated(images, [row["target"] for row in rows_in], trained_model("shapes-clip"))
     print(f"shapes-sd image2image with a target caption (new shape colour): {judged}")
     assert judged["background"] >= 0.75 and judged["colour"] >= 0.5, judged  # the target caption is followed
-
-
-@pytest.mark.slow  # ~30 s: two Ray actors each import torch and diffusers and load the tiny InstructPix2Pix
-def test_ray_writes_the_local_runner_bytes(tmp_path, ray_cluster, tiny_model):
-    from dataflowmm.execution.ray_runner import RayRunner
-
-    names = [make_image(tmp_path / "data" / f"{i}.png", seed=i) for i in range(3)]
-    entry = write_jsonl(tmp_path / "data" / "in.jsonl", [
-        {"images": [names[0]], "conversation": user("snow")},
-        {"images": ["missing.png"], "conversation": user("gone")},
-        {"images": names[1:], "conversation": user("paint")},
-        {"images": [names[2]], "conversation": user("night")},
-    ])
-
-    def operator():
-        return PromptedImageEditGenerator(str(tiny_model("tiny-instruct-pix2pix")), batch_size=2,
-                                          num_inference_steps=2, save_interval=2)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # each of the 2 actors gets one of the 2 cores
-    try:
-        local = operator().run(FileStorage(entry, cache_path=tmp_path / "local").step())
-    finally:
-        torch.set_num_threads(threads)
-    on_ray = operator().run(FileStorage(entry, cache_path=tmp_path / "ray", runner=RayRunner(replicas=2)).step())
-    text = Path(local.output_path).read_bytes()
-    assert text == Path(on_ray.output_path).read_bytes()
-    assert local.errors == on_ray.errors == 1 and local.images_written == on_ray.images_written == 4
-    for row in map(json.loads, text.splitlines()):
-        for path in row["edited_images"]:
-            assert (tmp_path / "local" / path).read_bytes() == (tmp_path / "ray" / path).read_bytes()
 
 
 def test_readme_example_runs(tmp_path, monkeypatch):
