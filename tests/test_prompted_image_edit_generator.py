@@ -1,6 +1,6 @@
 """PromptedImageEditGenerator: a scripted serving for calls, seeds, batching and bad rows; the tiny
 InstructPix2Pix and the trained shapes SD (image-to-image with a target caption) end to end;
-the Ray runner writes the local runner's bytes."""
+on Ray, see test_image_editing_pipeline.py (every step of the editing scaffold)."""
 
 import inspect
 import json
