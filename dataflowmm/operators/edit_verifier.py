@@ -62,7 +62,7 @@ class EditVerifier(Operator):
 
     The edited column holds one path (scores: one dict) or a list of paths (scores: a list of
     dicts, in order): with `any_or_all="all"` every edited image must pass, with `"any"` one
-    must. For one training pair per edited image, give each edited image its own row upstream.
+    must. For one training pair per edited image, split the rows first (`EditTriples`).
     A dropped row's reason names every check that failed (`"directional 0.1203 < 0.2, target
     gain -0.0312 <= 0.0"`; with a list, per image: `"image 2: ..."`). The source column holds
     one path or a list of one. A row whose images cannot be read, without an edited image, or
