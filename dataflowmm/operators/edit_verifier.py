@@ -28,7 +28,7 @@ from PIL import Image
 
 from dataflowmm.checks import check_positive_int
 from dataflowmm.contract import Input, Operator, Output, StepContext
-from dataflowmm.io.images import ImageReadError, load_image
+from dataflowmm.operators.image_captioner import load_row_images
 from dataflowmm.operators.image_difference_regions import difference_mask
 from dataflowmm.operators.sample_format import row_image_paths
 from dataflowmm.serving.common import build_serving
@@ -168,9 +168,9 @@ class EditVerifier(Operator):
             if not isinstance(caption, str) or not caption.strip():
                 raise ValueError(f"key {key!r}: expected a caption, got {caption!r}")
             captions.append(caption)
-        source = _load(sources[0], self.keys.source)
-        edited = [_load(path, self.keys.edited) for path in edited_paths]
-        return source, edited, captions[0], captions[1]
+        source = load_row_images(sources, self.keys.source)[sources[0]]
+        loaded = load_row_images(edited_paths, self.keys.edited)
+        return source, [loaded[path] for path in edited_paths], captions[0], captions[1]
 
     def edit_scores(self, source: Image.Image, edited: Image.Image, embeddings: dict[str, Any]) -> dict:
         """One edited image's scores, from the pixels and the pair's embeddings (`source`,
@@ -245,13 +245,6 @@ class EditVerifier(Operator):
         reasons = "; ".join(f"image {number}: {', '.join(failed)}" for number, failed in enumerate(failures, 1)
                             if failed)
         return self.drop_row(row, f"{reasons} ({self.any_or_all})")
-
-
-def _load(path: str, key: str) -> Image.Image:
-    try:
-        return load_image(path)
-    except ImageReadError as error:
-        raise ValueError(f"key {key!r}: {error}") from None
 
 
 def _direction_cosine(a: np.ndarray, b: np.ndarray) -> float:
