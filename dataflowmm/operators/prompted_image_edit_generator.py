@@ -9,7 +9,8 @@ from PIL import Image
 
 from dataflowmm.checks import check_positive_int
 from dataflowmm.contract import Input, Operator, Output, RowError, StepContext
-from dataflowmm.io.images import ImageOutput, ImageReadError, load_image
+from dataflowmm.io.images import ImageOutput
+from dataflowmm.operators.image_captioner import load_row_images
 from dataflowmm.operators.prompted_image_generator import conversation_prompts
 from dataflowmm.operators.sample_format import row_image_paths
 from dataflowmm.seeds import derive_seed
@@ -144,8 +145,7 @@ class PromptedImageEditGenerator(Operator):
         return [self.keys.image, self.keys.prompt or self.keys.conversation]
 
     def _row_job(self, row: dict) -> tuple[list[Image.Image], list[str]]:
-        """The row's source images and one instruction per image; ValueError or ImageReadError
-        says what is wrong."""
+        """The row's source images and one instruction per image; ValueError says what is wrong."""
         paths = row_image_paths(row.get(self.keys.image), self.keys.image)
         if not paths:
             raise ValueError(f"key {self.keys.image!r}: no source image")
@@ -156,7 +156,8 @@ class PromptedImageEditGenerator(Operator):
             instructions = row_instructions(row[key], key, len(paths))
         else:
             instructions = [conversation_prompts(row[key], key)[-1]] * len(paths)
-        return [load_image(path) for path in paths], instructions
+        loaded = load_row_images(paths, self.keys.image)
+        return [loaded[path] for path in paths], instructions
 
     def process_batch(self, rows: list[dict], row_ids: list[str], context: StepContext) -> list[dict]:
         failed: dict[int, str] = {}
@@ -164,7 +165,7 @@ class PromptedImageEditGenerator(Operator):
         for offset, row in enumerate(rows):
             try:
                 sources, instructions = self._row_job(row)
-            except (ImageReadError, ValueError) as error:
+            except ValueError as error:
                 failed[offset] = str(error)
                 continue
             pairs.extend((offset, index, source, text)
