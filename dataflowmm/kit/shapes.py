@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -196,6 +197,8 @@ def write_shapes_dataset(
     seed: int = TRAIN_SEED,
     world: ShapesWorld | None = None,
     file_name: str = "shapes.jsonl",
+    image_prefix: str = "",
+    extra_columns: Callable[[int, dict], dict] | None = None,
 ) -> Path:
     r"""
     Write a toy image-text dataset: `count` PNG images and one jsonl row per image.
@@ -215,6 +218,10 @@ def write_shapes_dataset(
             The generator; the default world when `None`.
         file_name (`str`, *optional*, defaults to `"shapes.jsonl"`):
             Name of the jsonl file inside `folder`.
+        image_prefix (`str`, *optional*, defaults to `""`):
+            Start of each image's file name (`images/{image_prefix}{seed}_{index:06d}.png`).
+        extra_columns (`Callable`, *optional*):
+            `extra_columns(index, attributes)` returns more columns for sample `index`'s row.
 
     Returns:
         `Path`: the jsonl file.
@@ -224,9 +231,10 @@ def write_shapes_dataset(
     rows = []
     for index in range(count):
         image, caption, attributes = world.sample(index, seed)
-        relative = f"images/{seed}_{index:06d}.png"
+        relative = f"images/{image_prefix}{seed}_{index:06d}.png"
         save_png(image, folder / relative)
-        rows.append({"images": [relative], "text": caption, **attributes})
+        rows.append({"images": [relative], "text": caption, **attributes,
+                     **(extra_columns(index, attributes) if extra_columns else {})})
     path = folder / file_name
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
     return path

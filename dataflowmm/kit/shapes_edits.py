@@ -17,16 +17,20 @@ other colours (a perfect edit, or a planted bad one: a wrong colour, the backgro
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from dataflowmm.io.atomic import atomic_write_text
-from dataflowmm.io.images import save_png
-from dataflowmm.kit.shapes import COLOUR_NAMES, COLOURS, ShapesWorld, _draw_shape, judge_image
+from dataflowmm.kit.shapes import (
+    COLOUR_NAMES,
+    COLOURS,
+    ShapesWorld,
+    _draw_shape,
+    judge_image,
+    write_shapes_dataset,
+)
 from dataflowmm.seeds import derive_seed
 
 # The shapes world's edit: the shape takes another colour (the shape's, never the background's).
@@ -53,18 +57,11 @@ def write_edit_sources(folder: str | os.PathLike, count: int, seed: int = 777, w
     Returns:
         `Path`: the jsonl file.
     """
-    world = world or ShapesWorld()
-    folder = Path(folder)
-    rows = []
-    for index in range(count):
-        image, caption, attributes = world.sample(index, seed)
-        relative = f"images/source_{seed}_{index:06d}.png"
-        save_png(image, folder / relative)
-        target = random.Random(derive_seed("shapes-edit-target", seed, index)).choice(target_colours(attributes))
-        rows.append({"images": [relative], "text": caption, **attributes, "target_colour": target})
-    path = folder / file_name
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    def target(index: int, attributes: dict) -> dict:
+        rng = random.Random(derive_seed("shapes-edit-target", seed, index))
+        return {"target_colour": rng.choice(target_colours(attributes))}
+
+    return write_shapes_dataset(folder, count, seed, world, file_name, image_prefix="source_", extra_columns=target)
 
 
 def redraw(attributes: dict, colour: str | None = None, background: str | None = None,
