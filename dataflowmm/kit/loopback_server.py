@@ -16,6 +16,17 @@ from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
+
+class _Server(ThreadingHTTPServer):
+    """A thread per request, and room for every connection a burst of clients opens at once:
+    with socketserver's listen backlog of 5, the connections past it wait for a SYN
+    retransmission (1 s), so a client with a short time-out gave up on a request the server
+    never saw, and request counts came out short."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+
 # Actions every loopback server knows; each server adds its own.
 COMMON_SCRIPTS: dict[str, list[str]] = {
     "[429-wait]": ["429-wait", "ok"],
@@ -88,8 +99,7 @@ class LoopbackServer:
 
     def start(self):
         handler = type("Handler", (self.handler,), {"api": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", self.port), handler)
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
