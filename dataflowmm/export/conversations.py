@@ -33,7 +33,14 @@ from typing import Any
 
 import orjson
 
-from dataflowmm.export.training_rows import TrainingRow, TrainingRows, sample_key, text_column_of
+from dataflowmm.export.training_rows import (
+    DETECTION_ROWS,
+    TrainingRow,
+    TrainingRows,
+    detect_image_columns,
+    sample_key,
+    text_column_of,
+)
 from dataflowmm.io.atomic import atomic_file
 from dataflowmm.io.records import iter_records
 
@@ -111,7 +118,9 @@ class ConversationExport:
         self.style = style
         self.prompt = prompt
         self.link = link
-        first_rows = list(itertools.islice(iter_records(self.step_file), 1000))
+        first_rows = list(itertools.islice(iter_records(self.step_file), DETECTION_ROWS))
+        if image_columns is None:  # from the rows already read, not a second read by TrainingRows
+            image_columns = detect_image_columns(first_rows)
         if conversation_column is None and any("conversations" in row for row in first_rows):
             conversation_column = "conversations"
         self.conversation_column = conversation_column
