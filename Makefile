@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-training bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The shapes-world recipes trained from scratch (minutes): run after changing one.
+test-training: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m training
 
 bench: $(BIN)/.installed
 	for b in framework_overhead export text_to_image captioning augmentation image_editing api_image_generation difference_captions visual_qa; do HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/$$b.py || exit 1; done

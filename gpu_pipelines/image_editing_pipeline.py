@@ -153,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true",
                         help="offline: shapes-sd edits by target caption, shapes-clip verifies, a loopback chat "
-                             "server captions differences (first run trains the shapes models: minutes)")
+                             "server captions differences")
     parser.add_argument("--model", default="timbrooks/instruct-pix2pix",
                         help="editing model: InstructPix2Pix, black-forest-labs/FLUX.1-Kontext-dev, Qwen/Qwen-Image-Edit")
     parser.add_argument("--image2image", action="store_true",

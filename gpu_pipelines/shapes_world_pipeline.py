@@ -3,7 +3,7 @@ prompts -> images (shapes-sd) -> captions (shapes-captioner) -> image-prompt sco
 (shapes-clip) -> only the images that show their prompt, and a gallery page of them (with
 the rows the filter dropped, and why).
 
-    python shapes_world_pipeline.py      # first run trains the three shapes models (minutes, CPU)
+    python shapes_world_pipeline.py      # the three shapes models ship with the package (CPU, seconds)
     python shapes_world_pipeline.py --runner ray --replicas 2                   # on Ray
 
 Swap in real models with --sd-model, --caption-model and --clip-model (hub ids or folders).

@@ -37,7 +37,7 @@ def tiny_model(tiny_models_dir):
 @pytest.fixture(scope="session")
 def trained_model(tiny_models_dir):
     """trained_model("shapes-clip") -> folder of that trained model (`trained:shapes-clip`),
-    trained on first use (minutes) and cached in the session's models folder."""
+    copied from the shipped weights on first use and cached in the session's models folder."""
     from dataflowmm.models.tiny import trained_model_path
 
     return lambda name: trained_model_path(name, tiny_models_dir)

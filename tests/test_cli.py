@@ -54,13 +54,17 @@ def test_scaffolded_pipeline_runs_with_tiny(tmp_path):
     assert noise == []  # the model libraries' notices and load bars are hidden
 
 
-def test_wheel_carries_the_scaffolds(tmp_path):
+def test_wheel_carries_the_scaffolds_and_the_shipped_weights(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path), str(REPO)], check=True)
     wheel = next(tmp_path.glob("dataflowmm-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "dataflowmm/_scaffolds/gpu_pipelines/text_to_image_generation_pipeline.py" in names
     assert "dataflowmm/_scaffolds/example_data/text_to_image/prompts.jsonl" in names
+    shipped = {path.relative_to(REPO).as_posix() for path in (REPO / "dataflowmm/kit/weights").rglob("*")
+               if path.is_file()}
+    assert "dataflowmm/kit/weights/shapes-sd/unet/diffusion_pytorch_model.safetensors" in shipped
+    assert shipped <= set(names)  # .gitignore's *.safetensors keeps none of them out
     # installed from the wheel (not the checkout), init still finds them
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
@@ -73,6 +77,12 @@ def test_wheel_carries_the_scaffolds(tmp_path):
     assert where.strip().startswith(str(target))
     subprocess.run([sys.executable, "-c", code, "init", str(project)], check=True, env=env, cwd=tmp_path)
     assert (project / "gpu_pipelines" / "text_to_image_generation_pipeline.py").is_file()
+    # and trained:NAME resolves from the installed copy, with no training
+    resolved = subprocess.run(
+        [sys.executable, "-c", "from dataflowmm.kit.shipped_weights import shipped_folder; "
+                               "print(shipped_folder('shapes-clip'))"],
+        check=True, env=env, capture_output=True, text=True, cwd=tmp_path).stdout
+    assert resolved.strip().startswith(str(target))
 
 
 def test_demo_runs_every_pipeline_on_tiny_models(tmp_path):

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 KIT = f"{PACKAGE}.kit"
 # Modules outside the core that may import the kit, each with its reason.
 CLI_ONLY = {
-    f"{PACKAGE}.cli": "the `dataflowmm` command: `models tiny` prints trained models' reports",
+    f"{PACKAGE}.cli": "the `dataflowmm` command: `models train` trains and ships the shapes-world models",
     f"{PACKAGE}.scaffold": "writes the scaffolds (gpu_pipelines/), which may use the kit",
 }
 

@@ -130,3 +130,11 @@ def _evaluate_captioner(model, tokenizer, image_processor, recipe: CaptionerReci
     return attribute_accuracies(predicted, truth)
 
 
+def evaluate_shapes_captioner(folder: Path, recipe: CaptionerRecipe | None = None) -> dict:
+    """The held-out figures of the shapes-captioner saved in `folder` (its training's evaluation)."""
+    from transformers import AutoTokenizer, VisionEncoderDecoderModel, ViTImageProcessor
+
+    recipe = recipe_for("shapes-captioner", recipe, CaptionerRecipe)
+    model = VisionEncoderDecoderModel.from_pretrained(folder, dtype=torch.float32)
+    return _evaluate_captioner(model, AutoTokenizer.from_pretrained(folder),
+                               ViTImageProcessor.from_pretrained(folder), recipe)

@@ -138,3 +138,11 @@ def _evaluate_clip(model, tokenizer, image_processor, recipe: ClipRecipe) -> dic
     return attribute_accuracies([captions[p] for p in predicted], [captions[t] for t in truth])
 
 
+def evaluate_shapes_clip(folder: Path, recipe: ClipRecipe | None = None) -> dict:
+    """The held-out figures of the shapes-clip saved in `folder` (its training's evaluation)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    recipe = recipe_for("shapes-clip", recipe, ClipRecipe)
+    processor = CLIPProcessor.from_pretrained(folder)
+    model = CLIPModel.from_pretrained(folder, dtype=torch.float32)
+    return _evaluate_clip(model, processor.tokenizer, processor.image_processor, recipe)

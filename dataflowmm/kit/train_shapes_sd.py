@@ -266,6 +266,19 @@ def _evaluate_sd(pipeline, clip_folder: Path, recipe: DiffusionRecipe) -> dict:
     return judge_generated(images, prompts, clip_folder)
 
 
+def evaluate_shapes_sd(folder: Path, clip_folder: Path, recipe: DiffusionRecipe | None = None) -> dict:
+    """The held-out figures of the shapes-sd saved in `folder`, judged by the shapes-clip in
+    `clip_folder` (its training's evaluation)."""
+    from diffusers import StableDiffusionPipeline
+
+    from dataflowmm.serving.common import dtype_keyword
+
+    recipe = recipe_for("shapes-sd", recipe, DiffusionRecipe)
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, **{dtype_keyword("diffusers"): torch.float32})
+    pipeline.set_progress_bar_config(disable=True)
+    return _evaluate_sd(pipeline, clip_folder, recipe)
+
+
 def judge_generated(images: list, prompts: list[str], clip_folder: str | Path) -> dict:
     """How often generated `images` match their shapes-world `prompts`.
 

@@ -6,9 +6,10 @@ They are built with the real libraries' configs and tokenizers made in memory, s
 Tests, benchmarks and the offline demo use them. Two kinds, two reference prefixes:
 
 - `tiny:NAME` (`TINY_MODELS`): random weights, built in seconds; they exercise code paths.
-- `trained:NAME` (`TRAINED_MODELS`): trained on the shapes world in a minute or two each
-  (by the kit, `dataflowmm.kit`), so they also mean something; cached under a name
-  carrying a hash of their training recipe.
+- `trained:NAME` (`TRAINED_MODELS`): trained on the shapes world (by the kit,
+  `dataflowmm.kit`), so they also mean something; their weights ship with the package and
+  are copied into the models folder on first use (about a second), under a name carrying
+  the hash of their training recipe and a digest of the weights.
 
 This module imports neither the servings nor the kit: the trained models' table names the
 kit's module as a string, resolved with importlib when one is needed.
@@ -46,11 +47,10 @@ TINY_MODELS: dict[str, str] = {
     "tiny-llava-next": "dataflowmm.models.tiny_vlms:build_tiny_llava_next",
     "tiny-blip-itm": "dataflowmm.models.tiny_vlms:build_tiny_blip_itm",
 }
-# name -> the kit module that trains it (minutes, not seconds), on first use. The module
-# provides `folder_name(name)` (the name plus a hash of the training recipe, e.g.
-# "shapes-clip-1a2b3c4d", so a changed recipe trains anew instead of reusing weights trained
-# by another) and `build(name, out_dir, models_dir)` (shapes-sd reuses shapes-clip from the
-# models folder). This table is the core's one reference to the kit.
+# name -> the kit module that provides it. The module provides `folder_name(name)` (the
+# name plus the recipe hash and a weights digest, e.g. "shapes-clip-1a2b3c4d-9f8e7d6c", so
+# other weights never reuse a stale copy) and `build(name, out_dir, models_dir)` (copies the
+# shipped weights). This table is the core's one reference to the kit.
 TRAINED_MODELS: dict[str, str] = {
     "shapes-clip": "dataflowmm.kit.trained_models",
     "shapes-captioner": "dataflowmm.kit.trained_models",
@@ -104,8 +104,9 @@ def tiny_model_path(name: str, models_dir: str | Path | None = None) -> Path:
 
 
 def trained_model_path(name: str, models_dir: str | Path | None = None) -> Path:
-    """Folder of trained toy model `name` (`trained:NAME`), trained on first use (minutes)
-    and reused after, also by other processes sharing the models folder."""
+    """Folder of trained toy model `name` (`trained:NAME`), copied from the shipped weights
+    on first use (about a second) and reused after, also by other processes sharing the
+    models folder."""
     trainer = _trainer(name)
     return _built_folder(name, trainer.folder_name(name),
                          lambda staging, root: trainer.build(name, staging, models_dir=root),
@@ -144,7 +145,7 @@ def _built_folder(name: str, folder_name: str, build: Callable[[Path, Path], obj
 @contextmanager
 def _build_lock(root: Path, folder_name: str) -> Iterator[None]:
     """One build of a folder at a time across processes, so two test sessions sharing a
-    models folder do not both spend minutes training the same model (POSIX only)."""
+    models folder do not both build (or copy) the same model (POSIX only)."""
     try:
         import fcntl
     except ImportError:  # Windows: concurrent builds stay correct, only wasteful
@@ -159,8 +160,8 @@ def _build_lock(root: Path, folder_name: str) -> Iterator[None]:
 
 
 def build_tiny_models(models_dir: str | Path, names: list[str] | None = None) -> dict[str, Path]:
-    """Build (or reuse) the named models; by default every random-weight one (trained
-    models take minutes, so they are built only when named)."""
+    """Build (or reuse) the named models; by default every random-weight one (the trained
+    ones are copied from the shipped weights when named)."""
     names = names or list(TINY_MODELS)
     return {name: trained_model_path(name, models_dir) if name in TRAINED_MODELS
             else tiny_model_path(name, models_dir) for name in names}

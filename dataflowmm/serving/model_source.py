@@ -3,8 +3,8 @@
 A model reference is one of:
 - `tiny:NAME`: a tiny random-weight model (`dataflowmm models list`), built on first use
   (seconds) into `$DATAFLOWMM_MODELS_DIR`;
-- `trained:NAME`: a toy model trained on the shapes world, trained on first use (minutes)
-  into the same folder and identified by its recipe hash;
+- `trained:NAME`: a toy model trained on the shapes world, its shipped weights copied on
+  first use into the same folder and identified by its recipe hash and weights digest;
 - a local folder, identified by its content (config files and weights), so a folder
   rebuilt with other weights at the same path does not reuse cached steps;
 - a Hugging Face Hub id. When the Hub cannot be reached (and `HF_HUB_OFFLINE` is not set),
