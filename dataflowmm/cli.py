@@ -192,7 +192,7 @@ def models_train(name: str, out: Path | None) -> None:
 
     models_dir = default_models_dir()
     with tempfile.TemporaryDirectory(prefix=f"train-{name}-") as trained:
-        report = train(name, Path(trained), models_dir)
+        train(name, Path(trained), models_dir)
         report = ship(name, Path(trained), out, models_dir)
     where = out or _shipped_folder(name)
     click.echo(f"trained {name} (recipe {report['recipe_hash']}) in {report['training_seconds']:.0f} s "

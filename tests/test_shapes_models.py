@@ -44,23 +44,23 @@ def _held_out(count: int):
 # --------------------------------------------------------------------------- recipes and cache
 
 
-def test_folder_names_carry_the_recipe_hash():
-    clip = shapes_recipes.folder_name("shapes-clip")
-    assert clip.startswith("shapes-clip-") and len(clip) == len("shapes-clip-") + 8
-    assert shapes_recipes.folder_name("shapes-clip") == clip  # stable
+def test_recipe_hash_changes_with_the_recipe_and_the_world():
+    clip = shapes_recipes.recipe_hash("shapes-clip")
+    assert len(clip) == 8 and shapes_recipes.recipe_hash("shapes-clip") == clip  # stable
+    assert trained_models.folder_name("shapes-clip").startswith(f"shapes-clip-{clip}-")
     changed = dataclasses.replace(shapes_recipes.RECIPES["shapes-clip"], steps=5)
-    assert shapes_recipes.folder_name("shapes-clip", changed) != clip
+    assert shapes_recipes.recipe_hash("shapes-clip", changed) != clip
     other_world = dataclasses.replace(shapes_recipes.RECIPES["shapes-clip"],
                                       world=ShapesWorld(max_extent=0.5))
-    assert shapes_recipes.folder_name("shapes-clip", other_world) != clip
+    assert shapes_recipes.recipe_hash("shapes-clip", other_world) != clip
 
 
 def test_shapes_sd_hash_follows_the_clip_it_reuses(monkeypatch):
-    before = shapes_recipes.folder_name("shapes-sd")
+    before = shapes_recipes.recipe_hash("shapes-sd")
     recipes = dict(shapes_recipes.RECIPES)
     recipes["shapes-clip"] = dataclasses.replace(recipes["shapes-clip"], steps=5)
     monkeypatch.setattr(shapes_recipes, "RECIPES", recipes)
-    assert shapes_recipes.folder_name("shapes-sd") != before
+    assert shapes_recipes.recipe_hash("shapes-sd") != before
 
 
 def test_trained_models_have_their_own_reference_prefix(tiny_models_dir):

@@ -1,9 +1,10 @@
-"""Training recipes of the tiny models trained on the shapes world, and their cache names.
+"""Training recipes of the tiny models trained on the shapes world, and their hashes.
 
-A trained model is cached under its name plus a hash of everything that decides its
-weights: the recipe (sizes, steps, learning rate, seed, thread count), the world it is
-trained on, the recipes of the models it reuses, and the version of the training code.
-Changing any of them names a new folder, so old weights are never reused by mistake.
+A recipe's hash names everything that decides a model's weights: the recipe (sizes,
+steps, learning rate, seed, thread count), the world it is trained on, the recipes of the
+models it reuses, and the version of the training code. The shipped weights record the
+hash they were trained with (`shipped_weights.recipe_mismatch` compares), and the models
+cache names each copy by it.
 
 This module imports no torch: resolving a cached model's folder stays instant.
 """
@@ -136,11 +137,6 @@ def recipe_hash(name: str, recipe: object | None = None) -> str:
         "dependencies": {dep: recipe_hash(dep) for dep in DEPENDENCIES.get(name, ())},
     }
     return hashlib.sha256(canonical_json(content).encode()).hexdigest()[:8]
-
-
-def folder_name(name: str, recipe: object | None = None) -> str:
-    """Cache folder of trained model `name`: e.g. "shapes-clip-1a2b3c4d"."""
-    return f"{name}-{recipe_hash(name, recipe)}"
 
 
 def _known(name: str) -> str:

@@ -10,7 +10,10 @@ recipe from scratch.
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from dataflowmm.io.atomic import current_umask
@@ -61,9 +64,6 @@ def ship(name: str, trained_dir: Path, out_dir: Path | None = None,
     """Write the model trained into `trained_dir` as shipped weights (float16) into `out_dir`
     (default: the package's shipped folder of `name`), with its training report plus the
     held-out figures of the float16 copy loaded back as float32; returns that report."""
-    import json
-    import tempfile
-
     destination = Path(out_dir) if out_dir is not None else shipped_weights.shipped_folder(name)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
@@ -80,8 +80,6 @@ def ship(name: str, trained_dir: Path, out_dir: Path | None = None,
         (staging / shapes_recipes.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         shipped_weights.publish(staging, name, destination)
     finally:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
     return report
 
