@@ -3,7 +3,6 @@ resumable by either runner, and it survives a killed actor or a killed driver.""
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from dataflowmm import FileStorage  # noqa: E402
 from dataflowmm.contract import Input, Operator, Output, RowError, StepContext  # noqa: E402
 from dataflowmm.execution import LocalRunner  # noqa: E402
 from dataflowmm.execution.checkpoints import finished_chunks  # noqa: E402
-from dataflowmm.execution.ray_runner import RayRunner, StorageNotShared, storage_problem  # noqa: E402
+from dataflowmm.execution.ray_runner import RayRunner  # noqa: E402
 from dataflowmm.io.images import image_file_name, save_png  # noqa: E402
 from dataflowmm.operators import ImageCaptioner, ImageDiffusionAugmenter, PromptedImageGenerator  # noqa: E402
 from dataflowmm.seeds import derive_seed  # noqa: E402
@@ -266,14 +265,6 @@ def test_a_pipeline_starts_its_actors_once_and_reuses_their_loaded_servings(tmp_
     assert {(pid, loads - 1) for pid, loads in served("b")} == set(first)
     RayRunner().close()
     assert not {pid for pid, _ in served("a")} & {pid for pid, _ in first}  # closed: new actors
-
-
-def test_workers_that_cannot_see_the_files_fail_with_what_to_fix(tmp_path):
-    context = StepContext(1, tmp_path, tmp_path / "not-here", tmp_path)
-    problem = storage_problem(context, str(tmp_path))
-    assert isinstance(problem, StorageNotShared)
-    assert re.search("cache_path .*not-here is not visible on Ray node .*shared file system", str(problem))
-    assert storage_problem(StepContext(1, tmp_path, tmp_path, tmp_path), str(tmp_path)) is None
 
 
 def test_clear_errors_without_ray_or_without_a_cluster(monkeypatch):
