@@ -80,7 +80,7 @@ def ray_cluster(_ray_session):
 def two_node_cluster(_ray_session, tmp_path_factory):
     """(address, private folder): this process connected to two real Ray nodes on this machine
     (tests/two_nodes.py); the worker node, where every actor runs, has its own empty tmpfs at
-    `private` (and folders `same_path/...` there, at the same paths as the driver's). Skipped,
+    `private` (and an empty folder `same_path/cache` there, at the same path as the driver's). Skipped,
     with the reason, where a mount namespace is not permitted."""
     from two_nodes import TwoNodes, unshare_refusal
 
@@ -90,7 +90,7 @@ def two_node_cluster(_ray_session, tmp_path_factory):
     if refusal:
         pytest.skip(refusal)
     private = tmp_path_factory.mktemp("private")
-    nodes = TwoNodes(private, [private / "same_path"])
+    nodes = TwoNodes(private, [private / "same_path" / "cache"])
     close_actor_pool()
     _ray_session.shutdown()
     try:

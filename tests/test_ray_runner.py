@@ -298,3 +298,45 @@ def test_scaffold_script_runs_on_ray_with_the_same_output(tmp_path, ray_cluster)
     same_outputs(tmp_path / "local", local, tmp_path / "ray", on_ray)
     with pytest.raises(SystemExit, match="need --runner ray"):
         module.main(["--tiny", "--replicas", "2"])
+
+
+def test_joining_a_cluster_never_passes_num_cpus_and_ships_credentials_not_local_paths(monkeypatch, tmp_path):
+    import ray
+
+    from dataflowmm.execution import ray_connect
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **options: calls.append((address, options)))
+    for name, value in {"HF_TOKEN": "hf_secret_value", "AWS_SECRET_ACCESS_KEY": "aws_secret_value",
+                        "HF_HOME": str(tmp_path), "RAY_ADDRESS": "10.0.0.9:6379"}.items():
+        monkeypatch.setenv(name, value)
+    ray_connect.connect(None, num_cpus=2, runtime_env={"pip": ["x"]})  # RAY_ADDRESS: Ray joins that one
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(ray_connect, "joins_existing_cluster", lambda address: address is not None)
+    ray_connect.connect(None, num_cpus=2)
+    (_, joined), (_, started) = calls
+    assert "num_cpus" not in joined and started["num_cpus"] == 2
+    assert joined["runtime_env"]["pip"] == ["x"] and "working_dir" not in joined["runtime_env"]
+    env = joined["runtime_env"]["env_vars"]
+    assert env["HF_TOKEN"] == "hf_secret_value" and env["AWS_SECRET_ACCESS_KEY"] == "aws_secret_value"
+    assert "HF_HOME" not in env and started["runtime_env"]["env_vars"]["HF_HOME"] == str(tmp_path)
+
+
+def test_an_authentication_failure_says_so_with_rays_instruction_and_no_secret(monkeypatch):
+    import ray
+
+    from dataflowmm.execution import ray_connect
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("InvalidAuthToken: the token hf_secret_value is not this cluster's")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ConnectionError) as error:
+        ray_connect.connect("10.0.0.9:6379")
+    message = str(error.value)
+    assert "refused this driver's authentication token" in message and "RAY_AUTH_TOKEN" in message
+    assert "hf_secret_value" not in message and "cannot reach" not in message
