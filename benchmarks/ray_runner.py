@@ -119,7 +119,9 @@ def ideal_ratio(inputs: dict, work: Path, kind: str, sd: str, ray: RayRunner, ar
         per_round = []
         for _ in range(args.rounds):
             one_thread = timed_step(inputs[kind], work / "one", kind, sd, None)
-            timed_step(inputs[f"{kind}_few"], work / "warm_ray", kind, sd, ray)  # actors up, model loaded
+            warm = work / f"{kind}_warm.jsonl"  # a chunk for every actor: all up, models loaded
+            warm.write_text("".join(inputs[kind].read_text().splitlines(keepends=True)[:4 * args.replicas]))
+            timed_step(warm, work / "warm_ray", kind, sd, ray)
             warm_ray = timed_step(inputs[kind], work / "ray_warm", kind, sd, ray, fresh_pool=False)
             per_round.append(one_thread / (args.replicas * warm_ray))
             print(f"{kind:>8}: one-thread local {one_thread:.1f} s, Ray with {args.replicas} warm actors "
@@ -154,7 +156,7 @@ def two_node_ratio(work: Path, sd: str, args) -> float | None:
     try:
         runner = RayRunner(nodes.start(), replicas=2)
         few = work / "two_node_few.jsonl"
-        few.write_text("".join(prompts.read_text().splitlines(keepends=True)[:4]))
+        few.write_text("".join(prompts.read_text().splitlines(keepends=True)[:8]))  # 2 chunks: both actors
         timed_step(few, work / "two_warm", "t2i", sd, runner)  # actors up, model loaded
         seconds: dict[str, list[float]] = {"driver": [], "shared": []}
         for round_index in range(args.rounds):
@@ -215,8 +217,8 @@ def main() -> None:
     print(f"3-step pipeline on 4 rows (t2i -> img2img -> captions): {pipeline[True]:.1f} s with a new pool "
           f"per step, {pipeline[False]:.1f} s with one pool")
     close_actor_pool()
-    shutil.rmtree(work, ignore_errors=True)
     driver_vs_shared = two_node_ratio(work, sd, args)
+    shutil.rmtree(work, ignore_errors=True)
     print(f"ratio_ray_vs_ideal={ideal['img2img']:.3f}")
     print(f"ratio_ray_vs_ideal_t2i={ideal['t2i']:.3f}")
     if driver_vs_shared is not None:
