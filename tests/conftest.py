@@ -8,6 +8,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Test clusters live on loopback: Ray 2.60 turns token authentication on for every process
+# once ~/.ray/auth_token exists, and a process without the token is refused.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,11 +59,44 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster for the whole session (2 CPUs, no dashboard), shut down at the end."""
+def _ray_session():
+    """Ray is shut down at the end of the session, whichever cluster it was connected to."""
     ray = pytest.importorskip("ray")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(_ray_session):
+    """A local Ray cluster (2 CPUs, no dashboard), started once and kept for the session; started
+    again after a test that connected elsewhere (`two_node_cluster`)."""
     from dataflowmm.execution.ray_runner import connect
 
     connect(num_cpus=2)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    return _ray_session.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(_ray_session, tmp_path_factory):
+    """(address, private folder): this process connected to two real Ray nodes on this machine
+    (tests/two_nodes.py); the worker node, where every actor runs, has its own empty tmpfs at
+    `private` (and an empty folder `same_path/cache` there, at the same path as the driver's). Skipped,
+    with the reason, where a mount namespace is not permitted."""
+    from two_nodes import TwoNodes, unshare_refusal
+
+    from dataflowmm.execution.ray_actors import close_actor_pool
+
+    refusal = unshare_refusal()
+    if refusal:
+        pytest.skip(refusal)
+    private = tmp_path_factory.mktemp("private")
+    nodes = TwoNodes(private, [private / "same_path" / "cache"])
+    close_actor_pool()
+    _ray_session.shutdown()
+    try:
+        nodes.start()
+        yield nodes.address, private
+    finally:
+        close_actor_pool()
+        _ray_session.shutdown()
+        nodes.stop()

@@ -3,7 +3,6 @@ resumable by either runner, and it survives a killed actor or a killed driver.""
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from dataflowmm import FileStorage  # noqa: E402
 from dataflowmm.contract import Input, Operator, Output, RowError, StepContext  # noqa: E402
 from dataflowmm.execution import LocalRunner  # noqa: E402
 from dataflowmm.execution.checkpoints import finished_chunks  # noqa: E402
-from dataflowmm.execution.ray_runner import RayRunner, StorageNotShared, storage_problem  # noqa: E402
+from dataflowmm.execution.ray_runner import RayRunner  # noqa: E402
 from dataflowmm.io.images import image_file_name, save_png  # noqa: E402
 from dataflowmm.operators import ImageCaptioner, ImageDiffusionAugmenter, PromptedImageGenerator  # noqa: E402
 from dataflowmm.seeds import derive_seed  # noqa: E402
@@ -268,14 +267,6 @@ def test_a_pipeline_starts_its_actors_once_and_reuses_their_loaded_servings(tmp_
     assert not {pid for pid, _ in served("a")} & {pid for pid, _ in first}  # closed: new actors
 
 
-def test_workers_that_cannot_see_the_files_fail_with_what_to_fix(tmp_path):
-    context = StepContext(1, tmp_path, tmp_path / "not-here", tmp_path)
-    problem = storage_problem(context, str(tmp_path))
-    assert isinstance(problem, StorageNotShared)
-    assert re.search("cache_path .*not-here is not visible on Ray node .*shared file system", str(problem))
-    assert storage_problem(StepContext(1, tmp_path, tmp_path, tmp_path), str(tmp_path)) is None
-
-
 def test_clear_errors_without_ray_or_without_a_cluster(monkeypatch):
     import ray
 
@@ -307,3 +298,45 @@ def test_scaffold_script_runs_on_ray_with_the_same_output(tmp_path, ray_cluster)
     same_outputs(tmp_path / "local", local, tmp_path / "ray", on_ray)
     with pytest.raises(SystemExit, match="need --runner ray"):
         module.main(["--tiny", "--replicas", "2"])
+
+
+def test_joining_a_cluster_never_passes_num_cpus_and_ships_credentials_not_local_paths(monkeypatch, tmp_path):
+    import ray
+
+    from dataflowmm.execution import ray_connect
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **options: calls.append((address, options)))
+    for name, value in {"HF_TOKEN": "hf_secret_value", "AWS_SECRET_ACCESS_KEY": "aws_secret_value",
+                        "HF_HOME": str(tmp_path), "RAY_ADDRESS": "10.0.0.9:6379"}.items():
+        monkeypatch.setenv(name, value)
+    ray_connect.connect(None, num_cpus=2, runtime_env={"pip": ["x"]})  # RAY_ADDRESS: Ray joins that one
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(ray_connect, "joins_existing_cluster", lambda address: address is not None)
+    ray_connect.connect(None, num_cpus=2)
+    (_, joined), (_, started) = calls
+    assert "num_cpus" not in joined and started["num_cpus"] == 2
+    assert joined["runtime_env"]["pip"] == ["x"] and "working_dir" not in joined["runtime_env"]
+    env = joined["runtime_env"]["env_vars"]
+    assert env["HF_TOKEN"] == "hf_secret_value" and env["AWS_SECRET_ACCESS_KEY"] == "aws_secret_value"
+    assert "HF_HOME" not in env and started["runtime_env"]["env_vars"]["HF_HOME"] == str(tmp_path)
+
+
+def test_an_authentication_failure_says_so_with_rays_instruction_and_no_secret(monkeypatch):
+    import ray
+
+    from dataflowmm.execution import ray_connect
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("InvalidAuthToken: the token hf_secret_value is not this cluster's")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ConnectionError) as error:
+        ray_connect.connect("10.0.0.9:6379")
+    message = str(error.value)
+    assert "refused this driver's authentication token" in message and "RAY_AUTH_TOKEN" in message
+    assert "hf_secret_value" not in message and "cannot reach" not in message

@@ -10,6 +10,12 @@ uses the copy already in memory (as a local pipeline reuses its serving objects)
 One chunk is in flight per actor: a slow chunk never holds others queued behind it, and the
 driver receives chunks close to input order, checkpointing each as soon as those before it
 are in.
+
+The driver is the only writer of its cache. A chunk travels with its input (jsonl lines as
+bytes, input images read by the driver) and comes back with its output rows and the bytes
+of every file it wrote (`carried_files`), which the driver writes before it checkpoints the
+chunk. Only an actor that reads back the random token the driver wrote into the cache
+folder (a shared file system) writes its files there directly.
 """
 
 from __future__ import annotations
@@ -17,17 +23,17 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import socket
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dataflowmm.execution.batch import apply_chunk, finish_chunk, fitted_batch_sizes
 from dataflowmm.execution.checkpoints import chunk_digest
 from dataflowmm.execution.protocol import RowError, StepContext
+from dataflowmm.io.carried_files import capturing_writes, providing_files
 from dataflowmm.io.records import JsonlSpan, StorageError, read_jsonl_span
 
 # Errors about the data (not the cluster): an actor returns them and the driver raises them
@@ -36,10 +42,6 @@ _DATA_ERRORS = (RowError, StorageError, OSError)
 # How many chunks past the oldest unfinished one may be handed out, per actor: bounds what
 # the driver holds while one slow chunk keeps the checkpoint from moving on.
 _AHEAD_PER_ACTOR = 4
-
-
-class StorageNotShared(OSError):
-    """A Ray worker cannot see the step's files: cache_path and save_dir must be shared."""
 
 
 @dataclass(frozen=True)
@@ -54,12 +56,14 @@ class Placement:
 
 @dataclass(frozen=True)
 class ChunkResult:
-    """What an actor sends back for one chunk: its output as JSON Lines bytes and its record."""
+    """What an actor sends back for one chunk: its output as JSON Lines bytes, its record, and
+    the files it wrote (absolute path -> bytes; empty when it wrote to a shared disk)."""
 
     chunk: int
     rows_in: int
     payload: bytes
     meta: dict
+    files: dict[str, bytes]
 
 
 class ActorPool:
@@ -81,26 +85,28 @@ class ActorPool:
 
         return ray.is_initialized() and ray.get_runtime_context().get_job_id() == self.job_id
 
-    def run_chunks(self, step: tuple[Any, StepContext, str, int], chunks: list[dict]) -> Iterator[ChunkResult]:
+    def run_chunks(self, step: tuple[Any, StepContext, str, int, list], first_chunk: int, count: int,
+                   chunks: Iterator[dict]) -> Iterator[ChunkResult]:
         """Every chunk of a step, run on the pool, yielded in input order.
 
-        `step` is (bound operator, context, input file, batch size); `chunks` the descriptors
-        the runner made, numbered consecutively from `chunks[0]["chunk"]`.
+        `step` is (bound operator, context, input file, batch size, the node check's token
+        files); `chunks` yields the `count` descriptors the runner makes, numbered
+        consecutively from `first_chunk`, each made only when an actor is free for it (its
+        input bytes are held for the chunks in flight only).
         """
         import ray
 
         step_id, step_ref = uuid.uuid4().hex, ray.put(step)
-        actors = self._started(min(self.placement.actors, len(chunks)))
+        actors = self._started(min(self.placement.actors, count))
         idle, in_flight = list(actors), {}
         finished: dict[int, ChunkResult] = {}
-        due, position = chunks[0]["chunk"], 0
+        due, position = first_chunk, first_chunk
         while True:
-            while idle and position < len(chunks) and \
-                    chunks[position]["chunk"] < due + _AHEAD_PER_ACTOR * len(actors):
+            while idle and position < first_chunk + count and position < due + _AHEAD_PER_ACTOR * len(actors):
                 actor = idle.pop(0)
                 # The step travels inside a list so Ray leaves it unresolved: an actor fetches
                 # it once per step, not once per chunk.
-                in_flight[actor.run_chunk.remote(step_id, [step_ref], chunks[position])] = actor
+                in_flight[actor.run_chunk.remote(step_id, [step_ref], next(chunks))] = actor
                 position += 1
             if not in_flight:
                 return
@@ -131,11 +137,11 @@ class ActorPool:
         self.actors = []
 
 
-def _received(result: tuple[int, int, bytes, bytes, bytes]) -> ChunkResult:
-    chunk, rows_in, payload, meta, failure = result
+def _received(result: tuple[int, int, bytes, bytes, bytes, dict]) -> ChunkResult:
+    chunk, rows_in, payload, meta, failure, files = result
     if failure:
         raise pickle.loads(failure)
-    return ChunkResult(chunk, rows_in, payload, json.loads(meta or b"{}"))
+    return ChunkResult(chunk, rows_in, payload, json.loads(meta or b"{}"), files)
 
 
 _POOL: ActorPool | None = None
@@ -168,38 +174,39 @@ class _PipelineActor:
         self.torch_threads = torch_threads
         self.servings: dict[str, Any] = {}
         self.step_id: str | None = None
-        self.step: tuple[Any, StepContext, str, int] | None = None
-        self.problem: Exception | None = None
+        self.step: tuple[Any, StepContext, str, int, list] | None = None
+        self.shares_cache = False
 
-    def run_chunk(self, step_id: str, step_ref: list, chunk: dict) -> tuple[int, int, bytes, bytes, bytes]:
-        """(chunk, rows read, output bytes, chunk record as JSON, pickled data error or b"")."""
+    def run_chunk(self, step_id: str, step_ref: list, chunk: dict) -> tuple[int, int, bytes, bytes, bytes, dict]:
+        """(chunk, rows read, output bytes, chunk record as JSON, pickled data error or b"",
+        files written: path -> bytes)."""
         self._set_torch_threads()
-        rows_in, payload, meta, failure = 0, b"", b"", b""
+        rows_in, payload, meta, failure, files = 0, b"", b"", b"", {}
         try:
             if step_id != self.step_id:
                 self._start_step(step_id, step_ref)
-            if self.problem is not None:
-                raise self.problem
-            operator, context, source, batch_size = self.step
+            operator, context, source, batch_size, _ = self.step
             rows = _chunk_rows(chunk, source)
             input_digest = chunk_digest(rows)
-            out = apply_chunk(operator, rows, context, first_row=chunk["first"], batch_size=batch_size,
-                              source=source)
+            with capturing_writes() if not self.shares_cache else nullcontext({}) as files, \
+                    providing_files(chunk["files"]):
+                out = apply_chunk(operator, rows, context, first_row=chunk["first"], batch_size=batch_size,
+                                  source=source)
             payload, record = finish_chunk(out)
             # The servings live here, in the actor: what fit in its memory travels with the chunk.
             record = {**record, "input": input_digest, **fitted_batch_sizes(operator)}
             rows_in, meta = len(rows), json.dumps(record).encode()
         except _DATA_ERRORS as error:
-            failure = pickle.dumps(error)
-        return chunk["chunk"], rows_in, payload, meta, failure
+            failure, files = pickle.dumps(error), {}
+        return chunk["chunk"], rows_in, payload, meta, failure, files
 
     def _start_step(self, step_id: str, step_ref: list) -> None:
         import ray
 
-        operator, context, source, batch_size = ray.get(step_ref[0])
-        self._share_servings(operator)
-        self.step_id, self.step = step_id, (operator, context, source, batch_size)
-        self.problem = storage_problem(context, source)
+        step = ray.get(step_ref[0])
+        self._share_servings(step[0])
+        self.step_id, self.step = step_id, step
+        self.shares_cache = reads_back(step[4])
 
     def _share_servings(self, operator: Any) -> None:
         """Give `operator` the servings this actor already holds with the same configuration."""
@@ -231,23 +238,22 @@ def _serving_key(serving: Any) -> str:
 
 
 def _chunk_rows(chunk: dict, source: str) -> list[dict]:
+    """The chunk's input rows, from the bytes that travelled with it: jsonl lines (parsed as
+    the local runner parses them, errors naming the driver's file and line) or rows."""
     import orjson
 
-    if chunk["payload"]:
-        return [orjson.loads(line) for line in chunk["payload"].splitlines()]
-    span = JsonlSpan(chunk["first"], chunk["rows"], chunk["start"], chunk["end"], chunk["line"])
-    return read_jsonl_span(source, span)
+    if chunk["span"] is not None:
+        return read_jsonl_span(source, JsonlSpan(*chunk["span"]), chunk["payload"])
+    return [orjson.loads(line) for line in chunk["payload"].splitlines()]
 
 
-def storage_problem(context: StepContext, source: str) -> StorageNotShared | None:
-    """What to fix when this worker cannot see the step's input or folders, else None."""
-    # save_dir exists only for steps that write images; its parent must be visible in any case.
-    save_dir = context.save_dir if context.save_dir.exists() else context.save_dir.parent
-    for what, path in (("the step's input", Path(source)), ("cache_path", context.output_dir),
-                       ("save_dir", save_dir)):
-        if not path.exists():
-            return StorageNotShared(
-                f"{what} {path} is not visible on Ray node {socket.gethostname()}: cache_path and "
-                "save_dir (and the pipeline's input) must be on storage every node sees, e.g. a "
-                "shared file system mounted at the same path")
-    return None
+def reads_back(tokens: list[tuple[str, str]]) -> bool:
+    """Whether this node sees every (file, token) the driver wrote: then it shares its disk."""
+    for path, token in tokens:
+        try:
+            with open(path, encoding="ascii") as file:
+                if file.read() != token:
+                    return False
+        except (OSError, UnicodeDecodeError):
+            return False
+    return bool(tokens)

@@ -1,32 +1,36 @@
 """Run one operator over one storage step on a Ray cluster: the same bytes as the local runner.
 
 The driver plans the step exactly as the local runner does (fingerprint, reuse, resume)
-and turns the unfinished part of the input into chunk descriptors: for jsonl, where each
-chunk's lines lie in the file, so no row passes through the driver; for other formats,
-the chunk's rows. The chunks go to the driver's pool of Ray actors (`ray_actors`: one per
+and sends the unfinished part of the input to its pool of Ray actors (`ray_actors`: one per
 GPU, or the CPU cores split between actors), which lives across the steps of a pipeline:
-start-up and model loads are paid once. An actor reads its chunk, runs it batch by batch
-through `apply_batch` and returns the chunk's output as JSON Lines bytes. The driver
-receives the chunks in order and appends each to the step's checkpoint, so a killed Ray run
-resumes with either runner, and publishes the same cache file and manifest.
+start-up and model loads are paid once. A chunk carries its input: for jsonl the chunk's
+lines as bytes, for other formats its rows, and always the input images its rows name
+(read here: a worker on another machine sees none of this disk). An actor runs the chunk
+batch by batch through `apply_batch` and returns its output rows as JSON Lines bytes with
+the bytes of the files it wrote. The driver receives the chunks in input order, writes
+their files, then appends the rows to the step's checkpoint, so a killed Ray run resumes
+with either runner, and publishes the same cache file, images and manifest.
+
+The driver is the only writer of the cache unless an actor's node shares its disk: the
+driver writes a random token into the step's checkpoint folder (and into `save_dir` when
+that lies elsewhere), and an actor that reads the same token back writes its images there
+directly, as the local runner does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import sys
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dataflowmm.checks import check_positive_int
 from dataflowmm.execution.cache_lock import cache_lock
 from dataflowmm.execution.progress import progress_bar
-from dataflowmm.execution.ray_actors import (  # noqa: F401 (StorageNotShared: part of this API)
-    Placement,
-    StorageNotShared,
-    actor_pool,
-    close_actor_pool,
-    storage_problem,
-)
+from dataflowmm.execution.ray_actors import Placement, actor_pool, close_actor_pool
+from dataflowmm.execution.ray_connect import connect, import_ray
 from dataflowmm.execution.retry import retry_rows
 from dataflowmm.execution.step import (
     PreparedStep,
@@ -34,47 +38,16 @@ from dataflowmm.execution.step import (
     StepSummary,
     prepare_step,
 )
-from dataflowmm.io.records import dumps_rows, jsonl_spans
+from dataflowmm.io.atomic import atomic_write_text
+from dataflowmm.io.carried_files import write_files_atomically
+from dataflowmm.io.paths import is_local_path, resolve_paths
+from dataflowmm.io.records import dumps_rows, jsonl_spans, read_jsonl_span
 
 if TYPE_CHECKING:
     from dataflowmm.execution.protocol import StepOperator
     from dataflowmm.storage import FileStorage
 
-# Passed to the cluster's workers so they find the same models, offline, as the driver.
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
-                 "DATAFLOWMM_MODELS_DIR", "DATAFLOWMM_PRODUCED_DATA_DIR", "DJ_PRODUCED_DATA_DIR")
-
-
-def _import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise ImportError("the Ray runner needs Ray: pip install 'dataflowmm[ray]'") from None
-    return ray
-
-
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the Ray cluster at `address` (`"auto"`: the one `ray start --head` started here, or
-    `ray://host:10001`), or start a local one when `address` is None. Does nothing when
-    Ray is already initialised in this process."""
-    ray = _import_ray()
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    # Operators defined next to the pipeline script must import on the workers too.
-    env_vars["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path and os.path.isdir(path))
-    options: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "logging_level": "WARNING",
-                               "log_to_driver": False}
-    if address is None:
-        options.update(include_dashboard=False, num_cpus=num_cpus)
-    try:
-        ray.init(address=address, **options)
-    except (ConnectionError, TimeoutError, RuntimeError) as error:
-        raise ConnectionError(
-            f"cannot reach the Ray cluster at {address!r} ({' '.join(str(error).split())[:300]}); "
-            "start one with `ray start --head` on this machine, or run without --ray-address to "
-            "start a local cluster") from None
+__all__ = ["RayRunner", "connect"]
 
 
 class RayRunner:
@@ -95,19 +68,24 @@ class RayRunner:
             machine with `ray start --head`; `"ray://host:10001"` a remote one.
         replicas: actors, each with its own copy of the serving; default one per GPU of the
             cluster, else one per CPU.
-        num_cpus: CPUs of a local cluster started here (default: all).
+        num_cpus: CPUs of a local cluster started here (default: all); never passed to a
+            cluster this process joins.
         gpus_per_replica: GPUs each actor reserves; default 1 when the cluster has GPUs, else 0.
+        runtime_env: Ray's `runtime_env` for the job, instead of the pipeline's own folder as
+            `working_dir` (credentials and offline settings are added to its `env_vars`).
     """
 
     def __init__(self, address: str | None = None, replicas: int | None = None, *,
-                 num_cpus: int | None = None, gpus_per_replica: float | None = None):
-        _import_ray()
+                 num_cpus: int | None = None, gpus_per_replica: float | None = None,
+                 runtime_env: dict | None = None):
+        import_ray()
         if replicas is not None:
             check_positive_int("replicas", replicas)
         self.address = address
         self.replicas = replicas
         self.num_cpus = num_cpus
         self.gpus_per_replica = gpus_per_replica
+        self.runtime_env = runtime_env
 
     def __repr__(self) -> str:
         return f"RayRunner(address={self.address!r}, replicas={self.replicas!r})"
@@ -129,38 +107,34 @@ class RayRunner:
             return retry_rows(step)
         output = StepOutput(step)
         with output.running():
-            chunks = self._pending_chunks(step, output)
-            if chunks:
-                connect(self.address, self.num_cpus)
-                with progress_bar(step, output.rows_done) as progress:
-                    for chunk, rows_in, payload, meta in self._results(step, chunks):
-                        if chunk != output.next_chunk:
-                            raise RuntimeError(f"Ray returned chunk {chunk} where {output.next_chunk} was due")
-                        output.add_serialized_chunk(rows_in, payload, meta)
-                        progress.update(rows_in)
+            count, chunks = self._pending_chunks(step, output)
+            if count:
+                connect(self.address, self.num_cpus, runtime_env=self.runtime_env,
+                        module_name=type(step.operator).__module__)
+                pool = actor_pool(self._placement())
+                with _node_check(step) as tokens, progress_bar(step, output.rows_done) as progress:
+                    task = (step.operator, step.context, str(step.source), step.batch_size, tokens)
+                    for result in pool.run_chunks(task, output.next_chunk, count, chunks):
+                        if result.chunk != output.next_chunk:
+                            raise RuntimeError(f"Ray returned chunk {result.chunk} where {output.next_chunk} was due")
+                        write_files_atomically(result.files)  # before the checkpoint says they exist
+                        output.add_serialized_chunk(result.rows_in, result.payload, result.meta)
+                        progress.update(result.rows_in)
         return output.publish()
 
     @staticmethod
-    def _pending_chunks(step: PreparedStep, output: StepOutput) -> list[dict]:
-        """One descriptor per unfinished chunk: where its rows are (jsonl) or the rows themselves."""
+    def _pending_chunks(step: PreparedStep, output: StepOutput) -> tuple[int, Iterator[dict]]:
+        """How many chunks are unfinished, and their descriptors, each made when it is sent."""
         first_chunk = output.next_chunk
         if step.source.suffix.lower() == ".jsonl":
-            spans = jsonl_spans(step.source, step.chunk_rows, skip=output.rows_done)
-            return [{"chunk": first_chunk + index, "first": span.first_row, "rows": span.rows,
-                     "start": span.start, "end": span.end, "line": span.first_line, "payload": b""}
-                    for index, span in enumerate(spans)]
-        descriptors = []
-        for index, (first, rows) in enumerate(output.pending_chunks()):
-            descriptors.append({"chunk": first_chunk + index, "first": first, "rows": len(rows),
-                                "start": 0, "end": 0, "line": 0, "payload": dumps_rows(rows)})
-        return descriptors
-
-    def _results(self, step: PreparedStep, chunks: list[dict]):
-        """(chunk, rows read, output bytes, chunk record) of every chunk, in input order, as actors
-        finish them."""
-        pool = actor_pool(self._placement())
-        for result in pool.run_chunks((step.operator, step.context, str(step.source), step.batch_size), chunks):
-            yield result.chunk, result.rows_in, result.payload, result.meta
+            spans = list(jsonl_spans(step.source, step.chunk_rows, skip=output.rows_done))
+            return len(spans), (_jsonl_descriptor(step, first_chunk + index, span)
+                                for index, span in enumerate(spans))
+        rows_left = step.storage.count_input_rows() - output.rows_done
+        descriptors = ({"chunk": first_chunk + index, "first": first, "rows": len(rows), "span": None,
+                        "payload": dumps_rows(rows), "files": _input_images(step, rows)}
+                       for index, (first, rows) in enumerate(output.pending_chunks()))
+        return -(-max(rows_left, 0) // step.chunk_rows), descriptors
 
     def _placement(self) -> Placement:
         """Actors, GPUs and CPUs per actor, and torch threads per actor (CPU only)."""
@@ -188,3 +162,60 @@ class RayRunner:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _jsonl_descriptor(step: PreparedStep, chunk: int, span: Any) -> dict:
+    """A jsonl chunk as it travels: its lines' bytes (parsed on the actor, as the local runner
+    parses them) and the input images its rows name."""
+    with open(step.source, "rb") as file:
+        file.seek(span.start)
+        data = file.read(span.end - span.start)
+    try:
+        rows = read_jsonl_span(step.source, span, data) if step.operator.path_keys() else []
+    except ValueError:  # a malformed line: the actor raises it in its turn, as the local runner
+        rows = []
+    return {"chunk": chunk, "first": span.first_row, "rows": span.rows, "payload": data,
+            "span": (span.first_row, span.rows, span.start, span.end, span.first_line),
+            "files": _input_images(step, rows)}
+
+
+def _input_images(step: PreparedStep, rows: list[dict]) -> dict[str, bytes]:
+    """The bytes of every file the rows' path columns name that exists here, by absolute path.
+
+    Sent with every chunk, whatever the actor's node sees (measured: reading them here costs
+    less than asking each node first; see benchmarks/ray_runner.py)."""
+    keys = step.operator.path_keys()
+    files: dict[str, bytes] = {}
+    for row in rows:
+        for key in keys:
+            for path in _local_paths(resolve_paths(row.get(key), step.context.input_dir)):
+                if path not in files and os.path.isfile(path):
+                    files[path] = Path(path).read_bytes()
+    return files
+
+
+def _local_paths(value: Any) -> Iterator[str]:
+    if isinstance(value, list):
+        for item in value:
+            yield from _local_paths(item)
+    elif is_local_path(value):
+        yield value
+
+
+@contextlib.contextmanager
+def _node_check(step: PreparedStep) -> Iterator[list[tuple[str, str]]]:
+    """(file, random token) pairs written into the step's checkpoint folder and, when it lies
+    outside the cache folder, `save_dir`: an actor that reads them all back shares this disk."""
+    token = secrets.token_hex(16)
+    folders = [step.storage.checkpoint_dir]
+    save_dir = step.context.save_dir
+    if save_dir.is_dir() and step.context.output_dir not in (save_dir, *save_dir.parents):
+        folders.append(save_dir)
+    pairs = [(str(folder / ".dataflowmm-node-check"), token) for folder in folders]
+    for path, _ in pairs:
+        atomic_write_text(path, token, fsync=False)
+    try:
+        yield pairs
+    finally:
+        for path, _ in pairs[1:]:  # the checkpoint folder's goes with it
+            Path(path).unlink(missing_ok=True)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from dataflowmm.io.atomic import atomic_file
+from dataflowmm.io.carried_files import provided_bytes, written_file
 
 
 class ImageReadError(ValueError):
@@ -80,6 +80,9 @@ def check_image_file(path: str | os.PathLike) -> str:
 def _checked_file_bytes(path: Path, whole: bool) -> tuple[str, bytes]:
     """A regular file's allowed format and its first 64 bytes (all of them when `whole`: the
     rest of a file whose header is not an allowed image is never read); ImageReadError otherwise."""
+    data = provided_bytes(path)  # an input image the Ray driver sent with the chunk
+    if data is not None:
+        return check_image_bytes(data[:64], f"image {path}"), data if whole else data[:64]
     if not path.is_file():
         raise ImageReadError(f"image not found: {path}")
     try:
@@ -100,6 +103,8 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
     or corrupt file are errors too.
     """
     data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else None
+    if data is None and provided_bytes(source) is not None:
+        return open_image(provided_bytes(source), name or f"image {source}")
     if data is not None:
         name = name or "image bytes"
         check_image_bytes(data[:64], name)
@@ -189,7 +194,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     if looks_like_base64_image(path):
         return decode_base64(path)
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and provided_bytes(path) is None:
         raise ImageReadError(f"image not found: {path}")
     return open_image(path)
 
@@ -207,7 +212,7 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
 
     No fsync: images are cheap to regenerate, and per-file fsyncs cost throughput.
     """
-    with atomic_file(path, fsync=False) as file:
+    with written_file(path) as file:
         image.save(file, format="PNG")
     return Path(path)
 
@@ -252,7 +257,8 @@ def read_image_header(source: str | os.PathLike, *, pixels: bool = True) -> Imag
     else:
         path = Path(source)
         found, name = check_image_file(path), f"image {path}"
-        fp, nbytes = path, path.stat().st_size
+        data = provided_bytes(path)
+        fp, nbytes = (io.BytesIO(data), len(data)) if data is not None else (path, path.stat().st_size)
     if not pixels:
         return ImageHeader(found, (0, 0), nbytes)
     with _reading(name), _checked_open(fp, name) as image:
@@ -300,7 +306,7 @@ def image_from_str(text: str) -> Image.Image:
 def save_image(image: Image.Image, path: str | os.PathLike, image_format: str = "png") -> Path:
     """Write `image` atomically in `image_format` ("png" or "jpeg")."""
     pil_format = IMAGE_FORMATS[check_image_format(image_format)]
-    with atomic_file(path, fsync=False) as file:
+    with written_file(path) as file:
         to_rgb(image).save(file, format=pil_format)
     return Path(path)
 
@@ -319,55 +325,6 @@ def looks_like_image_path(value: object) -> bool:
     """A string that names an image file by its extension (not a URL, not inline data)."""
     return (isinstance(value, str) and not looks_like_base64_image(value) and "\n" not in value
             and value.lower().endswith(_IMAGE_SUFFIXES))
-
-
-def transform_columns_to_image(data, columns: str | list[str], base_dir: str | os.PathLike | None = None):
-    """Turn image columns (base64 strings or file paths, or lists of them) into PIL images.
-
-    distilabel's `Distiset.transform_columns_to_image`, for rows (a list of dicts, returned as
-    new dicts) or a pandas DataFrame (returned as a copy). Relative paths are resolved against
-    `base_dir` (default: the working directory); `None` stays `None`.
-
-    Args:
-        data: rows or a DataFrame.
-        columns: one column name or several.
-        base_dir: folder relative image paths are relative to (the dataset file's folder).
-
-    Raises:
-        KeyError: a column is missing everywhere (named).
-        ImageReadError: a value cannot be decoded (names the row and column).
-    """
-    import pandas as pd
-
-    columns = [columns] if isinstance(columns, str) else list(columns)
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
-    is_frame = isinstance(data, pd.DataFrame)
-    rows = data.to_dict("records") if is_frame else [dict(row) for row in data]
-    for column in columns:
-        if rows and not any(column in row for row in rows):
-            raise KeyError(f"no row has column {column!r}")
-    for index, row in enumerate(rows):
-        for column in columns:
-            if column in row:
-                try:
-                    row[column] = _to_image(row[column], base)
-                except ImageReadError as error:
-                    raise ImageReadError(f"row {index}, column {column!r}: {error}") from error
-    return pd.DataFrame(rows, columns=list(data.columns)) if is_frame else rows
-
-
-def _to_image(value, base: Path):
-    if value is None or isinstance(value, Image.Image):
-        return value
-    if isinstance(value, float) and value != value:  # a DataFrame's missing value (NaN)
-        return None
-    if isinstance(value, (list, tuple)):
-        return [_to_image(item, base) for item in value]
-    if not isinstance(value, str):
-        raise ImageReadError(f"expected a path or base64 string, got {type(value).__name__}")
-    if looks_like_base64_image(value) or not looks_like_image_path(value):
-        return image_from_str(value)
-    return load_image(base / os.path.expanduser(value))
 
 
 _SUFFIXES = {"png": ".png", "jpeg": ".jpg"}

@@ -223,13 +223,14 @@ def jsonl_spans(path: str | os.PathLike, rows_per_chunk: int, skip: int = 0) -> 
             yield JsonlSpan(first_row, rows, start, offset, first_line)
 
 
-def read_jsonl_span(path: str | os.PathLike, span: JsonlSpan) -> RowChunk:
-    """The rows of one span of a jsonl file (with the `source_digest` of their lines)."""
-    path = Path(path)
-    with open(path, "rb") as file:
-        file.seek(span.start)
-        data = file.read(span.end - span.start)
-    return RowChunk(*_parse_lines(data.splitlines(keepends=True), path, span.first_line))
+def read_jsonl_span(path: str | os.PathLike, span: JsonlSpan, data: bytes | None = None) -> RowChunk:
+    """The rows of one span of a jsonl file (with the `source_digest` of their lines), parsed
+    from `data`, the span's bytes, when given (a Ray actor gets them from the driver)."""
+    if data is None:
+        with open(path, "rb") as file:
+            file.seek(span.start)
+            data = file.read(span.end - span.start)
+    return RowChunk(*_parse_lines(data.splitlines(keepends=True), Path(path), span.first_line))
 
 
 def _read_json(path: Path) -> Records:
