@@ -182,8 +182,9 @@ def _jsonl_descriptor(step: PreparedStep, chunk: int, span: Any) -> dict:
 def _input_images(step: PreparedStep, rows: list[dict]) -> dict[str, bytes]:
     """The bytes of every file the rows' path columns name that exists here, by absolute path.
 
-    Sent with every chunk, whatever the actor's node sees (measured: reading them here costs
-    less than asking each node first; see benchmarks/ray_runner.py)."""
+    Sent with every chunk, whatever the actor's node sees: no question to each node first,
+    and still right when Ray restarts an actor elsewhere (what it costs where the actors could
+    read them themselves: `ratio_images_sent_vs_read` in benchmarks/ray_runner.py)."""
     keys = step.operator.path_keys()
     files: dict[str, bytes] = {}
     for row in rows:
