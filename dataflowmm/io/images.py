@@ -14,6 +14,9 @@ from typing import NamedTuple
 from PIL import Image
 
 from dataflowmm.io.atomic import atomic_file
+from dataflowmm.io.remote import as_location, is_url, read_url_bytes
+
+MAX_IMAGE_BYTES = 256 << 20  # an image object read from a URL larger than this is refused
 
 
 class ImageReadError(ValueError):
@@ -74,12 +77,16 @@ def check_image_bytes(header: bytes, name: str = "image") -> str:
 
 def check_image_file(path: str | os.PathLike) -> str:
     """`check_image_bytes` on a regular file's first bytes; ImageReadError otherwise."""
-    return _checked_file_bytes(Path(path), whole=False)[0]
+    return _checked_file_bytes(as_location(path), whole=False)[0]
 
 
-def _checked_file_bytes(path: Path, whole: bool) -> tuple[str, bytes]:
+def _checked_file_bytes(path: Path | str, whole: bool) -> tuple[str, bytes]:
     """A regular file's allowed format and its first 64 bytes (all of them when `whole`: the
-    rest of a file whose header is not an allowed image is never read); ImageReadError otherwise."""
+    rest of a file whose header is not an allowed image is never read); ImageReadError otherwise.
+    A URL's object is read whole (through `io.remote`: an object store, or http(s) guarded)."""
+    if isinstance(path, str):
+        data = _url_bytes(path)
+        return check_image_bytes(data[:64], f"image {path}"), data if whole else data[:64]
     if not path.is_file():
         raise ImageReadError(f"image not found: {path}")
     try:
@@ -91,6 +98,15 @@ def _checked_file_bytes(path: Path, whole: bool) -> tuple[str, bytes]:
         raise ImageReadError(f"cannot read image {path}: {error}") from None
 
 
+def _url_bytes(url: str) -> bytes:
+    try:
+        return read_url_bytes(url, max_bytes=MAX_IMAGE_BYTES)
+    except FileNotFoundError:
+        raise ImageReadError(f"image not found: {url}") from None
+    except OSError as error:  # already one line without secrets (io.remote)
+        raise ImageReadError(f"cannot read image {error}") from None
+
+
 def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
     """An image file (or its bytes) as RGB, fully decoded; ImageReadError (a ValueError) otherwise.
 
@@ -100,6 +116,8 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
     or corrupt file are errors too.
     """
     data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else None
+    if is_url(source):
+        data, name = _url_bytes(source), name or f"image {source}"
     if data is not None:
         name = name or "image bytes"
         check_image_bytes(data[:64], name)
@@ -127,7 +145,7 @@ def read_image_file(path: str | os.PathLike) -> ImageFile:
     decompression-bomb limit) but with no pixel decoded: for passing a file on unchanged
     (decode it with `open_image(data)`). ImageReadError otherwise; the rest of a file whose
     first bytes are not an allowed image is never read."""
-    path = Path(path)
+    path = as_location(path)
     name = f"image {path}"
     data = _checked_file_bytes(path, whole=True)[1]
     size = _png_rgb8_size(data)  # the common case, read from the PNG header itself
@@ -188,6 +206,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """
     if looks_like_base64_image(path):
         return decode_base64(path)
+    if is_url(path):
+        return open_image(path)
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"image not found: {path}")
@@ -249,6 +269,9 @@ def read_image_header(source: str | os.PathLike, *, pixels: bool = True) -> Imag
         data, name = _base64_bytes(source), "base64 image"
         found = check_image_bytes(data[:64], name)
         fp, nbytes = io.BytesIO(data), len(data)
+    elif is_url(source):
+        data, name = _checked_file_bytes(source, whole=True)[1], f"image {source}"
+        found, fp, nbytes = check_image_bytes(data[:64], name), io.BytesIO(data), len(data)
     else:
         path = Path(source)
         found, name = check_image_file(path), f"image {path}"
@@ -319,55 +342,6 @@ def looks_like_image_path(value: object) -> bool:
     """A string that names an image file by its extension (not a URL, not inline data)."""
     return (isinstance(value, str) and not looks_like_base64_image(value) and "\n" not in value
             and value.lower().endswith(_IMAGE_SUFFIXES))
-
-
-def transform_columns_to_image(data, columns: str | list[str], base_dir: str | os.PathLike | None = None):
-    """Turn image columns (base64 strings or file paths, or lists of them) into PIL images.
-
-    distilabel's `Distiset.transform_columns_to_image`, for rows (a list of dicts, returned as
-    new dicts) or a pandas DataFrame (returned as a copy). Relative paths are resolved against
-    `base_dir` (default: the working directory); `None` stays `None`.
-
-    Args:
-        data: rows or a DataFrame.
-        columns: one column name or several.
-        base_dir: folder relative image paths are relative to (the dataset file's folder).
-
-    Raises:
-        KeyError: a column is missing everywhere (named).
-        ImageReadError: a value cannot be decoded (names the row and column).
-    """
-    import pandas as pd
-
-    columns = [columns] if isinstance(columns, str) else list(columns)
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
-    is_frame = isinstance(data, pd.DataFrame)
-    rows = data.to_dict("records") if is_frame else [dict(row) for row in data]
-    for column in columns:
-        if rows and not any(column in row for row in rows):
-            raise KeyError(f"no row has column {column!r}")
-    for index, row in enumerate(rows):
-        for column in columns:
-            if column in row:
-                try:
-                    row[column] = _to_image(row[column], base)
-                except ImageReadError as error:
-                    raise ImageReadError(f"row {index}, column {column!r}: {error}") from error
-    return pd.DataFrame(rows, columns=list(data.columns)) if is_frame else rows
-
-
-def _to_image(value, base: Path):
-    if value is None or isinstance(value, Image.Image):
-        return value
-    if isinstance(value, float) and value != value:  # a DataFrame's missing value (NaN)
-        return None
-    if isinstance(value, (list, tuple)):
-        return [_to_image(item, base) for item in value]
-    if not isinstance(value, str):
-        raise ImageReadError(f"expected a path or base64 string, got {type(value).__name__}")
-    if looks_like_base64_image(value) or not looks_like_image_path(value):
-        return image_from_str(value)
-    return load_image(base / os.path.expanduser(value))
 
 
 _SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
