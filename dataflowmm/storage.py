@@ -156,8 +156,8 @@ class FileStorage:
     def input_folder(self) -> Path | str:
         """Where relative image paths of this step's input resolve: the input's folder, or
         its URL when the input is on a store (images are then read from the store)."""
-        if self.operator_step <= 1 and self.entry_url is not None and self.entry_kind is None:
-            return url_parent(self.entry_url)
+        if self.operator_step <= 1 and self.entry_kind is None:
+            return url_parent(self.entry_url) if self.entry_url is not None else self.input_path.resolve().parent
         if self.store is not None:
             return self.store.url
         return self.input_path.resolve().parent

@@ -29,6 +29,7 @@ from dataflowmm.execution.batch import (
 from dataflowmm.execution.checkpoints import StepCheckpoint
 from dataflowmm.execution.cleanup import remove_empty_folders, remove_stale_temp_files
 from dataflowmm.execution.protocol import DROP_MARK, DROPPED_KEY, StepContext, StepOperator
+from dataflowmm.execution.reuse import why_not_reusable
 from dataflowmm.io.atomic import atomic_file
 from dataflowmm.io.records import dumps_row, iter_records
 from dataflowmm.storage import fingerprint
@@ -139,7 +140,7 @@ def prepare_step(storage: FileStorage, operator: StepOperator) -> PreparedStep |
     input_fp = storage.input_fingerprint()
     step_fp = fingerprint(input_fp, operator.name, params)
     if storage.is_finished(step_fp):
-        stale = _why_not_reusable(storage, operator)
+        stale = why_not_reusable(storage, operator)
         manifest = storage.manifest() or {}
         every = bool(getattr(operator, "retry_errors", False))
         retry = [list(record) for record in manifest.get("failed_rows", ()) if every or record[3]]
@@ -174,41 +175,6 @@ def _prepared(storage: FileStorage, operator: StepOperator, params: dict, input_
     checkpoint_fp = fingerprint(storage.input_origin(), operator.name, params)
     return PreparedStep(storage, operator, params, input_fp, step_fp, checkpoint_fp, context, batch_size,
                         chunk_size(int(operator.settings.save_interval), batch_size), started, retry)
-
-
-def _why_not_reusable(storage: FileStorage, operator: StepOperator) -> str | None:
-    """Why a finished output with the same fingerprint must be recomputed, else None.
-
-    The fingerprint covers inputs and parameters, not what happened since: images the
-    output points to, or the side file of dropped rows, may have been deleted, and `strict`
-    (which does not change what a successful step writes) cannot accept an output that
-    recorded failed rows.
-    """
-    manifest = storage.manifest() or {}
-    if operator.settings.strict and manifest.get("errors"):
-        return f"strict=True and it recorded {manifest['errors']} failed rows"
-    if operator.keep_dropped_rows() and not storage.dropped_path.is_file():
-        return f"the dropped rows file {storage.dropped_path.name} is missing"
-    keys = operator.image_output_keys()
-    if not keys:
-        return None
-    output_dir = storage.output_path.resolve().parent
-    on_store = storage.store.listing(storage.images_dir) if storage.store is not None else None
-    for number, row in enumerate(iter_records(storage.output_path)):
-        for key in keys:
-            for path in _paths_in(row.get(key)):
-                if not (output_dir / path).is_file() if on_store is None else \
-                        storage.store.relative(output_dir / path) not in on_store:
-                    return f"row {number} key {key!r}: image {path} is missing"
-    return None
-
-
-def _paths_in(value: Any) -> Iterator[str]:
-    if isinstance(value, list):
-        for item in value:
-            yield from _paths_in(item)
-    elif isinstance(value, str) and value:
-        yield value
 
 
 class StepOutput:

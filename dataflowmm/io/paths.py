@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,19 @@ def relative_paths(value: Any, base_dir: Path, base_url: str | None = None) -> A
     base = os.fspath(base_dir)
     if base_url is not None and isinstance(value, list):
         return [relative_paths(item, base_dir, base_url) for item in value]
-    if base_url is not None and isinstance(value, str) and value.startswith(base_url.rstrip("/") + "/"):
-        return value[len(base_url.rstrip("/")) + 1:]
+    if base_url is not None and isinstance(value, str) and is_url(value):
+        return _relative_url(value, base_url)
     return _map_paths(value, lambda path: _relative(path, base) if os.path.isabs(path) else path)
+
+
+def _relative_url(url: str, base_url: str) -> str:
+    """A URL in the same bucket (scheme and first path part) as `base_url`, relative to it (as
+    local paths are relative to the cache file's folder); any other URL as it is."""
+    scheme, rest = url.split("://", 1)
+    base_scheme, base_rest = base_url.rstrip("/").split("://", 1)
+    if scheme != base_scheme or rest.split("/", 1)[0] != base_rest.split("/", 1)[0]:
+        return url
+    return posixpath.relpath(rest, base_rest)
 
 
 def _relative(path: str, base: str) -> str:
