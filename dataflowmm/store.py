@@ -256,3 +256,50 @@ def _local_records(checkpoint_dir: Path) -> list[dict] | None:
         return [json.loads(line) for line in (checkpoint_dir / "chunks.jsonl").read_bytes().splitlines()]
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def fetch_step_copy(url: str, storage_options: dict | None = None, work_dir: Path | None = None) -> Path:
+    """A local copy of the finished step file at `url` and of every image its rows name by a
+    relative path (kept at the same place relative to it: the bucket is mirrored), for
+    exports and galleries of a step on a store. Returns the local step file."""
+    from dataflowmm.io.images import looks_like_image_path
+    from dataflowmm.io.records import iter_records
+
+    bucket_url = "://".join((url.split("://", 1)[0], url.split("://", 1)[1].split("/", 1)[0]))
+    store = StoreMirror(bucket_url, storage_options, Path(work_dir or default_work_dir(bucket_url)))
+    local = store.local / url.split("://", 1)[1].split("/", 1)[1]
+    store._manifests.clear()
+    if store.read(local) is None:
+        raise FileNotFoundError(redact(f"step file not found: {url}"))
+    store.get(local)
+    for side in (local.with_name(local.name.rsplit(".", 1)[0] + ".manifest.json"),
+                 local.with_name(local.name.rsplit(".", 1)[0] + ".dropped.jsonl")):
+        if store.read_exists(side):
+            store.get(side)
+    wanted: set[str] = set()
+    for row in iter_records(local):
+        for value in row.values():
+            for item in value if isinstance(value, list) else [value]:
+                if looks_like_image_path(item) and not os.path.isabs(item) and "://" not in item:
+                    wanted.add(os.path.normpath(local.parent / item))
+    missing = [path for path in sorted(wanted) if not os.path.isfile(path)]
+    keys = [store._key(path) for path in missing]
+    if keys:  # one call: backends fetch many objects concurrently
+        try:
+            store.fs.get(keys, missing, on_error="omit")
+        except Exception as error:  # noqa: BLE001
+            raise RemoteStorageError("cannot read images of " + describe(error, url)) from None
+    return local
+
+
+def publish_folder(local: Path, url: str, storage_options: dict | None = None) -> None:
+    """Send a finished local file or folder to `url` (each object one write; a folder's
+    files in name order, so a stats or index file written last by the exporter lands last too)."""
+    fs, path = filesystem(url, storage_options)
+    files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
+    for file in files:
+        target = path if not local.is_dir() else f"{path.rstrip('/')}/{file.relative_to(local).as_posix()}"
+        try:
+            fs.put_file(str(file), target)
+        except Exception as error:  # noqa: BLE001
+            raise RemoteStorageError("cannot write " + describe(error, url)) from None

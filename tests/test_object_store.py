@@ -19,7 +19,10 @@ import pytest
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
+from click.testing import CliRunner  # noqa: E402
+
 from dataflowmm import FileStorage  # noqa: E402
+from dataflowmm.cli import main  # noqa: E402
 from dataflowmm.console import run_script  # noqa: E402
 from dataflowmm.execution.cache_lock import CacheInUse  # noqa: E402
 from dataflowmm.io.remote import RemoteStorageError, filesystem  # noqa: E402
@@ -107,6 +110,17 @@ def test_text_to_image_scaffold_on_s3_gives_the_local_run_bytes(project, bucket,
     assert remote[2] == local[2] and len(remote[2]) == local[1]["images_written"] > 0
     left = sorted(path.rsplit("/", 1)[-1] for path in fs.find(f"{name}/run1") if "_images/" not in path)
     assert left == ["dataflow_cache_step_step1.jsonl", "dataflow_cache_step_step1.manifest.json"]  # no chunk, no lock
+    step_url = f"s3://{name}/run1/dataflow_cache_step_step1.jsonl"  # exports and the gallery read it
+    cli = CliRunner()
+    exported = cli.invoke(main, ["export", step_url, "--to", "llava", f"s3://{name}/export/train.json"])
+    assert exported.exit_code == 0 and f"-> s3://{name}/export/train.json" in exported.output
+    fs.invalidate_cache()
+    conversations = json.loads(fs.cat_file(f"{name}/export/train.json"))
+    names = [n for c in conversations for n in (c["image"] if isinstance(c["image"], list) else [c["image"]])]
+    assert len(conversations) == remote[0].count(b"\n") and len(names) == len(remote[2])
+    assert all(fs.exists(f"{name}/export/{image}") for image in names)
+    page = cli.invoke(main, ["gallery", step_url, "-o", str(tmp_path / "gallery.html")])
+    assert page.exit_code == 0 and (tmp_path / "gallery.html").read_text().count("data:image/") >= len(remote[2])
 
 
 def test_captioning_scaffold_reads_entry_and_images_from_s3(project, bucket, tmp_path, capsys):
