@@ -244,3 +244,23 @@ def test_missing_backend_names_the_extra():
             filesystem("gs://bucket/run1")
     else:
         pytest.skip("gcsfs is installed here")
+
+
+def test_memory_store_and_the_ray_runner_refusing_a_store_cache(tmp_path):
+    """`memory://` is a second fsspec backend (no server); RayRunner refuses a store cache
+    with one line until the cluster work brings actors that write to the store."""
+    import fsspec
+
+    pytest.importorskip("ray")
+    from dataflowmm.execution.ray_runner import RayRunner
+
+    fs = fsspec.filesystem("memory")
+    fs.mkdir("/membucket")
+    entry = make_entry(tmp_path, n=5)
+    summary = NoiseImageOperator().run(FileStorage(entry, cache_path="memory://membucket/run1",
+                                                   work_dir=tmp_path / "w").step())
+    assert summary.output_path == "memory://membucket/run1/dataflow_cache_step_step1.jsonl"
+    assert len(fs.find("/membucket/run1/dataflow_cache_step_step1_images")) == 5
+    storage = FileStorage(entry, cache_path="memory://membucket/run2", runner=RayRunner(), work_dir=tmp_path / "r")
+    with pytest.raises(NotImplementedError, match="runs with the local runner for now; the Ray runner gets it"):
+        NoiseImageOperator().run(storage.step())
