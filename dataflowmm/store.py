@@ -65,6 +65,7 @@ class StoreMirror:
                 raise RemoteStorageError(redact(f"cache_path {self.url}: bucket {bucket} does not exist "
                                                 "(create it, or check the endpoint)")) from None
             raise RemoteStorageError("cache_path " + describe(error, self.url)) from None
+        self.fs.invalidate_cache()  # listings are read fresh: another run may write meanwhile
 
     # -- addresses ------------------------------------------------------------------------
 
@@ -126,6 +127,7 @@ class StoreMirror:
     def listing(self, local_folder: Path) -> dict[str, int]:
         """`{path relative to the cache: size}` of every object under `local_folder`'s place."""
         key = self._key(local_folder)
+        self.fs.invalidate_cache()
         try:
             found = self.fs.find(key, detail=True)
         except FileNotFoundError:
@@ -160,6 +162,7 @@ class StoreMirror:
         atomic_write_text(manifest_path, text, fsync=False)
 
     def read_exists(self, local_path: Path) -> bool:
+        self.fs.invalidate_cache()
         return bool(self._call("read", local_path, self.fs.exists, self._key(local_path)))
 
     def remove_manifest(self, manifest_path: Path) -> None:

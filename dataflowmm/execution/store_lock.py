@@ -58,6 +58,7 @@ class StoreLease:
         return json.dumps({"owner": self.owner, "expires": time.time() + self.ttl}).encode()
 
     def _newest(self) -> tuple[int, dict | None]:
+        self.store.fs.invalidate_cache()  # never a cached listing: other runs write here
         try:
             names = self.store.fs.ls(self.folder, detail=False)
         except FileNotFoundError:
