@@ -234,12 +234,12 @@ def models_list() -> None:
 
 
 @main.command("export")
-@click.argument("step_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("step_file", type=click.Path(path_type=str))
 @click.option("--to", "to", type=click.Choice(["hf", "parquet", "llava", "sharegpt", "webdataset"]), required=True,
               help="hf: a saved datasets.Dataset folder (load_from_disk); parquet: one Parquet file; "
                    "llava / sharegpt: conversation JSON with an images folder beside it; "
                    "webdataset: a folder of tar shards (img2dataset's layout)")
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=str))
 @click.option("--image-column", "image_columns", multiple=True,
               help="column holding images (repeatable); default: detected from the values")
 @click.option("--text-column", default=None,
@@ -251,11 +251,14 @@ def models_list() -> None:
 @click.option("--link", is_flag=True, help="llava/sharegpt: hard-link images instead of copying them")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="webdataset: samples per tar shard  [default: 10000]")
-def export(step_file: Path, to: str, out: Path, image_columns: tuple[str, ...], text_column: str | None,
+def export(step_file: str, to: str, out: str, image_columns: tuple[str, ...], text_column: str | None,
            conversation_column: str | None, prompt: str | None, link: bool, shard_size: int | None) -> None:
     """Export STEP_FILE as a training set: --to hf OUT_DIR, --to parquet OUT.parquet,
-    --to llava OUT.json, --to sharegpt OUT.json, --to webdataset OUT_DIR."""
+    --to llava OUT.json, --to sharegpt OUT.json, --to webdataset OUT_DIR. STEP_FILE and OUT
+    may be URLs (s3://, gs://, az://, ...; credentials the backend's standard way)."""
     from dataflowmm.export import export_step
+
+    _require_file(step_file)
 
     options = {"conversation_column": conversation_column, "text_column": text_column, "prompt": prompt,
                "link": link or None, "shard_size": shard_size}
@@ -271,7 +274,7 @@ def export(step_file: Path, to: str, out: Path, image_columns: tuple[str, ...], 
 
 
 @main.command("gallery")
-@click.argument("step_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("step_file", type=click.Path(path_type=str))
 @click.option("-o", "--out", default="gallery.html", show_default=True, type=click.Path(path_type=Path),
               help="the HTML page to write")
 @click.option("--link", is_flag=True,
@@ -279,13 +282,28 @@ def export(step_file: Path, to: str, out: Path, image_columns: tuple[str, ...], 
 @click.option("--image-column", "image_columns", multiple=True,
               help="column holding images (repeatable); default: detected from the values")
 @click.option("--page-size", default=48, show_default=True, type=click.IntRange(min=1), help="rows per page")
-def gallery(step_file: Path, out: Path, link: bool, image_columns: tuple[str, ...], page_size: int) -> None:
-    """Write one HTML page showing STEP_FILE's rows: images, text, scores and errors."""
+def gallery(step_file: str, out: Path, link: bool, image_columns: tuple[str, ...], page_size: int) -> None:
+    """Write one HTML page showing STEP_FILE's rows: images, text, scores and errors. A STEP_FILE
+    on a store (s3://...) is read through a local copy of it and its images."""
     from dataflowmm.gallery import build_gallery
+    from dataflowmm.io.remote import is_url
+    from dataflowmm.store import fetch_step_copy
 
+    _require_file(step_file)
     try:
+        if is_url(step_file):
+            step_file = fetch_step_copy(step_file)
         written = build_gallery(step_file, out, image_columns=list(image_columns) or None,
                                 embed=not link, page_size=page_size)
     except (KeyError, ValueError, OSError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"gallery: {written.resolve()}")
+
+
+def _require_file(step_file: str) -> None:
+    """A local STEP_FILE must be an existing file (as click's `exists=True` checked); a URL
+    is checked when it is read."""
+    from dataflowmm.io.remote import is_url
+
+    if not is_url(step_file) and not Path(step_file).is_file():
+        raise click.BadParameter(f"File '{step_file}' does not exist.", param_hint="'STEP_FILE'")

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +40,9 @@ from dataflowmm.io.records import (
     serialize_records,
     to_records,
 )
+from dataflowmm.io.remote import as_location, fetch_entry, url_parent
 from dataflowmm.seeds import canonical_json
+from dataflowmm.store import StoreMirror, default_work_dir
 
 __all__ = ["CACHE_TYPES", "FileStorage", "Records", "StorageError", "fingerprint", "plain_value",
            "read_records", "to_records"]
@@ -75,6 +77,13 @@ class FileStorage:
             (`LocalRunner`), or any runner object (e.g. `RayRunner` from `dataflowmm[ray]`).
             Every `step()` of this storage uses it; outputs do not depend on the runner.
             `runner` is then `None` or that object: the storage only keeps it for execution.
+        storage_options: for URLs (`s3://`, `gs://`, `az://`, `memory://`, ...) in
+            `first_entry_file_name`, `cache_path` and the rows' image references: passed to
+            the fsspec file system (credentials, `client_kwargs={"endpoint_url": ...}`); never
+            written to a manifest or a message. Without it, the backend's standard sources
+            (for S3 the `AWS_*` environment) are used.
+        work_dir: with a URL `cache_path`, the local folder the steps are worked on in
+            (default `~/.cache/dataflowmm/stores/{digest of the URL}`); see `dataflowmm.store`.
     """
 
     def __init__(
@@ -84,20 +93,31 @@ class FileStorage:
         file_name_prefix: str = "dataflow_cache_step",
         cache_type: Literal["jsonl", "json", "csv", "parquet"] = "jsonl",
         runner: Any = None,
+        *,
+        storage_options: dict | None = None,
+        work_dir: str | os.PathLike | None = None,
     ):
         if cache_type not in CACHE_TYPES:
             raise ValueError(f"cache_type must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
-        self.first_entry_file_name = Path(first_entry_file_name)
-        if not self.first_entry_file_name.exists():
-            raise FileNotFoundError(f"first_entry_file_name not found: {self.first_entry_file_name}")
-        self.entry_kind = dataset_kind(self.first_entry_file_name)
-        self.cache_path = Path(cache_path)
+        entry = as_location(first_entry_file_name)
+        self.entry_url = entry if isinstance(entry, str) else None
+        if isinstance(entry, Path) and not entry.exists():
+            raise FileNotFoundError(f"first_entry_file_name not found: {entry}")
+        cache = as_location(cache_path)
+        self.store: StoreMirror | None = None
+        if isinstance(cache, str):  # the store is reached (bucket checked) before anything is written
+            self.store = StoreMirror(cache, storage_options, Path(work_dir or default_work_dir(cache)))
+            cache = self.store.local
+        self.cache_path = cache
         try:
             self.cache_path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise OSError(f"cannot create cache_path {self.cache_path}: {error}") from error
         if not os.access(self.cache_path, os.W_OK):
             raise PermissionError(f"cache_path is not writable: {self.cache_path}")
+        self.first_entry_file_name = entry if self.entry_url is None else fetch_entry(
+            self.entry_url, storage_options, self.cache_path / f"{file_name_prefix}_entry_source")
+        self.entry_kind = dataset_kind(self.first_entry_file_name)
         self.file_name_prefix = file_name_prefix
         self.cache_type = cache_type
         self.runner = _resolve_runner(runner)
@@ -126,7 +146,30 @@ class FileStorage:
             self._entry_rows["rows"] = dataset_entry_rows(
                 self.first_entry_file_name, self.entry_kind, self.cache_path / f"{self.file_name_prefix}_entry.jsonl",
                 self.cache_path / f"{self.file_name_prefix}_entry_images")
+            if self.store is not None:  # the converted rows point to images the store must hold
+                self.store.push_step(self.cache_path / f"{self.file_name_prefix}_entry.jsonl",
+                                     self._entry_rows["rows"], (), None,
+                                     self.cache_path / f"{self.file_name_prefix}_entry_images")
         return self._entry_rows["rows"]
+
+    @property
+    def input_folder(self) -> Path | str:
+        """Where relative image paths of this step's input resolve: the input's folder, or
+        its URL when the input is on a store (images are then read from the store)."""
+        if self.operator_step <= 1 and self.entry_kind is None:
+            return url_parent(self.entry_url) if self.entry_url is not None else self.input_path.resolve().parent
+        if self.store is not None:
+            return self.store.url
+        return self.input_path.resolve().parent
+
+    @property
+    def output_url(self) -> str | None:
+        """The URL this step's folder is published to (None for a local cache)."""
+        return self.store.url if self.store is not None else None
+
+    def location(self, path: Path) -> str:
+        """A cache file's path, or its URL on the store: what messages name."""
+        return self.store.url_of(path) if self.store is not None else str(path)
 
     @property
     def output_path(self) -> Path:
@@ -185,13 +228,13 @@ class FileStorage:
         """
         records = to_records(data)
         payload = serialize_records(records, self.cache_type)
-        self.manifest_path.unlink(missing_ok=True)  # never left describing other data
+        self.remove_manifest()  # never left describing other data
         with atomic_file(self.output_path) as file:
             file.write(payload)
         self.write_manifest(operator=operator, params=params, input_fingerprint=input_fingerprint,
                             step_fingerprint=step_fingerprint or hashlib.sha256(payload).hexdigest(),
                             rows=len(records))
-        return str(self.output_path)
+        return self.location(self.output_path)
 
     def iter_input_chunks(self, rows_per_chunk: int, skip: int = 0) -> Iterator[Records]:
         """This step's input rows in lists of `rows_per_chunk`, streamed, after `skip` rows."""
@@ -205,16 +248,24 @@ class FileStorage:
         """Make a finished JSON Lines file this step's cache file (converted to `cache_type`).
 
         The step's manifest is removed first: `write_manifest` writes the new one after."""
-        self.manifest_path.unlink(missing_ok=True)
+        self.remove_manifest()
         publish_jsonl(jsonl_part, self.output_path, self.cache_type)
-        return str(self.output_path)
+        return self.location(self.output_path)
+
+    def remove_manifest(self) -> None:
+        """Before new files of this step are published (here and on the store)."""
+        self.manifest_path.unlink(missing_ok=True)
+        if self.store is not None:
+            self.store.remove_manifest(self.manifest_path)
 
     def write_manifest(self, *, operator: str | None, params: dict | None, input_fingerprint: str | None,
                        step_fingerprint: str, rows: int, extra: dict | None = None,
-                       sha256: str | None = None) -> None:
+                       sha256: str | None = None, images: Iterable[str] | None = None) -> None:
         """The manifest beside this step's cache file: what made it and from what, and the
         file's digest, size and modification time (the file must be written already).
-        `sha256`: the file's digest when the caller computed it while writing the file."""
+        `sha256`: the file's digest when the caller computed it while writing the file.
+        On a store the step is then published there (`images`: the local paths of every
+        image the output points to; see `StoreMirror.push_step`)."""
         stat = self.output_path.stat()
         manifest = {
             "step": self.operator_step,
@@ -231,6 +282,8 @@ class FileStorage:
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         atomic_write_text(self.manifest_path, json.dumps(manifest, ensure_ascii=False, indent=1))
+        if self.store is not None:
+            self.store.push_step(self.manifest_path, self.output_path, [self.dropped_path], images, self.images_dir)
 
     # -- fingerprints and reuse ---------------------------------------------------------
 
@@ -251,10 +304,20 @@ class FileStorage:
         checkpoint's chunks share (each chunk also records the digest of its own input rows)."""
         manifest = self._load_manifest(self.operator_step - 1) if self.operator_step > 1 else None
         upstream = manifest.get("fingerprint") if manifest else None
-        return fingerprint(str(self.input_path.resolve()), upstream)
+        return fingerprint(self._input_location(), upstream)
+
+    def _input_location(self) -> str:
+        if self.operator_step <= 1 and self.entry_url is not None:
+            return self.entry_url
+        if self.store is not None:
+            return self.store.url_of(self.input_path)
+        return str(self.input_path.resolve())
 
     def _load_manifest(self, step: int) -> dict | None:
         path = self._step_file(step, ".manifest.json")
+        if self.store is not None and step >= 1:  # the store's finished step, copied here when it differs
+            self.store.pull_step(path, self._step_file(step, f".{self.cache_type}"),
+                                 [self._step_file(step, ".dropped.jsonl")])
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError):

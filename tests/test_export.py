@@ -14,11 +14,11 @@ from PIL import Image
 
 from dataflowmm.cli import main
 from dataflowmm.export import export_step
+from dataflowmm.io.image_columns import transform_columns_to_image
 from dataflowmm.io.images import (
     ImageReadError,
     image_from_str,
     image_to_str,
-    transform_columns_to_image,
 )
 
 datasets = pytest.importorskip("datasets")

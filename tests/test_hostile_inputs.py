@@ -218,9 +218,9 @@ def test_internal_addresses_are_refused_unless_base_url_is_internal(tmp_path):
     pytest.importorskip("openai")
     import base64
 
+    from dataflowmm.io.downloads import is_internal
     from dataflowmm.kit.loopback_images_api import LoopbackImagesAPI
     from dataflowmm.serving.api_image_gen import APIImageGenServing, GenerationFailed
-    from dataflowmm.serving.downloads import is_internal
 
     assert [is_internal(a) for a in ("127.0.0.1", "10.1.2.3", "192.168.0.7", "169.254.169.254", "::1",
                                      "::ffff:127.0.0.1", "fe80::1", "100.64.0.1", "8.8.8.8")] == [True] * 8 + [False]

@@ -74,7 +74,8 @@ def apply_batch(
         out = _with_upstream_failures(out, rows, set(todo), first_row)
     relative_to = None if operator.settings.absolute_paths else context.output_dir
     if path_keys and relative_to is not None:
-        out = [_with_paths(row, path_keys, lambda value: relative_paths(value, relative_to)) for row in out]
+        out = [_with_paths(row, path_keys, lambda value: relative_paths(value, relative_to, context.output_url))
+               for row in out]
     for row in out:
         if ERROR_KEY not in row:
             row[ERROR_KEY] = None
@@ -244,6 +245,10 @@ class OutputCounts:
                 self.referenced.update(generated)
                 if not failed:
                     self.images += len(generated)
+
+    def generated_in(self, rows: list[dict]) -> list[str]:
+        """Absolute paths of the images under the images folder that `rows` point to."""
+        return [path for row in rows for key in self.image_keys for path in self._generated(row.get(key))]
 
     def _generated(self, value: Any) -> list[str]:
         """Absolute paths under the images folder in one cell (a path or nested lists of them)."""

@@ -110,9 +110,9 @@ class StepCheckpoint:
 
     # -- growing --------------------------------------------------------------------------
 
-    def append(self, rows_in: int, payload: bytes, rows_out: int, meta: dict | None = None) -> None:
+    def append(self, rows_in: int, payload: bytes, rows_out: int, meta: dict | None = None) -> dict:
         """Record one more finished chunk: its rows' bytes, then its log line (with `meta`:
-        rows failed upstream, failed rows and their output spans)."""
+        rows failed upstream, failed rows and their output spans); returns that record."""
         if self._rows_file is None:
             self._rows_file = open(self.rows_path, "ab")  # noqa: SIM115 (kept open across chunks)
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115
@@ -125,6 +125,7 @@ class StepCheckpoint:
         self._log_file.write(orjson.dumps(record) + b"\n")
         self._log_file.flush()
         self.chunks.append(record)
+        return record
 
     def rows_sha256(self) -> str | None:
         """SHA-256 of the rows file when this run wrote all of it (None after a resume)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 from dataflowmm.execution.batch import apply_chunk
@@ -14,6 +15,7 @@ from dataflowmm.execution.step import (
     StepSummary,
     prepare_step,
 )
+from dataflowmm.execution.store_lock import store_lock
 
 if TYPE_CHECKING:
     from dataflowmm.execution.protocol import StepOperator
@@ -31,8 +33,10 @@ class LocalRunner:
     def run(self, storage: FileStorage, operator: StepOperator) -> StepSummary:
         """Run `operator` (keys bound) on `storage`'s current step, reusing or resuming what is done.
 
-        The cache's lock is held throughout: another process running on it fails at once."""
-        with cache_lock(storage.cache_path, storage.file_name_prefix):
+        The cache's lock is held throughout: another process running on it fails at once
+        (on an object store, also the store's lock: `execution.store_lock`)."""
+        with cache_lock(storage.cache_path, storage.file_name_prefix), \
+                store_lock(storage.store, storage.file_name_prefix) if storage.store else nullcontext():
             return self._run(storage, operator)
 
     def _run(self, storage: FileStorage, operator: StepOperator) -> StepSummary:

@@ -60,13 +60,16 @@ class StepContext:
     """Where a step reads and writes; handed to every batch call.
 
     Image paths in the rows an operator receives are absolute; paths it returns may be
-    absolute too: execution writes them relative to `output_dir`.
+    absolute too: execution writes them relative to `output_dir`. On an object store
+    `input_dir` is the URL of the input's folder (images are read from the store) and
+    `output_url` the URL `output_dir` is published to.
     """
 
     step: int
-    input_dir: Path
+    input_dir: Path | str
     output_dir: Path
     save_dir: Path
+    output_url: str | None = None
 
 
 class RowError(ValueError):

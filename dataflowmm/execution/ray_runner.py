@@ -96,6 +96,9 @@ class RayRunner:
         """Run `operator` (keys bound) on `storage`'s current step, reusing or resuming what is done.
 
         The driver holds the cache's lock throughout: another process running on it fails at once."""
+        if getattr(storage, "store", None) is not None:
+            raise NotImplementedError(f"cache_path {storage.store.url}: an object-store cache runs with the "
+                                      "local runner for now; the Ray runner gets it with the cluster work")
         with cache_lock(storage.cache_path, storage.file_name_prefix):
             return self._run(storage, operator)
 

@@ -29,6 +29,7 @@ from dataflowmm.execution.batch import (
 from dataflowmm.execution.checkpoints import StepCheckpoint
 from dataflowmm.execution.cleanup import remove_empty_folders, remove_stale_temp_files
 from dataflowmm.execution.protocol import DROP_MARK, DROPPED_KEY, StepContext, StepOperator
+from dataflowmm.execution.reuse import why_not_reusable
 from dataflowmm.io.atomic import atomic_file
 from dataflowmm.io.records import dumps_row, iter_records
 from dataflowmm.storage import fingerprint
@@ -139,7 +140,7 @@ def prepare_step(storage: FileStorage, operator: StepOperator) -> PreparedStep |
     input_fp = storage.input_fingerprint()
     step_fp = fingerprint(input_fp, operator.name, params)
     if storage.is_finished(step_fp):
-        stale = _why_not_reusable(storage, operator)
+        stale = why_not_reusable(storage, operator)
         manifest = storage.manifest() or {}
         every = bool(getattr(operator, "retry_errors", False))
         retry = [list(record) for record in manifest.get("failed_rows", ()) if every or record[3]]
@@ -150,7 +151,7 @@ def prepare_step(storage: FileStorage, operator: StepOperator) -> PreparedStep |
         if stale is None:
             summary = StepSummary(storage.operator_step, operator.name, manifest.get("rows_in", manifest["rows"]),
                                   manifest["rows"], 0, 0, time.perf_counter() - started,
-                                  str(storage.output_path), reused=True,
+                                  storage.location(storage.output_path), reused=True,
                                   rows_dropped=manifest.get("rows_dropped", 0))
             tqdm.write(summary.line(), file=sys.stderr)
             return summary
@@ -163,9 +164,10 @@ def _prepared(storage: FileStorage, operator: StepOperator, params: dict, input_
               started: float, retry: list[list[int]] | None = None) -> PreparedStep:
     context = StepContext(
         step=storage.operator_step,
-        input_dir=storage.input_path.resolve().parent,
+        input_dir=storage.input_folder,
         output_dir=storage.output_path.resolve().parent,
         save_dir=operator.resolve_save_dir(storage.images_dir).resolve(),
+        output_url=storage.output_url,
     )
     if operator.image_output_keys():  # a captioning step gets no empty images folder
         context.save_dir.mkdir(parents=True, exist_ok=True)
@@ -175,44 +177,14 @@ def _prepared(storage: FileStorage, operator: StepOperator, params: dict, input_
                         chunk_size(int(operator.settings.save_interval), batch_size), started, retry)
 
 
-def _why_not_reusable(storage: FileStorage, operator: StepOperator) -> str | None:
-    """Why a finished output with the same fingerprint must be recomputed, else None.
-
-    The fingerprint covers inputs and parameters, not what happened since: images the
-    output points to, or the side file of dropped rows, may have been deleted, and `strict`
-    (which does not change what a successful step writes) cannot accept an output that
-    recorded failed rows.
-    """
-    manifest = storage.manifest() or {}
-    if operator.settings.strict and manifest.get("errors"):
-        return f"strict=True and it recorded {manifest['errors']} failed rows"
-    if operator.keep_dropped_rows() and not storage.dropped_path.is_file():
-        return f"the dropped rows file {storage.dropped_path.name} is missing"
-    keys = operator.image_output_keys()
-    if not keys:
-        return None
-    output_dir = storage.output_path.resolve().parent
-    for number, row in enumerate(iter_records(storage.output_path)):
-        for key in keys:
-            for path in _paths_in(row.get(key)):
-                if not (output_dir / path).is_file():
-                    return f"row {number} key {key!r}: image {path} is missing"
-    return None
-
-
-def _paths_in(value: Any) -> Iterator[str]:
-    if isinstance(value, list):
-        for item in value:
-            yield from _paths_in(item)
-    elif isinstance(value, str) and value:
-        yield value
-
-
 class StepOutput:
     """The growing output of a prepared step: checkpointed chunk by chunk, then published."""
 
     def __init__(self, step: PreparedStep):
         self.step = step
+        self.store = step.storage.store
+        if self.store is not None:  # the store's chunks are the checkpoint (any machine resumes)
+            self.store.pull_checkpoint(step.storage.checkpoint_dir)
         self.checkpoint = StepCheckpoint(step.storage.checkpoint_dir, step.checkpoint_fingerprint, step.chunk_rows)
         if self.checkpoint.finished:
             self.checkpoint.keep_chunks_matching(step.storage.iter_input_chunks(step.chunk_rows))
@@ -255,16 +227,22 @@ class StepOutput:
         """One more finished chunk (its input's size and `chunk_digest`, its output rows in
         order), checkpointed at once."""
         payload, meta = finish_chunk(rows)
-        self.checkpoint.append(rows_in, payload, len(rows),
-                               {**meta, "input": input_digest, **fitted_batch_sizes(self.step.operator)})
+        record = self.checkpoint.append(rows_in, payload, len(rows),
+                                        {**meta, "input": input_digest, **fitted_batch_sizes(self.step.operator)})
         self._count(rows)
+        self._push_chunk(record, payload, rows)
 
     def add_serialized_chunk(self, rows_in: int, payload: bytes, meta: dict | None = None) -> None:
         """One more finished chunk given as JSON Lines bytes and its `finish_chunk` record
         (from another process)."""
         rows = [orjson.loads(line) for line in payload.splitlines()]
-        self.checkpoint.append(rows_in, payload, len(rows), meta)
+        record = self.checkpoint.append(rows_in, payload, len(rows), meta)
         self._count(rows)
+        self._push_chunk(record, payload, rows)
+
+    def _push_chunk(self, record: dict, payload: bytes, rows: list[dict]) -> None:
+        if self.store is not None:
+            self.store.push_chunk(self.step.storage.checkpoint_dir, record, payload, self.counts.generated_in(rows))
 
     def _count(self, rows: list[dict]) -> None:
         self.counts.add(rows)
@@ -286,7 +264,7 @@ class StepOutput:
         step, storage = self.step, self.step.storage
         rows_in = self.checkpoint.rows_read
         self.checkpoint.close()
-        storage.manifest_path.unlink(missing_ok=True)  # the old one must never describe new files
+        storage.remove_manifest()  # the old one must never describe new files
         failed = self.failed_rows()
         rows_path, dropped = self._split_dropped_rows(failed)
         published_as_written = rows_path == self.checkpoint.rows_path and storage.cache_type == "jsonl"
@@ -300,8 +278,11 @@ class StepOutput:
                                                          "rows_dropped": dropped, "failed_upstream": upstream,
                                                          "failed_rows": failed,
                                                          "transient_rows": sum(r[3] for r in failed),
-                                                         **merged_fitted_sizes(self.checkpoint.chunks)})
+                                                         **merged_fitted_sizes(self.checkpoint.chunks)},
+                               images=self.counts.referenced)
         self.checkpoint.remove()
+        if self.store is not None:
+            self.store.remove_checkpoint(storage.checkpoint_dir)
         self._remove_unreferenced_images()
         kept_in = str(storage.dropped_path) if step.operator.keep_dropped_rows() else None
         summary = StepSummary(storage.operator_step, step.operator.name, rows_in, self.rows_out,

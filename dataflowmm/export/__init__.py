@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 from dataflowmm.export.hf import to_hf_dataset, write_hf
 from dataflowmm.export.training_rows import TrainingRows, detect_image_columns
 from dataflowmm.export.webdataset import STATS_FILE, write_webdataset
+from dataflowmm.io.remote import is_url, url_parent
+from dataflowmm.store import fetch_step_copy, publish_folder
 
 EXPORT_FORMATS = ("hf", "parquet", "llava", "sharegpt", "webdataset")
 
@@ -24,7 +27,7 @@ __all__ = ["EXPORT_FORMATS", "ExportReport", "TrainingRows", "detect_image_colum
 class ExportReport:
     """Where an export went and, for the training formats, what it took and left out."""
 
-    path: Path
+    path: Path | str  # a URL when exported to a store
     counts: dict[str, int] = field(default_factory=dict)
     note: str = ""  # how it was written, e.g. "3 shards, resumed: 2 finished shard(s) kept"
 
@@ -50,11 +53,24 @@ def export_step(step_file: str | os.PathLike, to: str, out: str | os.PathLike,
             folder of tar shards; `dataflowmm.export.webdataset`).
         out: the folder or file to write.
         image_columns: columns holding images; detected from the values when `None`.
-        options: the format's own: `conversation_column`, `text_column`, `prompt`, `link` for
+        options: `storage_options` for URLs in `step_file` and `out` (a step on a store is
+            read through a local copy; an export to a store is written locally, then sent);
+            the format's own: `conversation_column`, `text_column`, `prompt`, `link` for
             llava / sharegpt; `shard_size`, `text_column` for webdataset.
     """
     if to not in EXPORT_FORMATS:
         raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {to!r}")
+    storage_options = options.pop("storage_options", None)  # for URLs in step_file and out
+    if is_url(os.fspath(step_file)):  # read from a local copy of the step and its images
+        step_file = fetch_step_copy(os.fspath(step_file), storage_options)
+    if is_url(os.fspath(out)):  # written locally, then sent to the store object by object
+        target = os.fspath(out)
+        with tempfile.TemporaryDirectory(prefix="dataflowmm-export-") as staging:
+            local = Path(staging) / target.rstrip("/").rsplit("/", 1)[-1]
+            report = export_step(step_file, to, local, image_columns, **options)
+            publish_folder(local.parent if to in ("llava", "sharegpt") else local,
+                           url_parent(target) if to in ("llava", "sharegpt") else target, storage_options)
+        return ExportReport(target, report.counts, report.note)  # type: ignore[arg-type]
     if to in ("hf", "parquet"):
         if options:
             raise TypeError(f"--to {to} takes no options, got {', '.join(sorted(options))}")

@@ -1,4 +1,4 @@
-"""distilabel's table helper: image columns (base64 strings or file paths) as PIL images."""
+"""Image columns of a whole table as PIL images (distilabel's `transform_columns_to_image`)."""
 
 from __future__ import annotations
 

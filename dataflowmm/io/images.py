@@ -14,6 +14,9 @@ from typing import NamedTuple
 from PIL import Image
 
 from dataflowmm.io.carried_files import provided_bytes, written_file
+from dataflowmm.io.remote import as_location, is_url, read_url_bytes
+
+MAX_IMAGE_BYTES = 256 << 20  # an image object read from a URL larger than this is refused
 
 
 class ImageReadError(ValueError):
@@ -74,13 +77,15 @@ def check_image_bytes(header: bytes, name: str = "image") -> str:
 
 def check_image_file(path: str | os.PathLike) -> str:
     """`check_image_bytes` on a regular file's first bytes; ImageReadError otherwise."""
-    return _checked_file_bytes(Path(path), whole=False)[0]
+    return _checked_file_bytes(as_location(path), whole=False)[0]
 
 
-def _checked_file_bytes(path: Path, whole: bool) -> tuple[str, bytes]:
+def _checked_file_bytes(path: Path | str, whole: bool) -> tuple[str, bytes]:
     """A regular file's allowed format and its first 64 bytes (all of them when `whole`: the
-    rest of a file whose header is not an allowed image is never read); ImageReadError otherwise."""
-    data = provided_bytes(path)  # an input image the Ray driver sent with the chunk
+    rest of a file whose header is not an allowed image is never read); ImageReadError otherwise.
+    A URL's object is read whole (through `io.remote`: an object store, or http(s) guarded)."""
+    # A URL's object, or an input image the Ray driver sent with the chunk.
+    data = _url_bytes(path) if isinstance(path, str) else provided_bytes(path)
     if data is not None:
         return check_image_bytes(data[:64], f"image {path}"), data if whole else data[:64]
     if not path.is_file():
@@ -94,6 +99,15 @@ def _checked_file_bytes(path: Path, whole: bool) -> tuple[str, bytes]:
         raise ImageReadError(f"cannot read image {path}: {error}") from None
 
 
+def _url_bytes(url: str) -> bytes:
+    try:
+        return read_url_bytes(url, max_bytes=MAX_IMAGE_BYTES)
+    except FileNotFoundError:
+        raise ImageReadError(f"image not found: {url}") from None
+    except OSError as error:  # already one line without secrets (io.remote)
+        raise ImageReadError(f"cannot read image {error}") from None
+
+
 def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
     """An image file (or its bytes) as RGB, fully decoded; ImageReadError (a ValueError) otherwise.
 
@@ -103,8 +117,10 @@ def open_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
     or corrupt file are errors too.
     """
     data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else None
-    if data is None and provided_bytes(source) is not None:
-        return open_image(provided_bytes(source), name or f"image {source}")
+    if is_url(source):
+        data, name = _url_bytes(source), name or f"image {source}"
+    elif data is None and provided_bytes(source) is not None:
+        data, name = provided_bytes(source), name or f"image {source}"
     if data is not None:
         name = name or "image bytes"
         check_image_bytes(data[:64], name)
@@ -132,7 +148,7 @@ def read_image_file(path: str | os.PathLike) -> ImageFile:
     decompression-bomb limit) but with no pixel decoded: for passing a file on unchanged
     (decode it with `open_image(data)`). ImageReadError otherwise; the rest of a file whose
     first bytes are not an allowed image is never read."""
-    path = Path(path)
+    path = as_location(path)
     name = f"image {path}"
     data = _checked_file_bytes(path, whole=True)[1]
     size = _png_rgb8_size(data)  # the common case, read from the PNG header itself
@@ -193,6 +209,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """
     if looks_like_base64_image(path):
         return decode_base64(path)
+    if is_url(path):
+        return open_image(path)
     path = Path(path)
     if not path.is_file() and provided_bytes(path) is None:
         raise ImageReadError(f"image not found: {path}")
@@ -254,6 +272,9 @@ def read_image_header(source: str | os.PathLike, *, pixels: bool = True) -> Imag
         data, name = _base64_bytes(source), "base64 image"
         found = check_image_bytes(data[:64], name)
         fp, nbytes = io.BytesIO(data), len(data)
+    elif is_url(source):
+        data, name = _checked_file_bytes(source, whole=True)[1], f"image {source}"
+        found, fp, nbytes = check_image_bytes(data[:64], name), io.BytesIO(data), len(data)
     else:
         path = Path(source)
         found, name = check_image_file(path), f"image {path}"

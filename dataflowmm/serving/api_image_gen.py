@@ -9,10 +9,10 @@ from typing import Any
 from PIL import Image
 
 from dataflowmm.checks import check_positive_int
+from dataflowmm.io.downloads import DownloadRefused, download, url_is_internal
 from dataflowmm.io.images import ImageReadError, open_image
 from dataflowmm.serving.api_client import REFUSAL_CODES, OpenAICompatibleServing
 from dataflowmm.serving.common import GenerationFailed, jsonable
-from dataflowmm.serving.downloads import DownloadRefused, download, url_is_internal
 
 RESPONSE_FORMATS = ("b64_json", "url")
 
@@ -57,7 +57,7 @@ class APIImageGenServing(OpenAICompatibleServing):
             `"b64_json"` (images inside the answer) or `"url"` (downloaded afterwards, within
             bounds: http(s) only, no redirect to another host, no internal address unless
             `base_url` is one, at most `max_download_bytes`, within `timeout` seconds; see
-            `dataflowmm.serving.downloads`). A refused download is that prompt's error.
+            `dataflowmm.io.downloads`). A refused download is that prompt's error.
         seed_parameter (`str`, *optional*):
             Name of a request field that takes a seed, for compatible servers that accept one
             (e.g. `"seed"`); each request then sends its prompt's seed. OpenAI takes none.

@@ -1,4 +1,4 @@
-"""Downloading an image from the URL an images API answered, within bounds.
+"""Downloading an image from a URL (an images API's answer, an http(s) image in a row), within bounds.
 
 - only `http` and `https` URLs;
 - redirects followed on the same host only (at most `MAX_REDIRECTS`), never to another host;
