@@ -49,6 +49,7 @@ class StoreMirror:
 
     def __init__(self, url: str, storage_options: dict | None, work_dir: Path):
         self.url = url
+        self.storage_options = storage_options  # Ray actors write images with them (never shown)
         self.fs, self.root = filesystem(url, storage_options)
         self.local = work_dir
         self.lease = None  # the cache's lock while a step runs (execution.store_lock)
@@ -293,6 +294,26 @@ def fetch_step_copy(url: str, storage_options: dict | None = None, work_dir: Pat
         except Exception as error:  # noqa: BLE001
             raise RemoteStorageError("cannot read images of " + describe(error, url)) from None
     return local
+
+
+def send_files(files: dict[str, bytes], local_root: Path, url: str, storage_options: dict | None) -> dict[str, bytes]:
+    """Write the files under `local_root` (absolute path -> bytes) to their places under `url`,
+    the store mirrored by `local_root` (one object each, sent concurrently where the backend
+    can); returns the files outside `local_root`, which have no place there."""
+    fs, root = filesystem(url, storage_options)
+    objects, rest = {}, {}
+    for path, data in files.items():
+        relative = os.path.relpath(path, local_root)
+        if relative == ".." or relative.startswith(".." + os.sep):
+            rest[path] = data
+        else:
+            objects[f"{root.rstrip('/')}/{Path(relative).as_posix()}"] = data
+    if objects:
+        try:
+            fs.pipe(objects)
+        except Exception as error:  # noqa: BLE001
+            raise RemoteStorageError("cannot write images to " + describe(error, url)) from None
+    return rest
 
 
 def publish_folder(local: Path, url: str, storage_options: dict | None = None) -> None:

@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,34 @@ def two_node_cluster(_ray_session, tmp_path_factory):
         close_actor_pool()
         _ray_session.shutdown()
         nodes.stop()
+
+
+FAKE_SECRET = "dataflowmmFAKEsecretKEY0123456789"  # a recognisable fake key: found nowhere it should not be
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on loopback (a free port) for the session, with fake `AWS_*`
+    credentials and `AWS_ENDPOINT_URL` in the environment (as a user's s3fs and Ray workers,
+    which get `AWS_*` forwarded, find them)."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._port}"
+    fake = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": FAKE_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint}
+    saved = {name: os.environ.get(name) for name in (*fake, "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    os.environ.update(fake)
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    os.environ.pop("AWS_PROFILE", None)
+    yield endpoint
+    for name, value in saved.items():
+        os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+    server.stop()

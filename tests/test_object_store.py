@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -32,31 +31,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_local_runner import Crash, NoiseImageOperator, make_entry  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-FAKE_SECRET = "dataflowmmFAKEsecretKEY0123456789"
+from conftest import FAKE_SECRET  # noqa: E402
+
 VOLATILE = {"fingerprint", "input_fingerprint", "mtime_ns", "written_at"}  # paths and clocks
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._port}"
-    fake = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": FAKE_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": endpoint, "AWS_SESSION_TOKEN": "", "AWS_PROFILE": ""}
-    saved = {name: os.environ.get(name) for name in fake}
-    os.environ.update(fake)
-    os.environ.pop("AWS_SESSION_TOKEN")
-    os.environ.pop("AWS_PROFILE")
-    yield endpoint
-    for name, value in saved.items():
-        os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
-    server.stop()
 
 
 @pytest.fixture
@@ -246,9 +223,9 @@ def test_missing_backend_names_the_extra():
         pytest.skip("gcsfs is installed here")
 
 
-def test_memory_store_and_the_ray_runner_refusing_a_store_cache(tmp_path):
-    """`memory://` is a second fsspec backend (no server); RayRunner refuses a store cache
-    with one line until the cluster work brings actors that write to the store."""
+def test_memory_store_and_the_ray_runner_refusing_it(tmp_path):
+    """`memory://` is a second fsspec backend (no server); it lives in one process, so the
+    Ray runner, whose actors write images straight to the store, refuses it in one line."""
     import fsspec
 
     pytest.importorskip("ray")
@@ -262,5 +239,6 @@ def test_memory_store_and_the_ray_runner_refusing_a_store_cache(tmp_path):
     assert summary.output_path == "memory://membucket/run1/dataflow_cache_step_step1.jsonl"
     assert len(fs.find("/membucket/run1/dataflow_cache_step_step1_images")) == 5
     storage = FileStorage(entry, cache_path="memory://membucket/run2", runner=RayRunner(), work_dir=tmp_path / "r")
-    with pytest.raises(NotImplementedError, match="runs with the local runner for now; the Ray runner gets it"):
+    with pytest.raises(ValueError, match=r"cache_path memory://membucket/run2 lives in this process's memory: "
+                                         r"Ray actors on other processes cannot write to it"):
         NoiseImageOperator().run(storage.step())

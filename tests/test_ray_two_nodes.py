@@ -21,10 +21,48 @@ from dataflowmm.operators import ClipScoreFilter, ImageCaptioner, PromptedImageG
 from dataflowmm.serving import ClipServing, LocalCaptionServing, LocalImageGenServing  # noqa: E402
 
 TIMINGS = ("written_at", "mtime_ns", "seconds")
+PLACES = ("fingerprint", "input_fingerprint")  # they chain where the input and cache live
 
 
 def run(entry, cache, operator, runner, **keys):
     return operator.run(FileStorage(entry, cache_path=cache, runner=runner).step(), **keys)
+
+
+def test_a_pipeline_with_its_cache_on_s3_writes_images_from_the_worker(s3_endpoint, two_node_cluster, tmp_path):
+    """Cache on S3 (moto on loopback): the worker's actors write the images straight to the
+    store and read them back from it in the next step; rows, images and manifests are the
+    local runner's on the same store, and the driver's working folder never holds an image."""
+    from dataflowmm.io.remote import filesystem
+    from dataflowmm.operators import ImageShapeFilter
+
+    address, private = two_node_cluster
+    fs, _ = filesystem("s3://x")
+    fs.mkdir("two-nodes")
+    fs.invalidate_cache()
+    entry = entry_file(private, n=9)  # on the driver's disk only
+
+    def pipeline(url: str, runner, work: Path) -> list:
+        storage = FileStorage(entry, cache_path=url, runner=runner, work_dir=work)
+        return [NoiseImages().run(storage.step()),
+                ImageShapeFilter(min_width=8, keep_dropped=True).run(storage.step(), input_image_key="images")]
+
+    local = pipeline("s3://two-nodes/local", LocalRunner(), tmp_path / "local_work")
+    on_ray = pipeline("s3://two-nodes/ray", RayRunner(address, replicas=2), tmp_path / "ray_work")
+    fs.invalidate_cache()
+    for step, (one, other) in enumerate(zip(local, on_ray, strict=True), start=1):
+        assert other.output_path == f"s3://two-nodes/ray/dataflow_cache_step_step{step}.jsonl"
+        rows = fs.cat_file(f"two-nodes/ray/dataflow_cache_step_step{step}.jsonl")
+        assert rows == fs.cat_file(f"two-nodes/local/dataflow_cache_step_step{step}.jsonl") and rows
+        manifests = [json.loads(fs.cat_file(f"two-nodes/{run}/dataflow_cache_step_step{step}.manifest.json"))
+                     for run in ("local", "ray")]
+        local_manifest, ray_manifest = ({k: v for k, v in m.items() if k not in (*TIMINGS, *PLACES)}
+                                        for m in manifests)
+        assert ray_manifest == local_manifest
+    images = sorted(path.split("/ray/", 1)[1] for path in fs.find("two-nodes/ray") if path.endswith(".png"))
+    assert len(images) == on_ray[0].images_written == local[0].images_written == 8  # row 4 fails
+    assert all(fs.cat_file(f"two-nodes/ray/{path}") == fs.cat_file(f"two-nodes/local/{path}") for path in images)
+    assert not list((tmp_path / "ray_work").rglob("*.png"))  # written by the worker, straight to S3
+    assert on_ray[1].rows_out == local[1].rows_out and on_ray[1].errors == local[1].errors
 
 
 def test_images_written_on_the_worker_reach_the_drivers_cache(two_node_cluster, tmp_path):

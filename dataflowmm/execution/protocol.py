@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -62,7 +62,8 @@ class StepContext:
     Image paths in the rows an operator receives are absolute; paths it returns may be
     absolute too: execution writes them relative to `output_dir`. On an object store
     `input_dir` is the URL of the input's folder (images are read from the store) and
-    `output_url` the URL `output_dir` is published to.
+    `output_url` the URL `output_dir` is published to, `storage_options` the store's
+    (credentials: never shown, in a repr or anywhere else).
     """
 
     step: int
@@ -70,6 +71,7 @@ class StepContext:
     output_dir: Path
     save_dir: Path
     output_url: str | None = None
+    storage_options: dict | None = field(default=None, repr=False, compare=False)
 
 
 class RowError(ValueError):

@@ -15,7 +15,9 @@ The driver is the only writer of its cache. A chunk travels with its input (json
 bytes, input images read by the driver) and comes back with its output rows and the bytes
 of every file it wrote (`carried_files`), which the driver writes before it checkpoints the
 chunk. Only an actor that reads back the random token the driver wrote into the cache
-folder (a shared file system) writes its files there directly.
+folder (a shared file system) writes its files there directly. With the cache on an object
+store, an actor writes the chunk's images straight to the store (no round trip through the
+driver) before returning the chunk's rows.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dataflowmm.execution.checkpoints import chunk_digest
 from dataflowmm.execution.protocol import RowError, StepContext
 from dataflowmm.io.carried_files import capturing_writes, providing_files
 from dataflowmm.io.records import JsonlSpan, StorageError, read_jsonl_span
+from dataflowmm.store import send_files
 
 # Errors about the data (not the cluster): an actor returns them and the driver raises them
 # as the local runner would, instead of Ray's wrapper that keeps only their text.
@@ -188,10 +191,13 @@ class _PipelineActor:
             operator, context, source, batch_size, _ = self.step
             rows = _chunk_rows(chunk, source)
             input_digest = chunk_digest(rows)
-            with capturing_writes() if not self.shares_cache else nullcontext({}) as files, \
+            to_store = context.output_url is not None  # a cache on an object store: write there directly
+            with capturing_writes() if to_store or not self.shares_cache else nullcontext({}) as files, \
                     providing_files(chunk["files"]):
                 out = apply_chunk(operator, rows, context, first_row=chunk["first"], batch_size=batch_size,
                                   source=source)
+            if to_store and files:  # before the chunk returns: a chunk on the store has its images
+                files = send_files(files, context.output_dir, context.output_url, context.storage_options)
             payload, record = finish_chunk(out)
             # The servings live here, in the actor: what fit in its memory travels with the chunk.
             record = {**record, "input": input_digest, **fitted_batch_sizes(operator)}

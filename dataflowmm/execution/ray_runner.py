@@ -23,6 +23,7 @@ import contextlib
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,9 +39,11 @@ from dataflowmm.execution.step import (
     StepSummary,
     prepare_step,
 )
+from dataflowmm.execution.store_lock import store_lock
 from dataflowmm.io.atomic import atomic_write_text
 from dataflowmm.io.carried_files import write_files_atomically
 from dataflowmm.io.paths import is_local_path, resolve_paths
+from dataflowmm.io.remote import protocol
 from dataflowmm.io.records import dumps_rows, jsonl_spans, read_jsonl_span
 
 if TYPE_CHECKING:
@@ -95,11 +98,13 @@ class RayRunner:
     def run(self, storage: FileStorage, operator: StepOperator) -> StepSummary:
         """Run `operator` (keys bound) on `storage`'s current step, reusing or resuming what is done.
 
-        The driver holds the cache's lock throughout: another process running on it fails at once."""
-        if getattr(storage, "store", None) is not None:
-            raise NotImplementedError(f"cache_path {storage.store.url}: an object-store cache runs with the "
-                                      "local runner for now; the Ray runner gets it with the cluster work")
-        with cache_lock(storage.cache_path, storage.file_name_prefix):
+        The driver holds the cache's lock throughout: another process running on it fails at
+        once (on an object store, also the store's lock: `execution.store_lock`)."""
+        if storage.store is not None and protocol(storage.store.url) == "memory":
+            raise ValueError(f"cache_path {storage.store.url} lives in this process's memory: Ray actors on "
+                             "other processes cannot write to it (use the local runner, or an object store)")
+        with cache_lock(storage.cache_path, storage.file_name_prefix), \
+                store_lock(storage.store, storage.file_name_prefix) if storage.store else nullcontext():
             return self._run(storage, operator)
 
     def _run(self, storage: FileStorage, operator: StepOperator) -> StepSummary:
