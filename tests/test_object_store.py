@@ -8,7 +8,6 @@ other option, as a user's would. No test talks to any other address.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -43,8 +43,8 @@ from dataflowmm.execution.store_lock import store_lock
 from dataflowmm.io.atomic import atomic_write_text
 from dataflowmm.io.carried_files import write_files_atomically
 from dataflowmm.io.paths import is_local_path, resolve_paths
-from dataflowmm.io.remote import protocol
 from dataflowmm.io.records import dumps_rows, jsonl_spans, read_jsonl_span
+from dataflowmm.io.remote import protocol
 
 if TYPE_CHECKING:
     from dataflowmm.execution.protocol import StepOperator
