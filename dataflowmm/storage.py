@@ -40,7 +40,7 @@ from dataflowmm.io.records import (
     serialize_records,
     to_records,
 )
-from dataflowmm.io.remote import as_location, fetch_entry, url_parent
+from dataflowmm.io.remote import as_location, fetch_entry, url_parent, use_storage_options
 from dataflowmm.seeds import canonical_json
 from dataflowmm.store import StoreMirror, default_work_dir
 
@@ -104,6 +104,10 @@ class FileStorage:
         if isinstance(entry, Path) and not entry.exists():
             raise FileNotFoundError(f"first_entry_file_name not found: {entry}")
         cache = as_location(cache_path)
+        self.storage_options = storage_options  # for the steps' actors (never written anywhere)
+        for url in (self.entry_url, cache if isinstance(cache, str) else None):
+            if url is not None:  # images the rows name in these buckets are read with the same options
+                use_storage_options(url, storage_options)
         self.store: StoreMirror | None = None
         if isinstance(cache, str):  # the store is reached (bucket checked) before anything is written
             self.store = StoreMirror(cache, storage_options, Path(work_dir or default_work_dir(cache)))

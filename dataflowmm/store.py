@@ -49,7 +49,6 @@ class StoreMirror:
 
     def __init__(self, url: str, storage_options: dict | None, work_dir: Path):
         self.url = url
-        self.storage_options = storage_options  # Ray actors write images with them (never shown)
         self.fs, self.root = filesystem(url, storage_options)
         self.local = work_dir
         self.lease = None  # the cache's lock while a step runs (execution.store_lock)

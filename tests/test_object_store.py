@@ -212,6 +212,37 @@ def test_store_mistakes_end_as_one_line_or_a_row_error(project, bucket, tmp_path
     assert FAKE_SECRET not in manifest and FAKE_SECRET not in capsys.readouterr().err
 
 
+def test_storage_options_reach_the_images_rows_name(bucket, tmp_path, monkeypatch, s3_endpoint):
+    """With the endpoint and keys given only as `storage_options` (none in the environment),
+    the images a remote entry's rows name are read with them too; the key is written nowhere."""
+    import io
+
+    from PIL import Image
+
+    from dataflowmm.operators import ImageShapeFilter
+
+    fs, name = bucket
+    for index in range(3):
+        buffer = io.BytesIO()
+        Image.new("RGB", (20 + index, 10)).save(buffer, "PNG")
+        fs.pipe_file(f"{name}/in/img/{index}.png", buffer.getvalue())
+    fs.pipe_file(f"{name}/in/rows.jsonl", b"".join(json.dumps({"image": f"img/{i}.png"}).encode() + b"\n"
+                                                   for i in range(3)))
+    for variable in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(variable)
+    type(fs).clear_instance_cache()  # no file system made from the environment above is reused
+    options = {"key": "testing", "secret": FAKE_SECRET, "client_kwargs": {"endpoint_url": s3_endpoint}}
+    storage = FileStorage(f"s3://{name}/in/rows.jsonl", cache_path=f"s3://{name}/run", storage_options=options)
+    summary = ImageShapeFilter(min_width=21).run(storage.step(), input_image_key="image",
+                                                 output_stats_key="shape")
+    assert (summary.rows_out, summary.rows_dropped, summary.errors) == (2, 1, 0)
+    fs.invalidate_cache()
+    rows = [json.loads(line) for line in fs.cat_file(f"{name}/run/dataflow_cache_step_step1.jsonl").splitlines()]
+    assert [row["shape"] for row in rows] == [[[21, 10]], [[22, 10]]]
+    written = b"".join(fs.cat_file(path) for path in fs.find(f"{name}/run"))
+    assert FAKE_SECRET.encode() not in written
+
+
 def test_missing_backend_names_the_extra():
     try:
         import gcsfs  # noqa: F401

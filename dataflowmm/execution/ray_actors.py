@@ -37,6 +37,7 @@ from dataflowmm.execution.checkpoints import chunk_digest
 from dataflowmm.execution.protocol import RowError, StepContext
 from dataflowmm.io.carried_files import capturing_writes, providing_files
 from dataflowmm.io.records import JsonlSpan, StorageError, read_jsonl_span
+from dataflowmm.io.remote import is_url, use_storage_options
 from dataflowmm.store import send_files
 
 # Errors about the data (not the cluster): an actor returns them and the driver raises them
@@ -210,6 +211,10 @@ class _PipelineActor:
         import ray
 
         step = ray.get(step_ref[0])
+        context = step[1]
+        for url in (context.input_dir, context.output_url):  # images in these buckets: the storage's options
+            if is_url(url):
+                use_storage_options(url, context.storage_options)
         self._share_servings(step[0])
         self.step_id, self.step = step_id, step
         self.shares_cache = reads_back(step[4])

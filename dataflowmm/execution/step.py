@@ -168,7 +168,7 @@ def _prepared(storage: FileStorage, operator: StepOperator, params: dict, input_
         output_dir=storage.output_path.resolve().parent,
         save_dir=operator.resolve_save_dir(storage.images_dir).resolve(),
         output_url=storage.output_url,
-        storage_options=storage.store.storage_options if storage.store is not None else None,
+        storage_options=storage.storage_options,
     )
     if operator.image_output_keys():  # a captioning step gets no empty images folder
         context.save_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,9 @@ EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "ab
           "abfss": "azure", "adl": "azure", "hf": "hf"}
 _SECRET_KEYS = ("key", "secret", "token", "password", "credential", "sas", "signature", "connection")
 _known_secrets: set[str] = set()  # values seen in storage_options, removed from every message
+# storage_options a FileStorage was given, by the bucket they are for ("s3://my-bucket"): image
+# references in rows name URLs, not options, and are read with the options of their bucket.
+_options_by_bucket: dict[str, dict] = {}
 
 
 class RemoteStorageError(OSError):
@@ -91,11 +94,28 @@ def redact(text: str) -> str:
     return text
 
 
+def bucket_of(url: str) -> str:
+    """`scheme://bucket` of a URL (its first path segment: a bucket, container or host)."""
+    scheme, rest = url.split("://", 1)
+    return f"{scheme.lower()}://{rest.split('/', 1)[0]}"
+
+
+def use_storage_options(url: str, storage_options: dict | None) -> None:
+    """Read and write every URL in `url`'s bucket with `storage_options` when no other
+    options are given (`FileStorage` calls it for its entry file and cache)."""
+    if storage_options:
+        remember_secrets(storage_options)
+        _options_by_bucket[bucket_of(url)] = storage_options
+
+
 def filesystem(url: str, storage_options: dict | None = None):
-    """`(fsspec file system, path within it)` for `url`; a one-line error naming the extra
-    to install when the protocol's backend is missing."""
+    """`(fsspec file system, path within it)` for `url` (with `storage_options`, else those
+    given for its bucket by `use_storage_options`, else the backend's own sources); a
+    one-line error naming the extra to install when the protocol's backend is missing."""
     import fsspec.core
 
+    if storage_options is None:
+        storage_options = _options_by_bucket.get(bucket_of(url))
     remember_secrets(storage_options)
     try:
         return fsspec.core.url_to_fs(url, **(storage_options or {}))
