@@ -140,6 +140,63 @@ def test_killed_step_resumes_from_chunk_objects_on_another_machine(bucket, tmp_p
     assert again.run(FileStorage(entry, cache_path=cache, work_dir=tmp_path / "machine-c").step()).reused
 
 
+SIGKILLED_CHILD = """
+import pathlib, sys, time
+sys.path.insert(0, sys.argv[1])
+from test_local_runner import NoiseImageOperator
+from dataflowmm import FileStorage
+entry, cache, work, marker = sys.argv[2:6]
+
+operator = NoiseImageOperator()  # the parent's operator and fingerprint: only this run's calls block
+process = operator.process_batch
+
+def blocking(rows, row_ids, context):  # blocks (then is killed) after 2 chunks of 4 rows
+    if len(operator.batches_seen) == 4:
+        pathlib.Path(marker).write_text("blocked")
+        time.sleep(600)
+    return process(rows, row_ids, context)
+
+operator.process_batch = blocking
+operator.run(FileStorage(entry, cache_path=cache, work_dir=work).step())
+"""
+
+
+def test_sigkilled_run_resumes_from_the_store_after_its_lock_expires(bucket, tmp_path, monkeypatch):
+    """kill -9 mid-step: the chunk objects on S3 survive it; another machine is refused while the
+    dead run's lock lives, then resumes after its expiry with the uninterrupted result."""
+    import signal
+    import subprocess
+
+    fs, name = bucket
+    monkeypatch.setenv("DATAFLOWMM_STORE_LOCK_TTL", "3")
+    entry = make_entry(tmp_path, n=12, empty_at=(5,))
+    reference = NoiseImageOperator().run(FileStorage(entry, cache_path=tmp_path / "plain").step())
+    cache, marker = f"s3://{name}/run1", tmp_path / "blocked"
+    child = subprocess.Popen([sys.executable, "-c", SIGKILLED_CHILD, str(Path(__file__).parent), str(entry), cache,
+                              str(tmp_path / "machine-a"), str(marker)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the child never reached the chunk where it is killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    fs.invalidate_cache()
+    chunks = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{name}/run1/dataflow_cache_step_step1.partial"))
+    assert chunks == ["chunk-000000.jsonl", "chunk-000001.jsonl", "meta.json"]
+    assert not fs.exists(f"{name}/run1/dataflow_cache_step_step1.jsonl")  # nothing published half-written
+    with pytest.raises(CacheInUse):  # the dead run's lock has not expired yet
+        NoiseImageOperator().run(FileStorage(entry, cache_path=cache, work_dir=tmp_path / "machine-b").step())
+    time.sleep(3.5)
+    resumed = NoiseImageOperator()
+    summary = resumed.run(FileStorage(entry, cache_path=cache, work_dir=tmp_path / "machine-b").step())
+    assert summary.chunks_resumed == 2 and len(resumed.batches_seen) == 2  # rows 8-11 only
+    assert (summary.rows_out, summary.errors, summary.images_written) == (reference.rows_out, 1, 11)
+    plain = (tmp_path / "plain" / "dataflow_cache_step_step1.jsonl").read_bytes()
+    same_rows = [{k: v for k, v in json.loads(line).items() if k != "source"} for line in plain.splitlines()]
+    assert [{k: v for k, v in json.loads(line).items() if k != "source"}
+            for line in fs.cat_file(f"{name}/run1/dataflow_cache_step_step1.jsonl").splitlines()] == same_rows
+
+
 def test_second_run_is_refused_while_the_lock_lives_and_allowed_after_it_expires(bucket, tmp_path):
     fs, name = bucket
     entry = make_entry(tmp_path, n=3)
