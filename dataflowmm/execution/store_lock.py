@@ -31,7 +31,11 @@ from collections.abc import Iterator
 from dataflowmm.execution.cache_lock import CacheInUse
 from dataflowmm.io.remote import describe, protocol
 
-CONDITIONAL_CREATE = ("s3", "s3a", "memory")  # checked: s3fs sends If-None-Match: *; memory is in-process
+# Protocols whose fsspec backend creates an object only if absent with pipe_file(mode="create"):
+# s3fs sends If-None-Match: * (tested against moto's server); gcsfs >= 2024.12 sends
+# ifGenerationMatch=0 and adlfs >= 2024.12 uploads with overwrite=False (read in their source,
+# not tested here: no GCS or Azure emulator); memory is in-process.
+CONDITIONAL_CREATE = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
 DEFAULT_TTL = 60.0
 
 
