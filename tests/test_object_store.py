@@ -300,6 +300,15 @@ def test_storage_options_reach_the_images_rows_name(bucket, tmp_path, monkeypatc
     assert FAKE_SECRET.encode() not in written
 
 
+def test_http_entry_goes_through_the_download_guards(tmp_path):
+    """An http(s) entry file is read through the same guards as an images API's answer: an
+    internal address is refused in one line, before anything is written."""
+    from dataflowmm.io.remote import RemoteStorageError
+
+    with pytest.raises(RemoteStorageError, match=r"^first_entry_file_name http://127\.0\.0\.1:9/rows\.jsonl: .*"):
+        FileStorage("http://127.0.0.1:9/rows.jsonl", cache_path=tmp_path / "cache")
+
+
 def test_missing_backend_names_the_extra():
     try:
         import gcsfs  # noqa: F401

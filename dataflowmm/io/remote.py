@@ -165,6 +165,8 @@ def fetch_entry(url: str, storage_options: dict | None, folder: Path) -> Path:
     again only when the object's size or ETag/modification time changed."""
     import json
 
+    if protocol(url) in ("http", "https"):
+        return _download_entry(url, folder)
     fs, path = filesystem(url, storage_options)
     try:
         info = fs.info(path)
@@ -187,4 +189,27 @@ def fetch_entry(url: str, storage_options: dict | None, folder: Path) -> Path:
     except Exception as error:  # noqa: BLE001
         raise RemoteStorageError("cannot read first_entry_file_name " + describe(error, url)) from None
     stamp_file.write_text(stamp)
+    return local
+
+
+# An entry file over http(s) is fetched whole through the download guards, with room for a
+# large jsonl (not an image's 64 MiB) and time to read it.
+ENTRY_MAX_BYTES = 4 << 30
+ENTRY_DEADLINE = 3600.0
+
+
+def _download_entry(url: str, folder: Path) -> Path:
+    """An http(s) entry file, fetched on every run (no listing tells whether it changed)
+    through the download guards: public addresses only, a size cap, a deadline."""
+    from dataflowmm.io.atomic import atomic_file
+    from dataflowmm.io.downloads import DownloadRefused, download
+
+    try:
+        data = download(url, allow_internal=False, max_bytes=ENTRY_MAX_BYTES, deadline=ENTRY_DEADLINE)
+    except DownloadRefused as error:
+        raise RemoteStorageError(redact(f"first_entry_file_name {url}: {error}")) from None
+    local = folder / (posixpath.basename(url.split("?", 1)[0].rstrip("/")) or "entry.jsonl")
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_file(local, fsync=False) as file:
+        file.write(data)
     return local
