@@ -305,7 +305,7 @@ def test_http_entry_goes_through_the_download_guards(tmp_path):
     internal address is refused in one line, before anything is written."""
     from dataflowmm.io.remote import RemoteStorageError
 
-    with pytest.raises(RemoteStorageError, match=r"^first_entry_file_name http://127\.0\.0\.1:9/rows\.jsonl: .*"):
+    with pytest.raises(RemoteStorageError, match=r"^first_entry_file_name http://127\.0\.0\.1:9/rows\.jsonl: host 127\.0\.0\.1 is an internal address"):
         FileStorage("http://127.0.0.1:9/rows.jsonl", cache_path=tmp_path / "cache")
 
 
