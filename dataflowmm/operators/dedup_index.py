@@ -14,7 +14,8 @@ A partitioned search (hash prefix or embedding cluster per Ray task) replaces `N
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +32,9 @@ EXACT_MAX_VECTORS = 50_000
 # by well under 1e-3, so candidates are taken this far below the threshold and re-scored.
 COSINE_MARGIN = 2e-3
 IVF_NPROBE = 16
+# Below this many hashes, a bucket is searched on one thread: starting OpenMP's threads costs
+# more than they save (4x slower with two on a busy 2-core machine, measured).
+SMALL_BUCKET = 8192
 HASH_BITS = 64
 # Set bits of each byte value: Hamming distances of packed hashes (the scan's formula).
 _POPCOUNT = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
@@ -45,114 +49,6 @@ def largest_hamming(kept: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """Per kept row (K, count, bytes), the largest Hamming distance of its images' packed
     hashes to `vectors` (count, bytes)."""
     return _POPCOUNT[kept ^ vectors].sum(axis=-1, dtype=np.int64).max(axis=1)
-
-
-class NearIndex(Protocol):
-    """The kept rows' first-image vectors, searched for those possibly near a query.
-
-    `search` returns, as faiss's range search does, `(lims, ids)`: the ids (the order in which
-    rows were added) of query i are `ids[lims[i]:lims[i + 1]]`. They must include every added
-    row within the threshold; more is allowed (candidates are re-scored exactly).
-    """
-
-    def add(self, vectors: np.ndarray) -> None: ...
-
-    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-class HammingIndex:
-    """Exact Hamming-radius search of 64-bit hashes by the pigeonhole principle.
-
-    Two hashes within `radius` bits agree exactly on at least one of `radius + 1` disjoint
-    slices of their bits, so each kept hash is filed under each slice's value and a query is
-    compared (faiss's binary flat range search) only with the hashes sharing a slice value:
-    about (radius + 1) / 2**(64 / (radius + 1)) of the kept rows (a fifth at radius 10).
-    When that would be all of them (large radii), one flat index is searched.
-    """
-
-    def __init__(self, radius: int):
-        import faiss
-
-        self.faiss, self.radius = faiss, radius
-        slices = radius + 1
-        widths = [HASH_BITS // slices + (k < HASH_BITS % slices) for k in range(slices)]
-        if slices * 2.0 ** -min(widths) >= 1:
-            widths = [0]  # no slice narrows the search: one bucket with every hash
-        self.shifts = np.cumsum([0, *widths[:-1]]).astype(np.uint64)
-        self.masks = np.array([(1 << width) - 1 for width in widths], dtype=np.uint64)
-        self.buckets: dict[tuple[int, int], object] = {}  # (slice, value) -> faiss index of kept hashes
-        self.count = 0
-
-    def _slices(self, codes: np.ndarray) -> np.ndarray:
-        words = np.ascontiguousarray(codes).view(np.uint64).reshape(-1)
-        return (words[:, None] >> self.shifts) & self.masks  # (n, slices)
-
-    def add(self, vectors: np.ndarray) -> None:
-        codes = np.ascontiguousarray(vectors[:, 0])
-        ids = np.arange(self.count, self.count + len(codes), dtype=np.int64)
-        for slice_index, values in enumerate(self._slices(codes).T):
-            for value in np.unique(values).tolist():
-                bucket = self.buckets.get((slice_index, value))
-                if bucket is None:
-                    bucket = self.buckets[slice_index, value] = self.faiss.IndexBinaryIDMap(
-                        self.faiss.IndexBinaryFlat(HASH_BITS))
-                rows = values == value
-                bucket.add_with_ids(codes[rows], ids[rows])
-        self.count += len(codes)
-
-    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        codes = np.ascontiguousarray(queries[:, 0])
-        pairs_rows, pairs_ids = [], []
-        for slice_index, values in enumerate(self._slices(codes).T):
-            for value in np.unique(values).tolist():
-                bucket = self.buckets.get((slice_index, value))
-                if bucket is None:
-                    continue
-                rows = np.flatnonzero(values == value)
-                lims, _, ids = bucket.range_search(codes[rows], self.radius + 1)  # strictly below
-                pairs_rows.append(np.repeat(rows, np.diff(lims)))
-                pairs_ids.append(ids)
-        return _as_lims(len(codes), pairs_rows, pairs_ids)
-
-
-class InnerProductIndex:
-    """Inner-product range search of unit vectors: exact (faiss `IndexFlatIP`) for a group
-    of at most `EXACT_MAX_VECTORS`, else an inverted file of float16 codes (`IndexIVFScalarQuantizer`,
-    trained on a sample of the group, `IVF_NPROBE` lists probed per query)."""
-
-    def __init__(self, threshold: float, sample: np.ndarray, exact: bool, nprobe: int = IVF_NPROBE):
-        import faiss
-
-        dim = sample.shape[-1]
-        self.radius = threshold - COSINE_MARGIN
-        self.count = 0
-        if exact:
-            self.index = faiss.IndexFlatIP(dim)
-            return
-        lists = int(np.clip(4 * np.sqrt(len(sample)), 16, 4096))
-        self.index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, lists,
-                                                   faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-        picks = np.random.default_rng(0).choice(len(sample), min(len(sample), 40 * lists), replace=False)
-        self.index.train(np.ascontiguousarray(sample[np.sort(picks), 0], dtype=np.float32))
-        self.index.nprobe = nprobe
-
-    def add(self, vectors: np.ndarray) -> None:
-        self.index.add(np.ascontiguousarray(vectors[:, 0], dtype=np.float32))
-
-    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.index.ntotal == 0:
-            return np.zeros(len(queries) + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        lims, _, ids = self.index.range_search(np.ascontiguousarray(queries[:, 0], dtype=np.float32), self.radius)
-        return lims, ids
-
-
-def _as_lims(queries: int, rows: list[np.ndarray], ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (query row, id), found once or more, as sorted, distinct (lims, ids)."""
-    if not rows:
-        return np.zeros(queries + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    pairs = np.unique(np.stack([np.concatenate(rows), np.concatenate(ids)], axis=1).astype(np.int64), axis=0)
-    lims = np.searchsorted(pairs[:, 0], np.arange(queries + 1)).astype(np.int64)
-    return lims, pairs[:, 1]
 
 
 @dataclass(frozen=True)
@@ -192,30 +88,21 @@ def resolve_near(vectors: np.ndarray, measure: Measure, index: NearIndex,
                  exact_first: Callable[[int], bool], on_kept: Callable[[int], None],
                  block_rows: int = BLOCK_ROWS) -> list[tuple[int, float] | None]:
     """In order, for each row of one image count (`vectors`: (n, count, dim)), None when it is
-    kept, else (its row in `vectors` of the kept row it repeats, score).
+    kept, else (the row of `vectors` it repeats, score): the nearest kept row, the earliest
+    on a tie, as `scan_near` finds.
 
     `exact_first(i)`: whether row i has the same pixels as a kept row, checked first as the
     scan does (then its verdict is (-1, 0.0)). `on_kept(i)` is called for each kept row.
     """
     verdicts: list[tuple[int, float] | None] = [None] * len(vectors)
-    kept_rows: list[int] = []  # index id -> row
     for start in range(0, len(vectors), block_rows):
-        block = vectors[start:start + block_rows]
-        lims, ids = index.search(block)
-        # Earlier rows of the same block possibly near each row (CSR by row, ascending).
-        later, earlier_in_block = np.nonzero(np.tril(measure.loose_pairs(block), -1))
-        block_lims = np.searchsorted(later, np.arange(len(block) + 1))
-        kept_here = np.zeros(len(block), dtype=bool)
-        for offset in range(len(block)):
-            row = start + offset
+        rows = range(start, min(start + block_rows, len(vectors)))
+        index.prepare(rows)
+        for row in rows:
             if exact_first(row):
                 verdicts[row] = (-1, 0.0)
                 continue
-            # Kept rows before the block, then kept rows of the block: in row order, so the
-            # first best score is the earliest row's, as in the scan.
-            earlier = [kept_rows[i] for i in np.sort(ids[lims[offset]:lims[offset + 1]]).tolist()]
-            inside = earlier_in_block[block_lims[offset]:block_lims[offset + 1]]
-            earlier += (start + inside[kept_here[inside]]).tolist()
+            earlier = index.candidates(row)
             if earlier:
                 scores = measure.score(vectors[earlier].astype(measure.dtype, copy=False),
                                        vectors[row].astype(measure.dtype, copy=False))
@@ -223,12 +110,8 @@ def resolve_near(vectors: np.ndarray, measure: Measure, index: NearIndex,
                 if measure.near(float(scores[best])):
                     verdicts[row] = (earlier[best], float(scores[best]))
                     continue
-            kept_here[offset] = True
+            index.keep(row)
             on_kept(row)
-        kept_in_block = (start + np.flatnonzero(kept_here)).tolist()
-        if kept_in_block:
-            index.add(vectors[kept_in_block])
-            kept_rows += kept_in_block
     return verdicts
 
 
@@ -260,8 +143,163 @@ def scan_near(vectors: np.ndarray, measure: Measure, exact_first: Callable[[int]
 
 
 def default_index(measure: Measure, vectors: np.ndarray) -> NearIndex:
-    """The index for one image count's `vectors`: exact Hamming search for hashes; for
-    embeddings, flat when they are float32 (a small group), else an inverted file."""
-    if not measure.higher_is_nearer:
-        return HammingIndex(int(measure.threshold))
-    return InnerProductIndex(measure.threshold, vectors, exact=vectors.dtype == np.float32)
+    """The index for one image count's `vectors`: exact Hamming search for hashes (pigeonhole
+    buckets, or flat at large radii); for embeddings, flat when they are float32 (a small
+    group), else an inverted file."""
+    if not measure.higher_is_nearer and slices_narrow(int(measure.threshold)):
+        return HammingJoinIndex(vectors, int(measure.threshold))
+    return KeptFlatIndex(vectors, measure)
+
+
+class NearIndex(Protocol):
+    """The search for kept rows near a row, within one image count's rows (the replaceable
+    part of the final pass: a partitioned search on Ray would be another one).
+
+    `resolve_near` calls `prepare(rows)` once per block of rows (batched work), then, for each
+    row of the block in order, `candidates(row)`: earlier kept rows, ascending, that include
+    every kept row within the threshold (more is allowed: they are re-scored exactly); and
+    `keep(row)` when the row is kept.
+    """
+
+    def prepare(self, rows: range) -> None: ...
+
+    def candidates(self, row: int) -> list[int]: ...
+
+    def keep(self, row: int) -> None: ...
+
+
+class HammingJoinIndex:
+    """Exact Hamming-radius search of 64-bit hashes by the pigeonhole principle.
+
+    Two hashes within `radius` bits agree exactly on at least one of `radius + 1` disjoint
+    slices of their bits, so the distinct hashes are bucketed by each slice's value and
+    compared (faiss's binary flat range search) only within buckets: about
+    (radius + 1) / 2**(64 / (radius + 1)) of all pairs (a fifth at radius 10), in one call per
+    bucket, before the rows are resolved. Rows are searched by their first image's hash (a
+    multi-image row is near only if its first images are). Only for radii where slices would
+    not narrow the search (`slices_narrow`) is `KeptFlatIndex` used instead.
+    """
+
+    def __init__(self, vectors: np.ndarray, radius: int):
+        import faiss
+
+        codes = np.ascontiguousarray(vectors[:, 0]).view(np.uint64).reshape(-1)
+        distinct, self.code_of_row = np.unique(codes, return_inverse=True)
+        self.kept_by_code: dict[int, list[int]] = {}
+        near = [np.arange(len(distinct))] * 2  # each distinct hash is near itself
+        for values in _slices(distinct, radius).T:
+            order = np.argsort(values, kind="stable")
+            bounds = np.flatnonzero(np.diff(values[order])) + 1
+            for bucket in np.split(order, bounds):
+                if len(bucket) < 2:
+                    continue
+                packed = distinct[bucket].view(np.uint8).reshape(-1, 8)
+                index = faiss.IndexBinaryFlat(HASH_BITS)
+                index.add(packed)
+                with _threads(faiss, 1 if len(bucket) < SMALL_BUCKET else None):
+                    lims, _, ids = index.range_search(packed, radius + 1)  # strictly below
+                queries = np.repeat(np.arange(len(bucket)), np.diff(lims.astype(np.int64)))
+                pairs = queries != ids
+                near[0] = np.concatenate([near[0], bucket[queries[pairs]]])
+                near[1] = np.concatenate([near[1], bucket[ids[pairs]]])
+        pairs = np.unique(np.stack(near, axis=1), axis=0)
+        self.lims = np.searchsorted(pairs[:, 0], np.arange(len(distinct) + 1))
+        self.near = pairs[:, 1]
+
+    def prepare(self, rows: range) -> None:
+        pass  # every pair was found at once
+
+    def candidates(self, row: int) -> list[int]:
+        code = self.code_of_row[row]
+        found = [kept for near in self.near[self.lims[code]:self.lims[code + 1]].tolist()
+                 for kept in self.kept_by_code.get(near, ())]
+        return sorted(found) if len(found) > 1 else found
+
+    def keep(self, row: int) -> None:
+        self.kept_by_code.setdefault(int(self.code_of_row[row]), []).append(row)
+
+
+@contextmanager
+def _threads(faiss, count: int | None) -> Iterator[None]:
+    """faiss's OpenMP threads set to `count` (None: unchanged) for the block."""
+    before = faiss.omp_get_max_threads()
+    if count is not None:
+        faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _slices(codes: np.ndarray, radius: int) -> np.ndarray:
+    """(n, radius + 1) values of the disjoint bit slices of 64-bit `codes`."""
+    count = radius + 1
+    widths = [HASH_BITS // count + (k < HASH_BITS % count) for k in range(count)]
+    shifts = np.cumsum([0, *widths[:-1]]).astype(np.uint64)
+    masks = np.array([(1 << width) - 1 for width in widths], dtype=np.uint64)
+    return (codes[:, None] >> shifts) & masks
+
+
+def slices_narrow(radius: int) -> bool:
+    """Whether bucketing by `radius + 1` slices compares fewer pairs than comparing all."""
+    count = radius + 1
+    return count <= HASH_BITS and count * 2.0 ** -(HASH_BITS // count) < 0.5
+
+
+class KeptFlatIndex:
+    """A faiss index of the kept rows' first images, range-searched a block at a time; the
+    block's own earlier rows are compared directly (`Measure.loose_pairs`).
+
+    Embeddings: exact (`IndexFlatIP`) for float32 vectors (a group of at most
+    `EXACT_MAX_VECTORS`), else an inverted file of float16 codes (`IndexIVFScalarQuantizer`,
+    trained on a sample of the group, `nprobe` lists probed per query). Hashes at large radii:
+    `IndexBinaryFlat`.
+    """
+
+    def __init__(self, vectors: np.ndarray, measure: Measure, nprobe: int = IVF_NPROBE):
+        import faiss
+
+        self.vectors, self.measure = vectors, measure
+        self.kept: list[int] = []  # faiss id -> row
+        self.pending: list[int] = []
+        self.block_start, self.found, self.block_near = 0, {}, None
+        dim = vectors.shape[-1]
+        if not measure.higher_is_nearer:
+            self.index, self.radius = faiss.IndexBinaryFlat(dim * 8), measure.threshold + 1
+        elif vectors.dtype == np.float32:
+            self.index, self.radius = faiss.IndexFlatIP(dim), measure.threshold - COSINE_MARGIN
+        else:
+            lists = int(np.clip(4 * np.sqrt(len(vectors)), 16, 4096))
+            self.index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, lists,
+                                                       faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            picks = np.sort(np.random.default_rng(0).choice(len(vectors), min(len(vectors), 40 * lists),
+                                                            replace=False))
+            self.index.train(self._first(picks))
+            self.index.nprobe = nprobe
+            self.radius = measure.threshold - COSINE_MARGIN
+
+    def _first(self, rows) -> np.ndarray:
+        first = self.vectors[rows, 0]
+        return np.ascontiguousarray(first if first.dtype == np.uint8 else first.astype(np.float32))
+
+    def prepare(self, rows: range) -> None:
+        if self.pending:
+            self.index.add(self._first(self.pending))
+            self.kept += self.pending
+            self.pending = []
+        self.block_start = rows.start
+        self.found = {}
+        if self.kept:
+            lims, _, ids = self.index.range_search(self._first(rows), self.radius)
+            kept = np.asarray(self.kept)
+            for offset in np.flatnonzero(np.diff(lims.astype(np.int64))).tolist():
+                self.found[offset] = sorted(kept[ids[lims[offset]:lims[offset + 1]]].tolist())
+        self.block_near = self.measure.loose_pairs(self.vectors[rows.start:rows.stop])
+
+    def candidates(self, row: int) -> list[int]:
+        offset = row - self.block_start
+        inside = [kept for kept in self.pending if self.block_near[offset, kept - self.block_start]]
+        return self.found.get(offset, []) + inside
+
+    def keep(self, row: int) -> None:
+        self.pending.append(row)
