@@ -1,15 +1,16 @@
 """The search behind `ImageDeduplicator`'s final pass: which earlier kept row a row repeats.
 
-Rows are resolved in order, in blocks: a block's rows are searched in an index of the rows
-kept before the block (`NearIndex`, the replaceable part), and against each other; then one
-pass over the block, in order, keeps a row only when none of its candidates that is kept lies
-within the threshold, naming the nearest kept one as a scan of every kept row would (the
-earliest on a tie). Candidates are re-scored exactly with the scan's own formulas, so an
-index only has to return a superset of the kept rows within the threshold: the Hamming
-index is exact, so its verdicts are the scan's; the approximate inner-product index may miss
-a neighbour (its recall is measured in benchmarks/dedup.py).
+Rows of one image count are resolved in order, in blocks (`resolve_near`): a `NearIndex`
+(the replaceable part) gives each row its candidates, earlier kept rows that include every
+kept row within the threshold; one pass over the block, in order, re-scores the candidates
+with the scan's own formulas and keeps a row only when none lies within the threshold,
+naming the nearest (the earliest on a tie), as a scan of every kept row would. So an index
+only has to return a superset: the Hamming index (`HammingJoinIndex`, pigeonhole buckets)
+is exact and its verdicts are the scan's; the float16 inverted file (`KeptFlatIndex` past
+`EXACT_MAX_VECTORS`) may miss a neighbour (its recall is measured in benchmarks/dedup.py).
 
-A partitioned search (hash prefix or embedding cluster per Ray task) replaces `NearIndex`.
+A partitioned search (hash slice or embedding cluster per Ray task) would be another
+`NearIndex`: see the README's "Quality operators".
 """
 
 from __future__ import annotations
@@ -191,23 +192,17 @@ class HammingJoinIndex:
         codes = np.ascontiguousarray(vectors[:, 0]).view(np.uint64).reshape(-1)
         distinct, self.code_of_row = np.unique(codes, return_inverse=True)
         self.kept_by_code: dict[int, list[int]] = {}
-        near = [np.arange(len(distinct))] * 2  # each distinct hash is near itself
+        near = [[np.arange(len(distinct))], [np.arange(len(distinct))]]  # each hash is near itself
         for values in _slices(distinct, radius).T:
             order = np.argsort(values, kind="stable")
             bounds = np.flatnonzero(np.diff(values[order])) + 1
             for bucket in np.split(order, bounds):
                 if len(bucket) < 2:
                     continue
-                packed = distinct[bucket].view(np.uint8).reshape(-1, 8)
-                index = faiss.IndexBinaryFlat(HASH_BITS)
-                index.add(packed)
-                with _threads(faiss, 1 if len(bucket) < SMALL_BUCKET else None):
-                    lims, _, ids = index.range_search(packed, radius + 1)  # strictly below
-                queries = np.repeat(np.arange(len(bucket)), np.diff(lims.astype(np.int64)))
-                pairs = queries != ids
-                near[0] = np.concatenate([near[0], bucket[queries[pairs]]])
-                near[1] = np.concatenate([near[1], bucket[ids[pairs]]])
-        pairs = np.unique(np.stack(near, axis=1), axis=0)
+                found, earlier = _pairs_within(distinct[bucket].view(np.uint8).reshape(-1, 8), radius, faiss)
+                near[0] += [bucket[found], bucket[earlier]]
+                near[1] += [bucket[earlier], bucket[found]]
+        pairs = np.unique(np.stack([np.concatenate(near[0]), np.concatenate(near[1])], axis=1), axis=0)
         self.lims = np.searchsorted(pairs[:, 0], np.arange(len(distinct) + 1))
         self.near = pairs[:, 1]
 
@@ -224,6 +219,24 @@ class HammingJoinIndex:
         self.kept_by_code.setdefault(int(self.code_of_row[row]), []).append(row)
 
 
+def _pairs_within(packed: np.ndarray, radius: int, faiss) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j), j < i, of `packed` hashes within `radius`: each part of the bucket is
+    searched against the parts up to it, so about half of all pairs are compared."""
+    index = faiss.IndexBinaryFlat(HASH_BITS)
+    found, earlier = [], []
+    step = max(SMALL_BUCKET // 4, -(-len(packed) // 8))
+    for start in range(0, len(packed), step):
+        part = packed[start:start + step]
+        index.add(part)
+        with _threads(faiss, 1 if len(packed) < SMALL_BUCKET else None):
+            lims, _, ids = index.range_search(part, radius + 1)  # strictly below
+        queries = start + np.repeat(np.arange(len(part)), np.diff(lims.astype(np.int64)))
+        below = ids < queries
+        found.append(queries[below])
+        earlier.append(ids[below])
+    return np.concatenate(found), np.concatenate(earlier)
+
+
 @contextmanager
 def _threads(faiss, count: int | None) -> Iterator[None]:
     """faiss's OpenMP threads set to `count` (None: unchanged) for the block."""
@@ -238,17 +251,21 @@ def _threads(faiss, count: int | None) -> Iterator[None]:
 
 def _slices(codes: np.ndarray, radius: int) -> np.ndarray:
     """(n, radius + 1) values of the disjoint bit slices of 64-bit `codes`."""
-    count = radius + 1
-    widths = [HASH_BITS // count + (k < HASH_BITS % count) for k in range(count)]
+    widths = _widths(radius)
     shifts = np.cumsum([0, *widths[:-1]]).astype(np.uint64)
     masks = np.array([(1 << width) - 1 for width in widths], dtype=np.uint64)
     return (codes[:, None] >> shifts) & masks
 
 
 def slices_narrow(radius: int) -> bool:
-    """Whether bucketing by `radius + 1` slices compares fewer pairs than comparing all."""
+    """Whether bucketing by `radius + 1` slices compares fewer pairs than the kept-row flat
+    search (each bucket is joined with itself in full: about half of all pairs or less)."""
+    return radius + 1 <= HASH_BITS and sum(2.0 ** -width for width in _widths(radius)) < 0.5
+
+
+def _widths(radius: int) -> list[int]:
     count = radius + 1
-    return count <= HASH_BITS and count * 2.0 ** -(HASH_BITS // count) < 0.5
+    return [HASH_BITS // count + (k < HASH_BITS % count) for k in range(count)]
 
 
 class KeptFlatIndex:

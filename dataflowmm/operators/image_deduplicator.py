@@ -10,7 +10,7 @@ kept, the later ones are dropped and counted, so the result depends only on the 
 Embeddings and hashes are computed batch by batch on any runner and travel in the
 checkpointed rows; the comparison needs every row, so it runs in the operator's final pass
 over the step's output (in the driver), and the temporary column never reaches the
-published file.
+published file. The final pass searches an index (`dedup_index`), not every kept row.
 """
 
 from __future__ import annotations
