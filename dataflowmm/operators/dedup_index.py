@@ -28,13 +28,14 @@ BLOCK_ROWS = 2048
 # Up to this many embedding vectors, float32 and an exact (flat) index: verdicts and printed
 # cosines are the scan's. Above, float16 and an inverted-file index: half the memory, and a
 # search that does not grow with the square of the rows.
-EXACT_MAX_VECTORS = 50_000
+EXACT_MAX_VECTORS = 20_000
 # float16 rounds each coordinate of a unit vector by at most 2**-11 relative: a cosine moves
 # by well under 1e-3, so candidates are taken this far below the threshold and re-scored.
 COSINE_MARGIN = 2e-3
 # The inverted file: 2 sqrt(n) lists (at most 2048), k-means on 30 vectors per list for 10
-# iterations (training is a few percent of the pass), 8 lists probed per query: recall of
-# dropped rows >= 0.995 measured (tests/test_dedup_index.py, benchmarks/dedup.py).
+# iterations (training is a few percent of the pass), 8 lists probed per query, one more per
+# 128 lists past 1024: recall of dropped rows >= 0.995 measured up to 100,000 rows
+# (tests/test_dedup_index.py, benchmarks/dedup.py).
 IVF_NPROBE = 8
 IVF_TRAIN_PER_LIST = 30
 IVF_TRAIN_ITERATIONS = 10
@@ -282,14 +283,13 @@ class KeptFlatIndex:
         import faiss
 
         self.vectors, self.measure = vectors, measure
-        self.kept: list[int] = []  # faiss id -> row
-        self.pending: list[int] = []
-        self.block_start, self.found, self.block_near = 0, {}, None
+        self.pending: list[int] = []  # kept rows of the block, added to the index after it
+        self.block_start, self.found = 0, {}
         dim = vectors.shape[-1]
         if not measure.higher_is_nearer:
-            self.index, self.radius = faiss.IndexBinaryFlat(dim * 8), measure.threshold + 1
+            self.index, self.radius = faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(dim * 8)), measure.threshold + 1
         elif vectors.dtype == np.float32:
-            self.index, self.radius = faiss.IndexFlatIP(dim), measure.threshold - COSINE_MARGIN
+            self.index, self.radius = faiss.IndexIDMap(faiss.IndexFlatIP(dim)), measure.threshold - COSINE_MARGIN
         else:
             lists = int(np.clip(2 * np.sqrt(len(vectors)), 16, 2048))
             self.index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, lists,
@@ -298,7 +298,7 @@ class KeptFlatIndex:
             picks = np.sort(np.random.default_rng(0).choice(len(vectors), min(len(vectors), IVF_TRAIN_PER_LIST * lists),
                                                             replace=False))
             self.index.train(self._first(picks))
-            self.index.nprobe = nprobe
+            self.index.nprobe = max(nprobe, lists // 128)
             self.radius = measure.threshold - COSINE_MARGIN
 
     def _first(self, rows) -> np.ndarray:
@@ -306,23 +306,24 @@ class KeptFlatIndex:
         return np.ascontiguousarray(first if first.dtype == np.uint8 else first.astype(np.float32))
 
     def prepare(self, rows: range) -> None:
-        if self.pending:
-            self.index.add(self._first(self.pending))
-            self.kept += self.pending
+        if self.pending:  # ids are rows: the index answers in rows
+            self.index.add_with_ids(self._first(self.pending), np.asarray(self.pending, dtype=np.int64))
             self.pending = []
-        self.block_start = rows.start
-        self.found = {}
-        if self.kept:
+        self.block_start, self.found = rows.start, {}
+        if self.index.ntotal:
             lims, _, ids = self.index.range_search(self._first(rows), self.radius)
-            kept = np.asarray(self.kept)
             for offset in np.flatnonzero(np.diff(lims.astype(np.int64))).tolist():
-                self.found[offset] = sorted(kept[ids[lims[offset]:lims[offset + 1]]].tolist())
-        self.block_near = self.measure.loose_pairs(self.vectors[rows.start:rows.stop])
+                self.found[offset] = np.sort(ids[lims[offset]:lims[offset + 1]]).tolist()
+        # The block's earlier rows possibly near each of its rows, by row (CSR).
+        later, self.block_earlier = np.nonzero(np.tril(self.measure.loose_pairs(self.vectors[rows.start:rows.stop]), -1))
+        self.block_lims = np.searchsorted(later, np.arange(len(rows) + 1))
+        self.kept_here = np.zeros(len(rows), dtype=bool)
 
     def candidates(self, row: int) -> list[int]:
         offset = row - self.block_start
-        inside = [kept for kept in self.pending if self.block_near[offset, kept - self.block_start]]
-        return self.found.get(offset, []) + inside
+        inside = self.block_earlier[self.block_lims[offset]:self.block_lims[offset + 1]]
+        return self.found.get(offset, []) + (self.block_start + inside[self.kept_here[inside]]).tolist()
 
     def keep(self, row: int) -> None:
         self.pending.append(row)
+        self.kept_here[row - self.block_start] = True
