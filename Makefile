@@ -26,7 +26,7 @@ test-training: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m training
 
 bench: $(BIN)/.installed
-	for b in framework_overhead export object_store text_to_image captioning augmentation image_editing api_image_generation difference_captions visual_qa; do HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/$$b.py || exit 1; done
+	for b in framework_overhead export object_store text_to_image captioning augmentation image_editing api_image_generation difference_captions visual_qa dedup; do HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

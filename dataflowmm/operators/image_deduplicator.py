@@ -10,7 +10,7 @@ kept, the later ones are dropped and counted, so the result depends only on the 
 Embeddings and hashes are computed batch by batch on any runner and travel in the
 checkpointed rows; the comparison needs every row, so it runs in the operator's final pass
 over the step's output (in the driver), and the temporary column never reaches the
-published file.
+published file. The final pass searches an index (`dedup_index`), not every kept row.
 """
 
 from __future__ import annotations
@@ -18,14 +18,28 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+import orjson
 from PIL import Image
 
 from dataflowmm.contract import Input, Operator, StepContext
 from dataflowmm.io.images import to_rgb
+from dataflowmm.io.records import dumps_row
+from dataflowmm.operators.dedup_index import (
+    EXACT_MAX_VECTORS,
+    HASH_BITS,
+    Measure,
+    NearIndex,
+    cosine_measure,
+    default_index,
+    hamming_measure,
+    resolve_near,
+    scan_near,
+)
 from dataflowmm.operators.image_captioner import load_row_images
 from dataflowmm.operators.image_text_filters import _clip_serving
 from dataflowmm.operators.sample_format import row_image_paths
@@ -38,7 +52,6 @@ FINGERPRINT_KEY = "__image_dedup__"
 # Data-Juicer's hash method names, and the `imagehash` function each one is.
 HASH_METHODS = {"phash": "phash", "dhash": "dhash", "whash": "whash", "ahash": "average_hash"}
 METHODS = ("clip", "exact", *HASH_METHODS)
-HASH_BITS = 64  # imagehash's default hash_size 8: 8x8 bits
 # Measured on shapes-world scenes (tests/test_image_dedup_figure.py): phash distances of
 # resized, JPEG re-encoded and slightly cropped copies to their original are <= 10 (99.8%),
 # those of distinct scenes >= 8, almost all >= 14. imagededup's default threshold is 10 too.
@@ -47,8 +60,6 @@ DEFAULT_SIMILARITY_THRESHOLD = 0.95
 # whash's scale otherwise follows the image's size, so a resized copy would be hashed at
 # another scale; a fixed one keeps a resize a near duplicate.
 WHASH_SCALE = 64
-# Set bits of each byte value: Hamming distances of packed hashes without numpy 2's bitwise_count.
-_POPCOUNT = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
 
 
 def pixel_hash(image: Image.Image) -> str:
@@ -178,42 +189,129 @@ class ImageDeduplicator(Operator):
     # -- the whole step: groups ----------------------------------------------------------
 
     def final_pass(self, rows: Iterator[dict]) -> Iterator[dict]:
-        """Rows in order; each repeating an earlier kept row is marked dropped, naming it."""
-        first_with_hash: dict[tuple[str, ...], int] = {}
-        kept = _KeptVectors()
-        for position, row in enumerate(rows):
-            fingerprint = row.pop(FINGERPRINT_KEY, None)
-            if fingerprint is None:
-                yield row
-                continue
-            hashes = tuple(fingerprint["hash"])
-            if hashes in first_with_hash:
-                yield self.drop_row(row, f"exact duplicate of row {first_with_hash[hashes]}")
-                continue
-            near = self._near_duplicate(fingerprint, len(hashes), position, kept)
-            if near is not None:
-                yield self.drop_row(row, near)
-                continue
-            first_with_hash[hashes] = position
-            yield row
+        """Rows in order; each repeating an earlier kept row is marked dropped, naming it.
 
-    def _near_duplicate(self, fingerprint: dict, count: int, position: int, kept: _KeptVectors) -> str | None:
-        """Why the row is a near duplicate of a kept row (naming it), or None: then it is kept."""
-        if "embedding" in fingerprint and self.similarity_threshold is not None:
-            vectors = np.frombuffer(base64.b64decode(fingerprint["embedding"]), dtype="<f4").reshape(count, -1)
-            match = kept.closest(vectors, _lowest_cosine, best=np.argmax)
-            if match is not None and match[1] >= self.similarity_threshold:
-                return f"near duplicate of row {match[0]} (cosine {match[1]:.4f})"
-        elif "perceptual" in fingerprint and self.hamming_distance is not None:
-            vectors = np.frombuffer(bytes.fromhex("".join(fingerprint["perceptual"])), dtype=np.uint8)
-            vectors = vectors.reshape(count, -1)
-            match = kept.closest(vectors, _largest_hamming, best=np.argmin)
-            if match is not None and match[1] <= self.hamming_distance:
-                return f"near duplicate of row {match[0]} ({self.method} distance {int(match[1])})"
-        else:
-            return None
-        kept.add(position, vectors)
+        The rows are read once: their fingerprints are collected (compactly: see
+        `_Fingerprints`) and the rows, without them, spill to a temporary file; the verdicts
+        come from `find_repeats`, then the rows are read back in order.
+        """
+        fingerprints = _Fingerprints(self.measure())
+        with tempfile.TemporaryFile() as spill:
+            for position, row in enumerate(rows):
+                fingerprint = row.pop(FINGERPRINT_KEY, None)
+                if fingerprint is not None:
+                    fingerprints.add(position, fingerprint)
+                spill.write(dumps_row(row))
+            reasons = self.find_repeats(fingerprints)
+            spill.seek(0)
+            for position, line in enumerate(spill):
+                row = orjson.loads(line)
+                yield row if position not in reasons else self.drop_row(row, reasons[position])
+
+    def measure(self) -> Measure | None:
+        """How near duplicates are compared: CLIP cosines, hash distances, or None (exact only)."""
+        if self.similarity_threshold is not None:
+            return cosine_measure(self.similarity_threshold)
+        if self.hamming_distance is not None:
+            return hamming_measure(self.hamming_distance)
         return None
+
+    # The search for near kept rows, one object per image count: replace it (a partitioned
+    # search, another library) here; `resolve_near` keeps the order rule whatever it is.
+    near_index: Callable[[Measure, np.ndarray], NearIndex] = staticmethod(default_index)
+
+    def find_repeats(self, fingerprints: _Fingerprints, scan: bool = False) -> dict[int, str]:
+        """Per dropped row position, why: the exact or near duplicate it is of a kept row.
+        `scan=True` compares each row with every kept row instead (the reference: slow)."""
+        reasons: dict[int, str] = {}
+        first_with_hash: dict[bytes, int] = {}
+        for group in fingerprints.groups():
+            for row, verdict in enumerate(self._group_verdicts(group, first_with_hash, scan)):
+                if verdict is not None:
+                    reasons[group.positions[row]] = self._reason(verdict, first_with_hash.get(group.keys[row]),
+                                                                 group.positions)
+        return reasons
+
+    def _group_verdicts(self, group: _Group, first_with_hash: dict[bytes, int], scan: bool) -> list:
+        positions, keys = group.positions, group.keys
+
+        def exact_first(row: int) -> bool:
+            return keys[row] in first_with_hash
+
+        def on_kept(row: int) -> None:
+            first_with_hash[keys[row]] = positions[row]
+
+        vectors, measure = group.vectors(), group.measure
+        if vectors is None:
+            return [(-1, 0.0) if exact_first(row) else on_kept(row) for row in range(len(keys))]
+        if scan:
+            return scan_near(vectors, measure, exact_first, on_kept)
+        return resolve_near(vectors, measure, self.near_index(measure, vectors), exact_first, on_kept)
+
+    def _reason(self, verdict: tuple[int, float], same_pixels: int | None, positions) -> str:
+        match, score = verdict
+        if match < 0:
+            return f"exact duplicate of row {same_pixels}"
+        if self.similarity_threshold is not None:
+            return f"near duplicate of row {positions[match]} (cosine {score:.4f})"
+        return f"near duplicate of row {positions[match]} ({self.method} distance {int(score)})"
+
+
+class _Fingerprints:
+    """The step's fingerprints, held compactly and grouped by image count (only rows with as
+    many images are compared): positions, the pixel hashes as bytes (32 per image), and the
+    vectors: 8 bytes per perceptual hash; CLIP embeddings as float32 while a group has at
+    most `EXACT_MAX_VECTORS` of them, then float16 (half the memory, for the index)."""
+
+    def __init__(self, measure: Measure | None):
+        self.measure = measure
+        self._groups: dict[tuple[int, bool], _Group] = {}
+
+    def add(self, position: int, fingerprint: dict) -> None:
+        hashes = fingerprint["hash"]
+        if isinstance(self.measure, Measure) and self.measure.higher_is_nearer:
+            raw = fingerprint.get("embedding")
+            vector = None if raw is None else base64.b64decode(raw)
+        elif self.measure is not None:
+            vector = None if "perceptual" not in fingerprint else bytes.fromhex("".join(fingerprint["perceptual"]))
+        else:
+            vector = None
+        group = self._groups.get((len(hashes), vector is None))
+        if group is None:
+            group = self._groups[len(hashes), vector is None] = _Group(len(hashes), self.measure)
+        group.add(position, bytes.fromhex("".join(hashes)), vector)
+
+    def groups(self) -> list[_Group]:
+        return list(self._groups.values())
+
+
+class _Group:
+    def __init__(self, count: int, measure: Measure | None):
+        self.count, self.measure = count, measure
+        self.positions: list[int] = []
+        self.keys: list[bytes] = []
+        self._data = bytearray()
+        self._half = False  # float16 instead of float32 (embeddings past EXACT_MAX_VECTORS)
+
+    def add(self, position: int, key: bytes, vector: bytes | None) -> None:
+        self.positions.append(position)
+        self.keys.append(key)
+        if vector is None:
+            return
+        if self.measure.higher_is_nearer:
+            if not self._half and len(self.positions) * self.count > EXACT_MAX_VECTORS:
+                self._data = bytearray(np.frombuffer(self._data, dtype="<f4").astype("<f2").tobytes())
+                self._half = True
+            if self._half:
+                vector = np.frombuffer(vector, dtype="<f4").astype("<f2").tobytes()
+        self._data += vector
+
+    def vectors(self) -> np.ndarray | None:
+        """(rows, count, dim) float32/float16 embeddings or uint8 packed hashes; None without."""
+        if not self._data:
+            return None
+        dtype = np.uint8 if not self.measure.higher_is_nearer else ("<f2" if self._half else "<f4")
+        return np.frombuffer(self._data, dtype=dtype).reshape(len(self.positions), self.count, -1)
 
 
 def _check_method(method: str, clip_serving: object, similarity_threshold: float | None,
@@ -238,47 +336,3 @@ def _check_method(method: str, clip_serving: object, similarity_threshold: float
             or not 0 <= hamming_distance <= HASH_BITS:
         raise ValueError(f"hamming_distance must be an int in [0, {HASH_BITS}] (differing bits of a "
                          f"{HASH_BITS}-bit hash), got {hamming_distance!r}")
-
-
-def _lowest_cosine(kept: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Per kept row (K, count, D), the lowest cosine of its images with `vectors` (count, D)."""
-    return np.einsum("kcd,cd->kc", kept, vectors).min(axis=1)
-
-
-def _largest_hamming(kept: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Per kept row (K, count, bytes), the largest Hamming distance of its images' packed
-    hashes to `vectors` (count, bytes)."""
-    return _POPCOUNT[kept ^ vectors].sum(axis=-1, dtype=np.int64).max(axis=1)
-
-
-class _KeptVectors:
-    """Per-image vectors (embeddings or packed hashes) of the kept rows, grouped by image
-    count, in growing arrays."""
-
-    def __init__(self) -> None:
-        self.arrays: dict[int, np.ndarray] = {}
-        self.positions: dict[int, list[int]] = {}
-
-    def closest(self, vectors: np.ndarray, score: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                best: Callable[[np.ndarray], Any]) -> tuple[int, float] | None:
-        """(row position, score) of the kept row with as many images whose `score` against
-        `vectors` is `best` (the earliest such row on a tie), or None."""
-        count = len(vectors)
-        positions = self.positions.get(count)
-        if not positions:
-            return None
-        scores = score(self.arrays[count][:len(positions)], vectors)
-        index = int(best(scores))
-        return positions[index], float(scores[index])
-
-    def add(self, position: int, vectors: np.ndarray) -> None:
-        count = len(vectors)
-        positions = self.positions.setdefault(count, [])
-        array = self.arrays.get(count)
-        if array is None or len(positions) == len(array):
-            grown = np.empty((max(16, 2 * len(positions)), *vectors.shape), dtype=vectors.dtype)
-            if array is not None:
-                grown[:len(positions)] = array
-            self.arrays[count] = array = grown
-        array[len(positions)] = vectors
-        positions.append(position)
