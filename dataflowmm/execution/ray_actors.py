@@ -7,9 +7,9 @@ chunks go to the same actors, and an actor keeps each serving it has loaded, key
 serving's whole configuration, so a later step whose operator has an identical serving
 uses the copy already in memory (as a local pipeline reuses its serving objects).
 
-One chunk is in flight per actor: a slow chunk never holds others queued behind it, and the
-driver receives chunks close to input order, checkpointing each as soon as those before it
-are in.
+Two chunks are queued per actor, so it starts the next while the driver writes the last
+one's rows; a slow chunk holds at most one other behind it, and the driver receives chunks
+close to input order, checkpointing each as soon as those before it are in.
 
 The driver is the only writer of its cache. A chunk travels with its input (jsonl lines as
 bytes, input images read by the driver) and comes back with its output rows and the bytes
@@ -46,6 +46,8 @@ _DATA_ERRORS = (RowError, StorageError, OSError)
 # How many chunks past the oldest unfinished one may be handed out, per actor: bounds what
 # the driver holds while one slow chunk keeps the checkpoint from moving on.
 _AHEAD_PER_ACTOR = 4
+# Chunks sent to an actor before its first one returns.
+_QUEUED_PER_ACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,9 @@ class ActorPool:
 
         step_id, step_ref = uuid.uuid4().hex, ray.put(step)
         actors = self._started(min(self.placement.actors, count))
-        idle, in_flight = list(actors), {}
+        # Two chunks queued per actor: it starts the next while the driver writes the last one's
+        # rows and files (with one, every chunk paid that round trip idle).
+        idle, in_flight = [actor for _ in range(_QUEUED_PER_ACTOR) for actor in actors], {}
         finished: dict[int, ChunkResult] = {}
         due, position = first_chunk, first_chunk
         while True:
