@@ -98,6 +98,15 @@ class StoreMirror:
         self._check_lease()
         self._call("write", local_path, self.fs.put_file, str(local_path), self._key(local_path))
 
+    def put_many(self, local_paths: list[Path]) -> None:
+        """Send local files to their places in one call (backends like s3fs send them
+        concurrently)."""
+        if not local_paths:
+            return
+        self._check_lease()
+        self._call("write", local_paths[0], self.fs.put, [str(path) for path in local_paths],
+                   [self._key(path) for path in local_paths])
+
     def put_bytes(self, local_path: Path, data: bytes) -> None:
         self._check_lease()
         self._call("write", local_path, self.fs.pipe_file, self._key(local_path), data)
@@ -191,11 +200,8 @@ class StoreMirror:
         on_store = self.listing(images_dir)
         wanted = ({self.relative(path) for path in images} if images is not None else
                   {self.relative(path) for path in images_dir.rglob("*") if path.is_file()})
-        for relative in sorted(wanted):
-            local = self.local / relative
-            if relative not in self._sent and (relative not in on_store or on_store[relative] != _size(local)) \
-                    and local.is_file():
-                self.put(local)
+        self.put_many([self.local / relative for relative in sorted(wanted)
+                       if relative not in self._sent and local_differs(self.local / relative, on_store.get(relative))])
         if images is not None:
             for relative in sorted(set(on_store) - wanted):
                 self.remove(self.local / relative)
@@ -208,11 +214,9 @@ class StoreMirror:
         chunk on the store always has its images there."""
         if record["chunk"] == 0:
             self.put(checkpoint_dir / "meta.json")
-        for path in images:
-            relative = self.relative(path)
-            if relative not in self._sent and os.path.isfile(path):
-                self.put(Path(path))
-                self._sent.add(relative)
+        unsent = [Path(path) for path in images if self.relative(path) not in self._sent and os.path.isfile(path)]
+        self.put_many(unsent)
+        self._sent.update(self.relative(path) for path in unsent)
         self.put_bytes(checkpoint_dir / CHUNK_NAME.format(record["chunk"]), orjson.dumps(record) + b"\n" + payload)
 
     def pull_checkpoint(self, checkpoint_dir: Path) -> None:
@@ -245,6 +249,11 @@ class StoreMirror:
 
     def remove_checkpoint(self, checkpoint_dir: Path) -> None:
         self.remove(checkpoint_dir, recursive=True)
+
+
+def local_differs(local: Path, size_on_store: int | None) -> bool:
+    """A local file the store lacks, or holds with another size."""
+    return local.is_file() and size_on_store != _size(local)
 
 
 def _size(path: Path) -> int:
