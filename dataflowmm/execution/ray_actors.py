@@ -97,7 +97,7 @@ class ActorPool:
 
         `step` is (bound operator, context, input file, batch size, the node check's token
         files); `chunks` yields the `count` descriptors the runner makes, numbered
-        consecutively from `first_chunk`, each made only when an actor is free for it (its
+        consecutively from `first_chunk`, each made only when an actor has room for it (its
         input bytes are held for the chunks in flight only).
         """
         import ray
